@@ -31,9 +31,11 @@ CASES = {
         lambda: bilevel.optim.sgd(momentum=0.9),
         0.1,
     ),
+    # higher's Adam adds eps to sqrt(v) before the bias correction (the pre-1.x torch formula),
+    # torch.optim and bilevel after it; with eps=0 the two formulas coincide exactly
     "adam": (
-        lambda params: torch.optim.Adam(params, lr=0.01),
-        lambda: bilevel.optim.adam(),
+        lambda params: torch.optim.Adam(params, lr=0.01, eps=0.0),
+        lambda: bilevel.optim.adam(eps=0.0),
         0.01,
     ),
 }
