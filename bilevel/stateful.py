@@ -50,7 +50,9 @@ class FunctionalModel:
     """
 
     def __init__(
-        self, module: nn.Module, params: Mapping[str, Tensor] | None = None,
+        self,
+        module: nn.Module,
+        params: Mapping[str, Tensor] | None = None,
         copy_initial_weights: bool = True,
     ) -> None:
         self.module = module
@@ -60,13 +62,19 @@ class FunctionalModel:
                 params = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
             else:
                 # frozen parameters still need a gradient for the inner step
-                params = {k: v if v.requires_grad else v.detach().requires_grad_()
-                          for k, v in params.items()}
+                params = {
+                    k: v if v.requires_grad else v.detach().requires_grad_()
+                    for k, v in params.items()
+                }
         self.params: Params = dict(params)
         self.buffers: dict[str, Tensor] = {k: v.clone() for k, v in module.named_buffers()}
 
-    def __call__(self, *args: Any, params: Sequence[Tensor] | Mapping[str, Tensor] | None = None,
-                 **kwargs: Any) -> Any:
+    def __call__(
+        self,
+        *args: Any,
+        params: Sequence[Tensor] | Mapping[str, Tensor] | None = None,
+        **kwargs: Any,
+    ) -> Any:
         weights = self.params if params is None else self._as_dict(params)
         return functional_call(self.module, {**weights, **self.buffers}, args, kwargs)
 
@@ -170,8 +178,12 @@ class DifferentiableOptimizer:
     differentiably (the new weights depend on the old ones, the gradient and every setting)."""
 
     def __init__(
-        self, optimizer: Optimizer, fmodel: FunctionalModel, hparams: Mapping[str, Any],
-        override: Mapping[str, Any] | None = None, track_higher_grads: bool = True,
+        self,
+        optimizer: Optimizer,
+        fmodel: FunctionalModel,
+        hparams: Mapping[str, Any],
+        override: Mapping[str, Any] | None = None,
+        track_higher_grads: bool = True,
         group_of: Mapping[str, int] | None = None,
     ) -> None:
         self.optimizer = optimizer
@@ -181,7 +193,7 @@ class DifferentiableOptimizer:
         if override:
             self.hparams.update(self._expand(override))
         self.track_higher_grads = track_higher_grads
-        self.state: State = optimizer.init(fmodel.params)
+        self.state: State = optimizer.init(fmodel.params, self.hparams)
 
     def _expand(self, override: Mapping[str, Any]) -> dict[str, Any]:
         """``higher`` overrides give one value, or a list with one value per param group."""
@@ -214,13 +226,17 @@ class DifferentiableOptimizer:
         grads = torch.autograd.grad(
             loss, list(current.values()), create_graph=self.track_higher_grads, allow_unused=True
         )
-        grad_list = [torch.zeros_like(p) if g is None else g for p, g in zip(current.values(), grads)]
+        grad_list = [
+            torch.zeros_like(p) if g is None else g for p, g in zip(current.values(), grads)
+        ]
         if grad_callback is not None:
             grad_list = list(grad_callback(grad_list))
         hp = dict(self.hparams)
         if override:
             hp.update(self._expand(override))
-        new, self.state = self.optimizer.step(current, dict(zip(current, grad_list)), self.state, hp)
+        new, self.state = self.optimizer.step(
+            current, dict(zip(current, grad_list)), self.state, hp
+        )
         if not self.track_higher_grads:
             new = {k: v.detach().requires_grad_() for k, v in new.items()}
         self.fmodel.update_params(new)
@@ -263,13 +279,19 @@ def innerloop_ctx(
         )
     names = {id(p): n for n, p in model.named_parameters()}
     group_of = {
-        names[id(p)]: g for g, group in enumerate(opt.param_groups) for p in group["params"]
+        names[id(p)]: g
+        for g, group in enumerate(opt.param_groups)
+        for p in group["params"]
         if id(p) in names
     }
     fopt, hparams = functional_optimizer(opt, names)
     fmodel = FunctionalModel(model, copy_initial_weights=copy_initial_weights)
     diffopt = DifferentiableOptimizer(
-        fopt, fmodel, hparams, override=override, track_higher_grads=track_higher_grads,
+        fopt,
+        fmodel,
+        hparams,
+        override=override,
+        track_higher_grads=track_higher_grads,
         group_of=group_of,
     )
     yield fmodel, diffopt

@@ -136,7 +136,11 @@ def _validate(
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "truncated":
-        if isinstance(truncate, bool) or not isinstance(truncate, int) or not 1 <= truncate <= steps:
+        if (
+            isinstance(truncate, bool)
+            or not isinstance(truncate, int)
+            or not 1 <= truncate <= steps
+        ):
             raise ValueError(
                 f"mode='truncated' needs truncate=K, the number of last steps to differentiate, "
                 f"an int in [1, steps={steps}]; got {truncate!r}"
@@ -146,7 +150,11 @@ def _validate(
     if segments is not None:
         if mode != "checkpoint":
             raise ValueError(f"segments is only used with mode='checkpoint' (mode={mode!r})")
-        if isinstance(segments, bool) or not isinstance(segments, int) or not 1 <= segments <= steps:
+        if (
+            isinstance(segments, bool)
+            or not isinstance(segments, int)
+            or not 1 <= segments <= steps
+        ):
             raise ValueError(f"segments must be an int in [1, steps={steps}], got {segments!r}")
     if buffers is not None and not isinstance(buffers, Mapping):
         raise TypeError(f"buffers must be a dict of tensors or None, got {type(buffers).__name__}")
@@ -202,9 +210,7 @@ def _autograd_step(
 ) -> tuple[Params, State, dict[str, Tensor] | None, Tensor]:
     """One inner step with reverse-mode autograd; a graph through it iff ``create_graph``."""
     with torch.enable_grad():
-        live = {
-            k: v if v.requires_grad else v.detach().requires_grad_() for k, v in params.items()
-        }
+        live = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in params.items()}
         # functional_call updates BatchNorm statistics in place: give it fresh copies so the
         # caller's buffers and earlier steps' buffers (needed by recomputation) stay intact.
         new_buffers = None if buffers is None else {k: v.clone() for k, v in buffers.items()}
@@ -284,8 +290,16 @@ def _run_autograd(
         names = list(params)
         for start, stop in zip(bounds[:-1], bounds[1:]):
             seg = _Segment(
-                inner_loss, optimizer, leaves, spec, hyper_idx, names, state, buffers,
-                [batch_at(t) for t in range(start, stop)], start,
+                inner_loss,
+                optimizer,
+                leaves,
+                spec,
+                hyper_idx,
+                names,
+                state,
+                buffers,
+                [batch_at(t) for t in range(start, stop)],
+                start,
             )
             s_tensors = _split_state(state)[0]
             out = _CheckpointSegment.apply(
@@ -308,7 +322,14 @@ def _run_autograd(
             if differentiable and t == first_differentiated and mode == "truncated":
                 params, state = tree_detach(params), tree_detach(state)
             params, state, buffers, loss = _autograd_step(
-                inner_loss, optimizer, params, state, buffers, hparams, batch_at(t), t,
+                inner_loss,
+                optimizer,
+                params,
+                state,
+                buffers,
+                hparams,
+                batch_at(t),
+                t,
                 create_graph,
             )
             if not create_graph and mode != "first_order":
@@ -329,8 +350,9 @@ def _hyper_indices(leaves: list[Any]) -> list[int]:
 class _Segment:
     """A checkpointed segment's non-tensor inputs, and its side outputs."""
 
-    def __init__(self, inner_loss, optimizer, leaves, spec, hyper_idx, names, state, buffers,
-                 batches, start):  # type: ignore[no-untyped-def]
+    def __init__(
+        self, inner_loss, optimizer, leaves, spec, hyper_idx, names, state, buffers, batches, start
+    ):  # type: ignore[no-untyped-def]
         self.inner_loss = inner_loss
         self.optimizer = optimizer
         self.leaves = leaves
@@ -353,8 +375,15 @@ class _Segment:
         losses = []
         for i, batch in enumerate(self.batches):
             params, state, buffers, loss = _autograd_step(
-                self.inner_loss, optimizer, params, state, buffers, hparams, batch,
-                self.start + i, create_graph,
+                self.inner_loss,
+                optimizer,
+                params,
+                state,
+                buffers,
+                hparams,
+                batch,
+                self.start + i,
+                create_graph,
             )
             losses.append(loss)
         return params, state, buffers, losses
@@ -378,8 +407,10 @@ class _CheckpointSegment(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grad_outputs: Tensor) -> Any:  # type: ignore[override]
         seg, n_p, n_s = ctx.seg, ctx.n_p, ctx.n_s
-        inputs = [x.detach().requires_grad_(need) for x, need in
-                  zip(ctx.saved_tensors, ctx.needs_input_grad[3:])]
+        inputs = [
+            x.detach().requires_grad_(need)
+            for x, need in zip(ctx.saved_tensors, ctx.needs_input_grad[3:])
+        ]
         ref = inputs[0]
         devices = [ref.device] if ref.is_cuda else []
         # replay the forward's random numbers (dropout) so the recomputation is identical
@@ -394,7 +425,9 @@ class _CheckpointSegment(torch.autograd.Function):
         grads = iter(
             torch.autograd.grad(
                 [o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True
-            ) if pairs and wanted else []
+            )
+            if pairs and wanted
+            else []
         )
         return (None, None, None, *[next(grads) if x.requires_grad else None for x in inputs])
 
@@ -425,8 +458,18 @@ def _forward_mode(
         )
     hyper = [leaves[i] for i in hyper_idx]
     fspec = _ForwardSpec(
-        inner_loss, params, optimizer, state, buffers, steps, batch_at, checker,
-        leaves, spec, hyper_idx, vectorize,
+        inner_loss,
+        params,
+        optimizer,
+        state,
+        buffers,
+        steps,
+        batch_at,
+        checker,
+        leaves,
+        spec,
+        hyper_idx,
+        vectorize,
     )
     out = _ForwardUnroll.apply(fspec, *hyper)
     # the Function fills fspec's final_* fields as a side output (they are not differentiable)
@@ -437,8 +480,21 @@ def _forward_mode(
 class _ForwardSpec:
     """Everything the forward-mode Function needs besides the hyperparameter tensors."""
 
-    def __init__(self, inner_loss, params, optimizer, state, buffers, steps, batch_at, checker,
-                 leaves, spec, hyper_idx, vectorize):  # type: ignore[no-untyped-def]
+    def __init__(
+        self,
+        inner_loss,
+        params,
+        optimizer,
+        state,
+        buffers,
+        steps,
+        batch_at,
+        checker,
+        leaves,
+        spec,
+        hyper_idx,
+        vectorize,
+    ):  # type: ignore[no-untyped-def]
         self.inner_loss = inner_loss
         self.params = {k: v.detach() for k, v in params.items()}
         self.optimizer = optimizer
@@ -517,11 +573,12 @@ class _ForwardUnroll(torch.autograd.Function):
         # Tangents carry a leading direction axis of size H (one per hyperparameter element).
         basis = torch.eye(n_dirs, dtype=ref.dtype, device=ref.device)
         hyper_tangents = [
-            chunk.reshape(n_dirs, *h.shape)
-            for chunk, h in zip(basis.split(sizes, dim=1), hyper_d)
+            chunk.reshape(n_dirs, *h.shape) for chunk, h in zip(basis.split(sizes, dim=1), hyper_d)
         ]
-        p_tan = {k: torch.zeros((n_dirs, *v.shape), dtype=v.dtype, device=v.device)
-                 for k, v in params.items()}
+        p_tan = {
+            k: torch.zeros((n_dirs, *v.shape), dtype=v.dtype, device=v.device)
+            for k, v in params.items()
+        }
         s_tensors, s_idx, s_spec, s_leaves = _split_state(state)
         s_tan = [torch.zeros((n_dirs, *x.shape), dtype=x.dtype, device=x.device) for x in s_tensors]
 
@@ -531,22 +588,40 @@ class _ForwardUnroll(torch.autograd.Function):
             s_tensors, s_idx, s_spec, s_leaves = _split_state(state)
             if len(s_tan) != len(s_tensors):
                 # buffers created by the first step (e.g. momentum) start with zero tangents
-                s_tan = [torch.zeros((n_dirs, *x.shape), dtype=x.dtype, device=x.device)
-                         for x in s_tensors]
+                s_tan = [
+                    torch.zeros((n_dirs, *x.shape), dtype=x.dtype, device=x.device)
+                    for x in s_tensors
+                ]
             # float buffers enter the jvp as primals (zero tangents) so that in-place statistics
             # updates inside functional_call see wrapped tensors; {} when there are none
-            float_buf = {} if buffers is None else {
-                k: v for k, v in buffers.items() if v.is_floating_point()}
-            other_buf = {} if buffers is None else {
-                k: v for k, v in buffers.items() if not v.is_floating_point()}
+            float_buf = (
+                {}
+                if buffers is None
+                else {k: v for k, v in buffers.items() if v.is_floating_point()}
+            )
+            other_buf = (
+                {}
+                if buffers is None
+                else {k: v for k, v in buffers.items() if not v.is_floating_point()}
+            )
             has_buffers = buffers is not None
 
             skeleton: list[Any] = []
 
-            def step_fn(p: Params, s_t: list[Tensor], h: list[Tensor], fb: Any,
-                        t: int = t, batch: Any = batch, s_idx: list[int] = s_idx,
-                        s_spec: Any = s_spec, s_leaves: list[Any] = s_leaves,
-                        other_buf: Any = other_buf, has_buffers: bool = has_buffers) -> Any:
+            def step_fn(
+                p: Params,
+                s_t: list[Tensor],
+                h: list[Tensor],
+                fb: Any,
+                t: int = t,
+                batch: Any = batch,
+                s_idx: list[int] = s_idx,
+                s_spec: Any = s_spec,
+                s_leaves: list[Any] = s_leaves,
+                other_buf: Any = other_buf,
+                skeleton: list[Any] = skeleton,
+                has_buffers: bool = has_buffers,
+            ) -> Any:
                 hp, opt = _substitute(spec, h)
                 st = _join_state(s_t, s_idx, s_spec, s_leaves)
 
@@ -568,41 +643,57 @@ class _ForwardUnroll(torch.autograd.Function):
                 new_fb = {k: v for k, v in bufs.items() if v.is_floating_point()}
                 return (new_p, new_s_t, new_fb), (loss, bufs)
 
-            def tangent_step(pt: Params, st: list[Tensor], ht: list[Tensor],
-                             params: Params = params, s_tensors: list[Tensor] = s_tensors,
-                             float_buf: Any = float_buf, step_fn: Any = step_fn) -> Any:
+            def tangent_step(
+                pt: Params,
+                st: list[Tensor],
+                ht: list[Tensor],
+                params: Params = params,
+                s_tensors: list[Tensor] = s_tensors,
+                float_buf: Any = float_buf,
+                step_fn: Any = step_fn,
+            ) -> Any:
                 fb_t = {k: torch.zeros_like(v) for k, v in float_buf.items()}
-                (out, out_t, aux) = torch.func.jvp(
-                    step_fn, (params, s_tensors, list(hyper_d), float_buf), (pt, st, ht, fb_t),
+                (out, out_t, aux) = torch.func.jvp(  # type: ignore[misc]
+                    step_fn,
+                    (params, s_tensors, list(hyper_d), float_buf),
+                    (pt, st, ht, fb_t),
                     has_aux=True,
                 )
                 return out, out_t, aux
 
             if spec.vectorize and n_dirs > 1:
                 out, out_t, aux = torch.func.vmap(
-                    tangent_step, in_dims=(0, 0, 0), out_dims=(None, 0, None),
+                    tangent_step,
+                    in_dims=(0, 0, 0),
+                    out_dims=(None, 0, None),  # type: ignore[arg-type]
                     randomness="same",
                 )(p_tan, s_tan, hyper_tangents)
             elif n_dirs == 1:
                 out, out_t, aux = tangent_step(
-                    {k: v[0] for k, v in p_tan.items()}, [x[0] for x in s_tan],
+                    {k: v[0] for k, v in p_tan.items()},
+                    [x[0] for x in s_tan],
                     [x[0] for x in hyper_tangents],
                 )
                 out_t = tuple(
-                    None if o is None else torch.utils._pytree.tree_map(
-                        lambda x: x.unsqueeze(0), o)
+                    None if o is None else torch.utils._pytree.tree_map(lambda x: x.unsqueeze(0), o)
                     for o in out_t
                 )
             else:
                 results = [
-                    tangent_step({k: v[j] for k, v in p_tan.items()}, [x[j] for x in s_tan],
-                                 [x[j] for x in hyper_tangents])
+                    tangent_step(
+                        {k: v[j] for k, v in p_tan.items()},
+                        [x[j] for x in s_tan],
+                        [x[j] for x in hyper_tangents],
+                    )
                     for j in range(n_dirs)
                 ]
                 out, aux = results[0][0], results[0][2]
                 out_t = tuple(
-                    None if results[0][1][i] is None else torch.utils._pytree.tree_map(
-                        lambda *xs: torch.stack(xs), *[r[1][i] for r in results])
+                    None
+                    if results[0][1][i] is None
+                    else torch.utils._pytree.tree_map(
+                        lambda *xs: torch.stack(xs), *[r[1][i] for r in results]
+                    )
                     for i in range(3)
                 )
             params, new_s_tensors, _ = out
@@ -633,7 +724,7 @@ class _ForwardUnroll(torch.autograd.Function):
         for tan, g in zip(tangents, grad_outputs[: len(tangents)]):
             if g is None:
                 continue
-            contrib = (tan.reshape(tan.shape[0], -1) @ g.reshape(-1))
+            contrib = tan.reshape(tan.shape[0], -1) @ g.reshape(-1)
             total = contrib if total is None else total + contrib
         if total is None:
             return (None, *[None for _ in ctx.sizes])
@@ -712,14 +803,32 @@ def unroll(
     checker = _FiniteChecker(check_finite, steps)
     batch_at = _batch_source(data, steps)
     if state is None:
-        state = optimizer.init(params)
+        state = optimizer.init(params, hparams)
     own_buffers = None if buffers is None else {k: v.detach() for k, v in buffers.items()}
     if mode == "forward" and torch.is_grad_enabled():
         return _forward_mode(
-            inner_loss, params, hparams, optimizer, state, own_buffers, steps, batch_at,
-            checker, vectorize,
+            inner_loss,
+            params,
+            hparams,
+            optimizer,
+            state,
+            own_buffers,
+            steps,
+            batch_at,
+            checker,
+            vectorize,
         )
     return _run_autograd(
-        inner_loss, params, hparams, optimizer, state, own_buffers, steps, batch_at,
-        mode if mode != "forward" else "reverse", truncate, segments, checker,
+        inner_loss,
+        params,
+        hparams,
+        optimizer,
+        state,
+        own_buffers,
+        steps,
+        batch_at,
+        mode if mode != "forward" else "reverse",
+        truncate,
+        segments,
+        checker,
     )

@@ -25,8 +25,13 @@ class WrongBackward(torch.autograd.Function):
 
 def test_passes_on_a_correct_unrolled_hypergradient():
     def outer(h):
-        result = bilevel.unroll(lambda p, h: ((p["w"] - h["target"]) ** 2).sum(),
-                                {"w": torch.zeros(3, dtype=DT)}, h, bilevel.optim.sgd(), 6)
+        result = bilevel.unroll(
+            lambda p, h: ((p["w"] - h["target"]) ** 2).sum(),
+            {"w": torch.zeros(3, dtype=DT)},
+            h,
+            bilevel.optim.sgd(),
+            6,
+        )
         return (result.params["w"] ** 3).sum()
 
     report = bilevel.hypergradcheck(
@@ -47,8 +52,9 @@ def test_fails_and_raises_on_a_wrong_gradient():
     assert "FAIL" in str(report)
     torch.testing.assert_close(report.entries[0].numeric, torch.tensor([2.0, 4.0], dtype=DT))
     with pytest.raises(HypergradCheckError, match="hypergradient check failed"):
-        bilevel.hypergradcheck(outer, {"x": torch.tensor([1.0, 2.0], dtype=DT)},
-                               raise_exception=True)
+        bilevel.hypergradcheck(
+            outer, {"x": torch.tensor([1.0, 2.0], dtype=DT)}, raise_exception=True
+        )
 
 
 def test_random_directions_for_large_hyperparameters():

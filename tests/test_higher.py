@@ -110,8 +110,7 @@ def test_stateful_per_step_override_and_first_order():
 
     lrs2 = lrs.detach().clone().requires_grad_()
     params = {k: v.detach() for k, v in model.named_parameters()}
-    result = bilevel.unroll(inner, params, {"lr": lrs2}, bilevel.optim.sgd(momentum=0.5), 3,
-                            (x, y))
+    result = bilevel.unroll(inner, params, {"lr": lrs2}, bilevel.optim.sgd(momentum=0.5), 3, (x, y))
     F.cross_entropy(functional_call(model, result.params, (xv,)), yv).backward()
     torch.testing.assert_close(lrs.grad, lrs2.grad, rtol=1e-10, atol=1e-14)
     # the module's own parameters are untouched and got no gradient (copied initial weights)
@@ -124,10 +123,13 @@ def test_stateful_per_step_override_and_first_order():
 
 def test_stateful_translates_param_groups_to_per_parameter_settings():
     model, *_ = setup()
-    opt = torch.optim.SGD([
-        {"params": model[0].parameters(), "lr": 0.1},
-        {"params": model[2].parameters(), "lr": 0.01},
-    ], momentum=0.9)
+    opt = torch.optim.SGD(
+        [
+            {"params": model[0].parameters(), "lr": 0.1},
+            {"params": model[2].parameters(), "lr": 0.01},
+        ],
+        momentum=0.9,
+    )
     names = {id(p): n for n, p in model.named_parameters()}
     fopt, hparams = stateful.functional_optimizer(opt, names)
     assert hparams["lr"] == {"0.weight": 0.1, "0.bias": 0.1, "2.weight": 0.01, "2.bias": 0.01}

@@ -49,8 +49,14 @@ def hypergrads(mode, optimizer=None, steps=20, **kw):
 
 @pytest.mark.parametrize(
     "mode,kw",
-    [("checkpoint", {}), ("checkpoint", {"segments": 3}), ("checkpoint", {"segments": 20}),
-     ("forward", {}), ("forward", {"vectorize": False}), ("truncated", {"truncate": 20})],
+    [
+        ("checkpoint", {}),
+        ("checkpoint", {"segments": 3}),
+        ("checkpoint", {"segments": 20}),
+        ("forward", {}),
+        ("forward", {"vectorize": False}),
+        ("truncated", {"truncate": 20}),
+    ],
 )
 def test_modes_agree_with_reverse(mode, kw):
     reference, ref_result = hypergrads("reverse")
@@ -100,13 +106,14 @@ def test_quadratic_lr_hypergradient_closed_form(mode):
         w = params["w"]
         return 0.5 * w @ A @ w - b @ w
 
-    result = bilevel.unroll(inner, {"w": torch.zeros(4, dtype=DT)}, {"lr": lr},
-                            bilevel.optim.sgd(), T, mode=mode)
+    result = bilevel.unroll(
+        inner, {"w": torch.zeros(4, dtype=DT)}, {"lr": lr}, bilevel.optim.sgd(), T, mode=mode
+    )
     (0.5 * ((result.params["w"] - c) ** 2).sum()).backward()
     # w_T = (I - (I - lr A)^T) A^-1 b, so d w_T / d lr = T (I - lr A)^(T-1) b
-    I = torch.eye(4, dtype=DT)
-    B = I - lr0 * A
-    w_T = (I - torch.linalg.matrix_power(B, T)) @ torch.linalg.solve(A, b)
+    eye = torch.eye(4, dtype=DT)
+    B = eye - lr0 * A
+    w_T = (eye - torch.linalg.matrix_power(B, T)) @ torch.linalg.solve(A, b)
     expected = (w_T - c) @ (T * torch.linalg.matrix_power(B, T - 1) @ b)
     torch.testing.assert_close(result.params["w"].detach(), w_T, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(lr.grad, expected, rtol=1e-10, atol=1e-12)
@@ -122,8 +129,9 @@ def test_first_order_closed_form():
         w = params["w"]
         return 0.5 * w @ A @ w - b @ w
 
-    result = bilevel.unroll(inner, {"w": w0}, {"lr": lr}, bilevel.optim.sgd(), T,
-                            mode="first_order")
+    result = bilevel.unroll(
+        inner, {"w": w0}, {"lr": lr}, bilevel.optim.sgd(), T, mode="first_order"
+    )
     (0.5 * ((result.params["w"] - c) ** 2).sum()).backward()
     # first order: the gradients g_t are constants, so d w_T/d lr = -sum g_t and d w_T/d w_0 = I
     w, grads = w0.detach().clone(), []
@@ -132,8 +140,9 @@ def test_first_order_closed_form():
         grads.append(g)
         w = w - 0.2 * g
     outer_grad = w - c
-    torch.testing.assert_close(lr.grad, -(outer_grad @ torch.stack(grads).sum(0)), rtol=1e-12,
-                               atol=1e-14)
+    torch.testing.assert_close(
+        lr.grad, -(outer_grad @ torch.stack(grads).sum(0)), rtol=1e-12, atol=1e-14
+    )
     torch.testing.assert_close(w0.grad, outer_grad, rtol=1e-12, atol=1e-14)
 
 
@@ -151,8 +160,9 @@ def test_maml_initial_params_get_gradients_in_reverse_and_checkpoint():
     model, x, y = mlp_setup()
 
     def inner(params, hparams, batch):
-        return torch.nn.functional.cross_entropy(functional_call(model, params, (batch[0],)),
-                                                 batch[1])
+        return torch.nn.functional.cross_entropy(
+            functional_call(model, params, (batch[0],)), batch[1]
+        )
 
     grads = {}
     for mode in ["reverse", "checkpoint"]:
@@ -164,9 +174,17 @@ def test_maml_initial_params_get_gradients_in_reverse_and_checkpoint():
     torch.testing.assert_close(grads["checkpoint"], grads["reverse"], rtol=1e-10, atol=1e-13)
 
     def outer(h):
-        result = bilevel.unroll(inner, {"0.weight": h["w0"], **{k: v.detach() for k, v in
-                                model.named_parameters() if k != "0.weight"}},
-                                {"lr": torch.tensor(0.3, dtype=DT)}, bilevel.optim.sgd(), 8, (x, y))
+        result = bilevel.unroll(
+            inner,
+            {
+                "0.weight": h["w0"],
+                **{k: v.detach() for k, v in model.named_parameters() if k != "0.weight"},
+            },
+            {"lr": torch.tensor(0.3, dtype=DT)},
+            bilevel.optim.sgd(),
+            8,
+            (x, y),
+        )
         return inner(result.params, {}, (x, y))
 
     report = bilevel.hypergradcheck(outer, {"w0": model[0].weight.detach().clone()}, rtol=1e-5)
@@ -197,19 +215,31 @@ def test_per_step_schedule_and_data_forms(mode):
 
 def test_reiterable_data_is_restarted_and_iterator_that_runs_out_raises():
     batches = [(X, Y)] * 2
-    result = bilevel.unroll(ridge_inner, zeros_params(), {"lr": 0.05, "l2": 0.1},
-                            bilevel.optim.sgd(), 5, torch.utils.data.DataLoader(
-                                torch.utils.data.TensorDataset(X, Y), batch_size=20))
+    result = bilevel.unroll(
+        ridge_inner,
+        zeros_params(),
+        {"lr": 0.05, "l2": 0.1},
+        bilevel.optim.sgd(),
+        5,
+        torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, Y), batch_size=20),
+    )
     assert result.losses.shape == (5,)
     with pytest.raises(ValueError, match="ran out of batches at step 2"):
-        bilevel.unroll(ridge_inner, zeros_params(), {"lr": 0.05, "l2": 0.1},
-                       bilevel.optim.sgd(), 5, iter(batches))
+        bilevel.unroll(
+            ridge_inner,
+            zeros_params(),
+            {"lr": 0.05, "l2": 0.1},
+            bilevel.optim.sgd(),
+            5,
+            iter(batches),
+        )
 
 
 def test_batchnorm_buffers_update_and_callers_untouched():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Tanh(),
-                                torch.nn.Linear(6, 2)).to(DT)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Tanh(), torch.nn.Linear(6, 2)
+    ).to(DT)
     x = torch.randn(16, 4, dtype=DT)
     y = torch.randn(16, 2, dtype=DT)
     buffers = {k: v for k, v in model.named_buffers()}
@@ -223,10 +253,12 @@ def test_batchnorm_buffers_update_and_callers_untouched():
     for mode in ["reverse", "checkpoint", "forward"]:
         lr = torch.tensor(0.1, dtype=DT, requires_grad=True)
         params = {k: v.detach() for k, v in model.named_parameters()}
-        result = bilevel.unroll(inner, params, {"lr": lr}, bilevel.optim.sgd(), 5, (x, y), mode,
-                                buffers=buffers)
-        inner(result.params, {}, (x, y), {k: v.clone() for k, v in result.buffers.items()}
-              ).backward()
+        result = bilevel.unroll(
+            inner, params, {"lr": lr}, bilevel.optim.sgd(), 5, (x, y), mode, buffers=buffers
+        )
+        inner(
+            result.params, {}, (x, y), {k: v.clone() for k, v in result.buffers.items()}
+        ).backward()
         grads[mode] = lr.grad
         assert int(result.buffers["1.num_batches_tracked"]) == 5
         assert not torch.allclose(result.buffers["1.running_mean"], before["1.running_mean"])
@@ -251,8 +283,15 @@ def test_forward_mode_memory_is_independent_of_steps():
 
         lr = torch.tensor(0.05, dtype=DT, requires_grad=True)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            result = bilevel.unroll(ridge_inner, zeros_params(), {"lr": lr, "l2": 0.1},
-                                    bilevel.optim.sgd(momentum=0.9), steps, (X, Y), mode)
+            result = bilevel.unroll(
+                ridge_inner,
+                zeros_params(),
+                {"lr": lr, "l2": 0.1},
+                bilevel.optim.sgd(momentum=0.9),
+                steps,
+                (X, Y),
+                mode,
+            )
         val_loss(result.params).backward()
         return total[0]
 
@@ -266,8 +305,15 @@ def test_optimizer_settings_tensors_are_hyperparameters_in_every_mode():
     out = {}
     for mode in ["reverse", "checkpoint", "forward"]:
         mom = torch.tensor(0.5, dtype=DT, requires_grad=True)
-        result = bilevel.unroll(ridge_inner, zeros_params(), {"lr": 0.05, "l2": 0.1},
-                                bilevel.optim.sgd(momentum=mom), 10, (X, Y), mode)
+        result = bilevel.unroll(
+            ridge_inner,
+            zeros_params(),
+            {"lr": 0.05, "l2": 0.1},
+            bilevel.optim.sgd(momentum=mom),
+            10,
+            (X, Y),
+            mode,
+        )
         val_loss(result.params).backward()
         out[mode] = mom.grad
     torch.testing.assert_close(out["checkpoint"], out["reverse"], rtol=1e-10, atol=0)
@@ -276,17 +322,25 @@ def test_optimizer_settings_tensors_are_hyperparameters_in_every_mode():
 
 def test_no_grad_runs_plain_optimization():
     with torch.no_grad():
-        result = bilevel.unroll(ridge_inner, zeros_params(), {"lr": 0.05, "l2": 0.1},
-                                bilevel.optim.sgd(), 30, (X, Y))
+        result = bilevel.unroll(
+            ridge_inner, zeros_params(), {"lr": 0.05, "l2": 0.1}, bilevel.optim.sgd(), 30, (X, Y)
+        )
     assert result.params["w"].grad_fn is None
     assert result.losses[-1] < result.losses[0]
 
 
 # -- bad input -------------------------------------------------------------------------------
 
+
 def run(**overrides):
-    kwargs = dict(inner_loss=ridge_inner, params=zeros_params(), hparams={"lr": 0.1, "l2": 0.1},
-                  optimizer=bilevel.optim.sgd(), steps=3, data=(X, Y))
+    kwargs = dict(
+        inner_loss=ridge_inner,
+        params=zeros_params(),
+        hparams={"lr": 0.1, "l2": 0.1},
+        optimizer=bilevel.optim.sgd(),
+        steps=3,
+        data=(X, Y),
+    )
     kwargs.update(overrides)
     return bilevel.unroll(**kwargs)
 
@@ -351,16 +405,19 @@ def test_non_finite_loss_names_the_step(mode):
     def inner(params, hparams):
         return (params["w"] ** 4).sum()
 
-    kwargs = dict(inner_loss=inner, params={"w": torch.ones(2, dtype=DT)}, hparams={"lr": lr},
-                  optimizer=bilevel.optim.sgd(), steps=12, mode=mode)
+    kwargs = dict(
+        inner_loss=inner,
+        params={"w": torch.ones(2, dtype=DT)},
+        hparams={"lr": lr},
+        optimizer=bilevel.optim.sgd(),
+        steps=12,
+        mode=mode,
+    )
     with pytest.raises(NonFiniteLossError, match=r"at step \d+") as info:
         bilevel.unroll(**kwargs)
     step = int(str(info.value).split("at step ")[1].split(";")[0])
     w = torch.tensor(1.0, dtype=DT)
-    for t in range(12):  # the first step whose loss overflows
-        if not torch.isfinite(2 * w**4):
-            break
-        w = w - 10.0 * 4 * w**3
-    assert step == t
+    first_bad = next(t for t in range(12) if not torch.isfinite(2 * (w := w - 40.0 * w**3) ** 4))
+    assert step == first_bad + 1
     result = bilevel.unroll(**kwargs, check_finite=False)
     assert not torch.isfinite(result.losses).all()

@@ -1,5 +1,42 @@
-"""Differentiable functional optimizers (``init`` / ``step`` pure functions)."""
+"""Differentiable functional optimizers (``init`` / ``step`` pure functions).
 
-from bilevel.optim.base import SGD, HParams, HyperParameter, Optimizer, Params, State, sgd
+Every optimizer has the semantics of its :mod:`torch.optim` namesake, step for step,
+and is differentiable w.r.t. params, grads, state and every hyperparameter::
 
-__all__ = ["SGD", "HParams", "HyperParameter", "Optimizer", "Params", "State", "sgd"]
+    opt = bilevel.optim.adam(lr=1e-3)
+    state = opt.init(params)
+    params, state = opt.step(params, grads, state, hparams)
+
+See :mod:`bilevel.optim.base` for the kinds of hyperparameter values.
+"""
+
+from bilevel.optim.adagrad import Adagrad, adagrad
+from bilevel.optim.adam import Adam, AdamW, adam, adamw
+from bilevel.optim.base import HParams, HyperParameter, Optimizer, Params, State
+from bilevel.optim.hd import SGDHD, AdamHD, AdamHDFunctional, SGDHDFunctional, adam_hd, sgd_hd
+from bilevel.optim.rmsprop import RMSprop, rmsprop
+from bilevel.optim.sgd import SGD, sgd
+
+__all__ = [
+    "Adagrad",
+    "Adam",
+    "AdamHD",
+    "AdamHDFunctional",
+    "AdamW",
+    "HParams",
+    "HyperParameter",
+    "Optimizer",
+    "Params",
+    "RMSprop",
+    "SGD",
+    "SGDHD",
+    "SGDHDFunctional",
+    "State",
+    "adagrad",
+    "adam",
+    "adam_hd",
+    "adamw",
+    "rmsprop",
+    "sgd",
+    "sgd_hd",
+]

@@ -1,0 +1,94 @@
+"""Differentiable Adagrad (the semantics of :class:`torch.optim.Adagrad`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bilevel.optim.base import HParams, HyperParameter, Optimizer, Params, State, hmap
+
+
+def adagrad(
+    lr: HyperParameter = None,
+    lr_decay: HyperParameter = None,
+    weight_decay: HyperParameter = None,
+    initial_accumulator_value: HyperParameter = None,
+    eps: HyperParameter = None,
+    maximize: bool | None = None,
+    *,
+    foreach: bool | None = None,
+) -> Adagrad:
+    """Differentiable Adagrad with the semantics of :class:`torch.optim.Adagrad`.
+
+    Each step ``t = 0, 1, ...`` (``g`` the gradient, negated when ``maximize``)::
+
+        g = g + weight_decay * p
+        s = initial_accumulator_value (first step) | s;   s = s + g * g
+        p = p - lr / (1 + t * lr_decay) * g / (sqrt(s) + eps)
+
+    The accumulator is seeded from ``initial_accumulator_value`` by the first step (so it
+    can come from ``hparams`` and be differentiated). Defaults as torch: ``lr=1e-2,
+    eps=1e-10``, the rest 0.
+
+    Example:
+        >>> import torch, bilevel
+        >>> acc0 = torch.tensor(3.0, requires_grad=True)
+        >>> opt = bilevel.optim.adagrad(lr=0.5, initial_accumulator_value=acc0)
+        >>> params = {"w": torch.tensor([1.0])}
+        >>> state = opt.init(params)
+        >>> params, state = opt.step(params, {"w": torch.tensor([1.0])}, state)
+        >>> params["w"].detach()
+        tensor([0.7500])
+        >>> torch.autograd.grad(params["w"].sum(), acc0)
+        (tensor(0.0312),)
+    """
+    return Adagrad(
+        lr=lr,
+        lr_decay=lr_decay,
+        weight_decay=weight_decay,
+        initial_accumulator_value=initial_accumulator_value,
+        eps=eps,
+        maximize=maximize,
+        foreach=foreach,
+    )
+
+
+class Adagrad(Optimizer):
+    """Functional Adagrad; build it with :func:`adagrad`."""
+
+    name = "adagrad"
+    defaults: dict[str, Any] = {
+        "lr": 1e-2,
+        "lr_decay": 0.0,
+        "weight_decay": 0.0,
+        "initial_accumulator_value": 0.0,
+        "eps": 1e-10,
+        "maximize": False,
+    }
+    flags = ("maximize",)
+
+    def init(self, params: Params, hparams: HParams | None = None) -> State:
+        return {"step": 0, "sum": {n: p.new_zeros(p.shape) for n, p in params.items()}}
+
+    def _update(
+        self, params: Params, grads: Params, state: State, hparams: HParams
+    ) -> tuple[Params, State]:
+        t = state["step"]
+        names, ps, gs = self._lists(params, grads)
+        ops = self.ops()
+        if self.flag("maximize", hparams):
+            gs = ops.neg(gs)
+        if self.is_active("weight_decay", hparams):
+            gs = ops.axpy(gs, ps, self.resolve("weight_decay", hparams, t, names, ps))
+        if t == 0:
+            s = ops.square(gs)
+            if self.is_active("initial_accumulator_value", hparams):
+                s = ops.add(s, self.resolve("initial_accumulator_value", hparams, t, names, ps))
+        else:
+            s = ops.addcmul(self._buffers(state, "sum", names), gs, gs, 1)
+        std = ops.add(ops.sqrt(s), self.resolve("eps", hparams, t, names, ps))
+        clr = self.resolve("lr", hparams, t, names, ps)
+        if t > 0 and self.is_active("lr_decay", hparams):
+            decay = self.resolve("lr_decay", hparams, t, names, ps)
+            clr = hmap(lambda a, d: a / (1 + t * d), clr, decay)
+        new_ps = ops.addcdiv(ps, gs, std, clr, -1)
+        return dict(zip(names, new_ps)), {"step": t + 1, "sum": dict(zip(names, s))}
