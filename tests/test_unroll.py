@@ -271,6 +271,11 @@ def test_batchnorm_buffers_update_and_callers_untouched():
 def test_forward_mode_memory_is_independent_of_steps():
     """Forward mode saves only the final tangents for the backward pass, whatever T."""
 
+    X, Y, XV, YV = regression_problem(n=30, p=400)  # parameters dominate the saved bytes
+
+    def val_loss(params):
+        return ((XV @ params["w"] + params["b"] - YV) ** 2).mean()
+
     def saved_bytes(steps, mode):
         seen, total = set(), [0]
 
@@ -285,7 +290,7 @@ def test_forward_mode_memory_is_independent_of_steps():
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             result = bilevel.unroll(
                 ridge_inner,
-                zeros_params(),
+                zeros_params(400),
                 {"lr": lr, "l2": 0.1},
                 bilevel.optim.sgd(momentum=0.9),
                 steps,
@@ -296,7 +301,7 @@ def test_forward_mode_memory_is_independent_of_steps():
         return total[0]
 
     assert saved_bytes(40, "forward") == saved_bytes(5, "forward")
-    assert saved_bytes(40, "reverse") > 4 * saved_bytes(5, "reverse")
+    assert saved_bytes(40, "reverse") > 3 * saved_bytes(5, "reverse")
     # checkpoint keeps the segment boundaries: ~sqrt(T) of them
     assert saved_bytes(100, "checkpoint") < saved_bytes(100, "reverse") / 4
 
