@@ -267,7 +267,7 @@ def innerloop_ctx(
         >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
         >>> with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False) as (fm, do):
         ...     for _ in range(3):
-        ...         do.step(torch.nn.functional.mse_loss(fm(x), y))
+        ...         _ = do.step(torch.nn.functional.mse_loss(fm(x), y))
         ...     torch.nn.functional.mse_loss(fm(x), y).backward()
         >>> model.weight.grad is not None
         True
