@@ -449,7 +449,7 @@ def _forward_mode(
     steps: int,
     batch_at: Callable[[int], Any],
     checker: _FiniteChecker,
-    vectorize: bool,
+    vectorize: bool | None,
 ) -> UnrollResult:
     # The differentiable inputs are every tensor requiring grad in hparams and in the
     # optimizer's own settings: explicit inputs that a jvp can see.
@@ -717,7 +717,10 @@ class _ForwardUnroll(torch.autograd.Function):
                 )
                 return out, out_t, aux
 
-            if spec.vectorize and n_dirs > 1:
+            # Several directions share one primal computation under vmap; for one or two, a
+            # loop of core forward-mode AD steps is cheaper (no functorch dispatch overhead).
+            vectorize = spec.vectorize if spec.vectorize is not None else n_dirs > 2
+            if vectorize and n_dirs > 1:
                 out, out_t, aux = torch.func.vmap(
                     tangent_step,
                     in_dims=(0, 0, 0),
@@ -805,7 +808,7 @@ def unroll(
     buffers: Mapping[str, Tensor] | None = None,
     state: State | None = None,
     check_finite: bool | int = True,
-    vectorize: bool = True,
+    vectorize: bool | None = None,
 ) -> UnrollResult:
     """Run ``steps`` optimizer steps on ``inner_loss``; the result is differentiable w.r.t.
     the hyperparameters.
@@ -836,8 +839,9 @@ def unroll(
         state: an optimizer state to start from (default ``optimizer.init(params)``).
         check_finite: check that the inner losses are finite (True: once at the end; an int N:
             every N steps; False: never). Each check synchronises with the device.
-        vectorize: in ``"forward"`` mode, batch the H tangent directions with ``vmap`` (else a
-            Python loop over them, for inner losses that ``vmap`` cannot batch).
+        vectorize: in ``"forward"`` mode, batch the H tangent directions with ``vmap`` (True),
+            or loop over them with core forward-mode AD (False: also for inner losses that
+            ``vmap`` cannot batch). Default: batch when H > 2.
 
     Returns:
         An :class:`UnrollResult` with ``params``, ``state``, ``losses`` and ``buffers``.

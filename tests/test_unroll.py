@@ -55,6 +55,7 @@ def hypergrads(mode, optimizer=None, steps=20, **kw):
         ("checkpoint", {"segments": 20}),
         ("forward", {}),
         ("forward", {"vectorize": False}),
+        ("forward", {"vectorize": True}),
         ("truncated", {"truncate": 20}),
     ],
 )
