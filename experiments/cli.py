@@ -1,0 +1,280 @@
+"""The command line: ``python -m experiments NAME [options]`` (also ``bilevel-exp``)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any, NoReturn
+
+import torch
+
+from experiments import EXPERIMENTS
+from experiments.options import add_options, choice, nonneg_int, positive_int, resolve
+from experiments.run import Interrupted, Run, Stopped, UsageError, format_table
+
+PROG = "python -m experiments"
+SHARED = (
+    "device",
+    "dtype",
+    "seed",
+    "out",
+    "quick",
+    "resume",
+    "overwrite",
+    "checkpoint_every",
+    "max_outer_steps",
+    "threads",
+    "progress",
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad option on one line (no usage block) and exits with 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def load_experiment(name: str) -> ModuleType:
+    return importlib.import_module(EXPERIMENTS[name])
+
+
+def _describe(name: str) -> str:
+    try:
+        return str(getattr(load_experiment(name), "DESCRIPTION", ""))
+    except Exception as exc:  # a broken module must not break --help of the others
+        return f"(unavailable: {type(exc).__name__}: {exc})"
+
+
+def _add_shared(parser: argparse.ArgumentParser, default_dtype: str) -> None:
+    g = parser.add_argument_group("run options (shared by all experiments)")
+    g.add_argument(
+        "--device",
+        type=choice(["cpu", "cuda", "auto"]),
+        default="cpu",
+        help="cpu, cuda or auto (cuda when available) (default: cpu)",
+    )
+    g.add_argument(
+        "--dtype",
+        type=choice(["float32", "float64"]),
+        default=None,
+        help=f"floating-point precision (default: {default_dtype})",
+    )
+    g.add_argument("--seed", type=nonneg_int, default=0, help="base random seed (default: 0)")
+    g.add_argument("--out", type=Path, default=None, help="run folder (default: runs/NAME)")
+    g.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small version that finishes in well under a minute on 2 CPU cores",
+    )
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted run in --out from its last checkpoint",
+    )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing run in --out instead of refusing",
+    )
+    g.add_argument(
+        "--checkpoint-every",
+        type=nonneg_int,
+        default=10,
+        metavar="N",
+        help="save a checkpoint every N outer steps, 0 = only on Ctrl-C (default: 10)",
+    )
+    g.add_argument(
+        "--max-outer-steps",
+        type=nonneg_int,
+        default=None,
+        metavar="N",
+        help="stop (with a checkpoint) once N outer steps are done in total",
+    )
+    g.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="torch CPU threads (default: torch's choice)",
+    )
+    g.add_argument(
+        "--progress",
+        type=choice(["auto", "on", "off"]),
+        default="auto",
+        help="progress bar: auto (only on a terminal), on, off (default: auto)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    names = list(EXPERIMENTS)
+    listing = "\n".join(f"  {n:<20} {_describe(n)}" for n in names)
+    parser = _Parser(
+        prog=PROG,
+        description="Run a bi-level optimization experiment; results go to a run folder "
+        "(config.json, metrics.jsonl, summary.json, PNG plots).",
+        epilog=f"experiments:\n{listing}\n\n`{PROG} NAME --help` lists the options of one.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(
+        dest="experiment",
+        metavar="NAME",
+        parser_class=_Parser,
+        help="the experiment to run (listed below)",
+    )
+    sub.required = True
+    for name in names:
+        try:
+            module = load_experiment(name)
+        except Exception:
+            module = None
+        if module is not None and hasattr(module, "main"):
+            sub.add_parser(name, add_help=False)  # main() hands it its own arguments
+            continue
+        p = sub.add_parser(
+            name,
+            description=getattr(module, "__doc__", None) or _describe(name),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        if module is not None:
+            add_options(p, getattr(module, "OPTIONS", []))
+            if hasattr(module, "add_arguments"):
+                module.add_arguments(p)
+        # a module that fails to import still parses the shared options, so that main()
+        # reaches load_experiment() and shows the real import error
+        _add_shared(p, getattr(module, "DTYPE", "float32"))
+    return parser
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda`` or ``auto`` as a device; ``cuda`` must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: CUDA is not available on this machine (try --device cpu)")
+    return torch.device(name)
+
+
+def run_config(module: ModuleType, args: argparse.Namespace) -> dict[str, Any]:
+    """The resolved configuration recorded in config.json and checked on --resume."""
+    cfg = resolve(args, getattr(module, "OPTIONS", []), args.quick)
+    for key, value in vars(args).items():
+        if key not in cfg and key not in SHARED and key != "experiment":
+            cfg[key] = str(value) if isinstance(value, Path) else value
+    cfg.update(
+        experiment=args.experiment,
+        seed=args.seed,
+        dtype=args.dtype,
+        device=args.device.type,
+        quick=args.quick,
+    )
+    return cfg
+
+
+def _print_summary(summary: dict[str, Any], out: Path) -> None:
+    print(format_table(summary.get("table", []), title=f"== {summary.get('experiment', '')} =="))
+    for title, rows in summary.get("tables", {}).items():
+        print()
+        print(format_table(rows, title=f"-- {title} --"))
+    print(
+        f"\nresults in {out}/ (summary.json, metrics.jsonl, config.json"
+        + "".join(f", {p}" for p in summary.get("plots", []))
+        + ")"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m experiments`` and ``bilevel-exp``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in EXPERIMENTS:
+        module = load_experiment(argv[0])
+        if hasattr(module, "main"):  # the module parses its own command line
+            return int(module.main(argv[1:]) or 0)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a bad option (2, message already printed)
+        return int(exc.code or 0)
+    module = load_experiment(args.experiment)
+    previous_threads = torch.get_num_threads()
+    try:
+        args.device = resolve_device(args.device)
+        args.dtype = args.dtype or getattr(module, "DTYPE", "float32")
+        return _run(module, args)
+    except UsageError as exc:
+        print(f"{PROG} {args.experiment}: error: {exc}", file=sys.stderr)
+        return 2
+    except Interrupted as exc:
+        print(f"{PROG} {args.experiment}: {exc}", file=sys.stderr)
+        return 130
+    except Stopped as exc:
+        print(f"{PROG} {args.experiment}: {exc}", file=sys.stderr)
+        return 0
+    except KeyboardInterrupt:
+        print(
+            f"{PROG} {args.experiment}: aborted (no checkpoint saved for the current step)",
+            file=sys.stderr,
+        )
+        return 130
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(module: ModuleType, args: argparse.Namespace) -> int:
+    import json
+
+    cfg = run_config(module, args)
+    if hasattr(module, "validate"):
+        module.validate(cfg)
+    out: Path = args.out if args.out is not None else Path("runs") / args.experiment
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder")
+    if args.resume:
+        if not (out / "checkpoint.pt").exists():
+            if (out / "summary.json").exists():
+                print(f"{out} holds a finished run; nothing to resume. Its summary:")
+                _print_summary(json.loads((out / "summary.json").read_text()), out)
+                return 0
+            raise UsageError(f"--resume: no checkpoint in {out}; start the run without --resume")
+    elif (out / "config.json").exists() and not args.overwrite:
+        raise UsageError(
+            f"--out {out} already holds a run; pass --resume to continue it, --overwrite to "
+            "replace it, or choose another --out"
+        )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    run = Run(
+        name=args.experiment,
+        config=cfg,
+        out=out,
+        device=args.device,
+        dtype=getattr(torch, args.dtype),
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+        max_outer_steps=args.max_outer_steps,
+        resume=args.resume,
+        progress={"auto": None, "on": True, "off": False}[args.progress],
+    )
+    try:
+        with run.catch_sigint():
+            run.start()
+            summary = module.run(run, cfg)
+    finally:
+        run.close()
+    summary = {
+        "experiment": args.experiment,
+        **summary,
+        "outer_steps": run.global_step,
+        "wall_s": run.elapsed(),
+        "config": cfg,
+    }
+    from experiments.io import atomic_write_json
+
+    atomic_write_json(out / "summary.json", summary)
+    run.finished()
+    _print_summary(summary, out)
+    return 0

@@ -1,0 +1,245 @@
+"""The command line: help, one-line errors with exit code 2, run-folder rules, Ctrl-C."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from experiments import EXPERIMENTS
+from experiments.__main__ import main
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--threads", "1", "--progress", "off"]
+# a learn-lr run small enough for error tests that get past option parsing
+TINY = [
+    "learn-lr",
+    "--quick",
+    "--methods",
+    "scalar",
+    "--modes",
+    "reverse",
+    "--outer-steps",
+    "3",
+    "--grid-lrs",
+    "1",
+    "--grid-momenta",
+    "0.5",
+    "--eval-runs",
+    "1",
+    *FAST,
+]
+
+
+def env() -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
+
+
+def one_line_error(capsys, code: int) -> str:
+    captured = capsys.readouterr()
+    assert code == 2, captured.err
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1, captured.err
+    assert "Traceback" not in captured.err
+    assert "error" in lines[0]
+    return lines[0]
+
+
+def test_help_lists_every_experiment(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in EXPERIMENTS:
+        assert name in out
+    assert "unavailable" not in out
+
+
+RUN_EXPERIMENTS = ["learn-lr", "l2", "maml", "hyperclean", "argmin-timeseries"]
+
+
+@pytest.mark.parametrize("name", RUN_EXPERIMENTS)
+def test_experiment_help_shows_shared_and_own_options(capsys, name):
+    assert main([name, "--help"]) == 0
+    out = capsys.readouterr().out
+    for flag in (
+        "--device",
+        "--dtype",
+        "--seed",
+        "--out",
+        "--quick",
+        "--resume",
+        "--checkpoint-every",
+        "--max-outer-steps",
+    ):
+        assert flag in out
+
+
+def test_a_module_with_its_own_command_line_gets_the_arguments(monkeypatch, capsys):
+    import types
+
+    seen = []
+    module = types.ModuleType("_fake_experiment")
+    module.DESCRIPTION = "a fake experiment parsing its own options"
+    module.main = lambda argv: seen.append(argv) or 7
+    monkeypatch.setitem(sys.modules, "_fake_experiment", module)
+    monkeypatch.setitem(EXPERIMENTS, "fake", "_fake_experiment")
+    assert main(["fake", "unroll", "--quick"]) == 7
+    assert seen == [["unroll", "--quick"]]
+    assert main(["--help"]) == 0
+    assert "a fake experiment parsing its own options" in capsys.readouterr().out
+
+
+def test_module_entry_point_runs_in_a_subprocess():
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments", "--help"],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "learn-lr" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["no-such-experiment"], "invalid choice"),
+        ([], "required"),
+        (["learn-lr", "--outer-steps", "-3"], "positive integer"),
+        (["learn-lr", "--outer-steps", "abc"], "positive integer"),
+        (["maml", "--meta-batch", "0"], "positive integer"),
+        (["learn-lr", "--max-outer-steps", "-1"], "non-negative"),
+        (["learn-lr", "--dtype", "float16"], "float32"),
+        (["learn-lr", "--device", "tpu"], "cpu"),
+        (["learn-lr", "--modes", "reverse,sideways"], "comma-separated"),
+        (["learn-lr", "--no-such-flag"], "unrecognized"),
+        (["learn-lr", "--quick", "--inner-steps", "5", "--truncate", "9"], "exceeds"),
+    ],
+)
+def test_bad_options_give_one_line_and_exit_2(capsys, tmp_path, argv, needle):
+    line = one_line_error(capsys, main([*argv, "--out", str(tmp_path / "r")] if argv else argv))
+    assert needle in line
+    assert not (tmp_path / "r").exists()  # nothing written for a bad command
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device exists here")
+def test_missing_cuda_device_is_a_usage_error(capsys, tmp_path):
+    line = one_line_error(capsys, main([*TINY, "--device", "cuda", "--out", str(tmp_path / "r")]))
+    assert "CUDA is not available" in line
+
+
+def _csv(tmp_path: Path, text: str, name: str = "d.csv") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        (None, "cannot read"),
+        ("", "empty"),
+        ("Date,Open,High,Low,Volume,Name\n2020-01-01,1,1,1,5,A\n", "missing column(s) Close"),
+        (
+            "Date,Open,High,Low,Close,Volume,Name\n2020-01-01,1,1,1,abc,5,A\n",
+            "'abc' is not a number",
+        ),
+        ("Date,Open,High,Low,Close,Volume,Name\n2020-01-01,1,1,1,1.0\n", "fields"),
+        (
+            "Date,Open,High,Low,Close,Volume,Name\n"
+            + "".join(f"2020-01-{i:02d},1,1,1,{i},5,A\n" for i in range(1, 20)),
+            "too short",
+        ),
+        (b"\x1f\x8b\x08garbage", "cannot read"),
+    ],
+)
+def test_bad_csv_gives_one_line_and_exit_2(capsys, tmp_path, content, needle):
+    path = tmp_path / "data.csv.gz"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_bytes(gzip.compress(content.encode()))
+    argv = ["argmin-timeseries", "--quick", "--csv", str(path), "--out", str(tmp_path / "r"), *FAST]
+    line = one_line_error(capsys, main(argv))
+    assert needle in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_run_folder_rules(capsys, tmp_path):
+    out = tmp_path / "r"
+    # nothing to resume
+    assert "no checkpoint" in one_line_error(capsys, main([*TINY, "--out", str(out), "--resume"]))
+    assert main([*TINY, "--out", str(out), "--max-outer-steps", "2"]) == 0
+    capsys.readouterr()
+    # an existing run is not overwritten by accident
+    assert "already holds a run" in one_line_error(capsys, main([*TINY, "--out", str(out)]))
+    # resuming with other options is refused, and names the option
+    line = one_line_error(capsys, main([*TINY, "--out", str(out), "--resume", "--seed", "3"]))
+    assert "seed" in line
+    # a corrupt checkpoint is reported, not a traceback
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    assert "malformed" in one_line_error(capsys, main([*TINY, "--out", str(out), "--resume"]))
+    # --overwrite starts over
+    assert main([*TINY, "--out", str(out), "--overwrite"]) == 0
+    assert (out / "summary.json").exists() and not (out / "checkpoint.pt").exists()
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_path):
+    args = [
+        "learn-lr",
+        "--quick",
+        "--methods",
+        "scalar",
+        "--modes",
+        "reverse",
+        "--outer-steps",
+        "60",
+        "--inner-steps",
+        "20",
+        "--checkpoint-every",
+        "1000",
+        *FAST,
+    ]
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments", *args, "--out", str(out)],
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 10:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "--resume" in stderr and "Traceback" not in stderr
+    assert (out / "checkpoint.pt").exists() and not (out / "summary.json").exists()
+    done = len(metrics.read_text().splitlines())
+    assert 10 <= done < 66
+
+    assert main([*args, "--out", str(out), "--resume"]) == 0
+    ref = tmp_path / "reference"
+    assert main([*args, "--out", str(ref)]) == 0
+    strip = lambda d: {k: v for k, v in d.items() if not k.endswith(("_s", "_ms"))}  # noqa: E731
+    got = json.loads((out / "summary.json").read_text())
+    want = json.loads((ref / "summary.json").read_text())
+    assert [strip(r) for r in got["table"]] == [strip(r) for r in want["table"]]
+    rows = lambda p: [strip(json.loads(x)) for x in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert rows(out) == rows(ref)
