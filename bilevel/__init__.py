@@ -5,7 +5,7 @@ Two engines: :func:`unroll` differentiates through T optimizer steps (five modes
 inner solution through its optimality condition (implicit function theorem).
 """
 
-from bilevel import constraints, linalg, nn, optim, solvers, stateful
+from bilevel import constraints, distributed, linalg, nn, optim, solvers, stateful
 from bilevel.check import HypergradCheckError, HypergradReport, hypergradcheck
 from bilevel.implicit import (
     ImplicitDiagnostics,
@@ -27,6 +27,7 @@ __all__ = [
     "argmin",
     "constraints",
     "custom_root",
+    "distributed",
     "fixed_point",
     "hypergrad",
     "hypergradcheck",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any, NoReturn
 
 import torch
 
+from bilevel import distributed
 from experiments import EXPERIMENTS
 from experiments.options import add_options, choice, nonneg_int, positive_int, resolve
 from experiments.run import Interrupted, Run, Stopped, UsageError, format_table
@@ -201,27 +203,72 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     module = load_experiment(args.experiment)
     previous_threads = torch.get_num_threads()
+    started = False
+    # on every rank but 0 of a torchrun launch, messages are left to rank 0
+    say = functools.partial(print, file=sys.stderr) if distributed.is_main() else _silent
     try:
         args.device = resolve_device(args.device)
         args.dtype = args.dtype or getattr(module, "DTYPE", "float32")
-        return _run(module, args)
+        args.device, started = _init_distributed(args.device)
+        say = functools.partial(print, file=sys.stderr) if distributed.is_main() else _silent
+        # usage errors, step limits and interrupts happen at the same point on every rank;
+        # any other failure ends this rank at once so the others do not wait for it
+        with distributed.fail_fast(expected=(UsageError, Interrupted, Stopped)):
+            return _run(module, args)
     except UsageError as exc:
-        print(f"{PROG} {args.experiment}: error: {exc}", file=sys.stderr)
+        say(f"{PROG} {args.experiment}: error: {exc}")
         return 2
     except Interrupted as exc:
-        print(f"{PROG} {args.experiment}: {exc}", file=sys.stderr)
+        say(f"{PROG} {args.experiment}: {exc}")
         return 130
     except Stopped as exc:
-        print(f"{PROG} {args.experiment}: {exc}", file=sys.stderr)
+        say(f"{PROG} {args.experiment}: {exc}")
         return 0
     except KeyboardInterrupt:
-        print(
-            f"{PROG} {args.experiment}: aborted (no checkpoint saved for the current step)",
-            file=sys.stderr,
-        )
+        say(f"{PROG} {args.experiment}: aborted (no checkpoint saved for the current step)")
         return 130
     finally:
         torch.set_num_threads(previous_threads)
+        if started:
+            distributed.shutdown()
+
+
+def _silent(*args: Any, **kwargs: Any) -> None:
+    pass
+
+
+def _init_distributed(device: torch.device) -> tuple[torch.device, bool]:
+    """Join the ``torchrun`` process group if launched by it: gloo for ``--device cpu``,
+    NCCL on GPUs, each rank on its own GPU (``cuda:LOCAL_RANK``). Returns the device and
+    whether a group was started here (to be destroyed at the end)."""
+    before = torch.distributed.is_available() and torch.distributed.is_initialized()
+    _, world = distributed.init_from_env(backend="gloo" if device.type == "cpu" else None)
+    if world > 1 and device.type == "cuda":
+        device = distributed.device()
+    return device, world > 1 and not before
+
+
+def _check_out(args: argparse.Namespace, out: Path) -> tuple[str, str | None]:
+    """Whether the run folder can be used: ``("go", None)``, ``("finished", None)`` (a
+    finished run on --resume) or ``("usage", message)``."""
+    try:
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {out}: exists and is not a folder")
+        if args.resume:
+            if not (out / "checkpoint.pt").exists():
+                if (out / "summary.json").exists():
+                    return "finished", None
+                raise UsageError(
+                    f"--resume: no checkpoint in {out}; start the run without --resume"
+                )
+        elif (out / "config.json").exists() and not args.overwrite:
+            raise UsageError(
+                f"--out {out} already holds a run; pass --resume to continue it, --overwrite to "
+                "replace it, or choose another --out"
+            )
+    except UsageError as exc:
+        return "usage", str(exc)
+    return "go", None
 
 
 def _run(module: ModuleType, args: argparse.Namespace) -> int:
@@ -231,20 +278,17 @@ def _run(module: ModuleType, args: argparse.Namespace) -> int:
     if hasattr(module, "validate"):
         module.validate(cfg)
     out: Path = args.out if args.out is not None else Path("runs") / args.experiment
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a folder")
-    if args.resume:
-        if not (out / "checkpoint.pt").exists():
-            if (out / "summary.json").exists():
-                print(f"{out} holds a finished run; nothing to resume. Its summary:")
-                _print_summary(json.loads((out / "summary.json").read_text()), out)
-                return 0
-            raise UsageError(f"--resume: no checkpoint in {out}; start the run without --resume")
-    elif (out / "config.json").exists() and not args.overwrite:
-        raise UsageError(
-            f"--out {out} already holds a run; pass --resume to continue it, --overwrite to "
-            "replace it, or choose another --out"
-        )
+    # rank 0 alone reads the folder and decides, so that every rank acts the same
+    verdict, message = distributed.broadcast_object(
+        _check_out(args, out) if distributed.is_main() else None
+    )
+    if verdict == "usage":
+        raise UsageError(message)
+    if verdict == "finished":
+        if distributed.is_main():
+            print(f"{out} holds a finished run; nothing to resume. Its summary:")
+            _print_summary(json.loads((out / "summary.json").read_text()), out)
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     run = Run(
@@ -258,6 +302,7 @@ def _run(module: ModuleType, args: argparse.Namespace) -> int:
         max_outer_steps=args.max_outer_steps,
         resume=args.resume,
         progress={"auto": None, "on": True, "off": False}[args.progress],
+        writer=distributed.is_main(),
     )
     try:
         with run.catch_sigint():
@@ -274,7 +319,9 @@ def _run(module: ModuleType, args: argparse.Namespace) -> int:
     }
     from experiments.io import atomic_write_json
 
-    atomic_write_json(out / "summary.json", summary)
+    if run.writer:
+        atomic_write_json(out / "summary.json", summary)
     run.finished()
-    _print_summary(summary, out)
+    if run.writer:
+        _print_summary(summary, out)
     return 0

@@ -14,6 +14,16 @@ points to score. The model is an MLP 1-40-40-1 (ReLU); adaptation is plain SGD w
 
 against a model pretrained on all tasks jointly (plain regression on pooled tasks). Meta-test:
 MSE on 500 held-out tasks after 0, 1, 5 and 10 SGD adaptation steps, mean and 95% interval.
+The final meta-parameters of every method are saved in ``meta_params.pt``.
+
+Under ``torchrun --nproc_per_node=N -m experiments maml ...`` every meta-batch (and the
+validation and test tasks) is split across the N processes (:mod:`bilevel.distributed`):
+each computes the meta-gradient of its block of tasks and one all-reduce combines them,
+weighted by task counts, so MAML, first-order MAML and the pretrained baseline follow the
+single-process run (to rounding). iMAML solves the tasks of one process jointly (one L-BFGS
+and one CG run on the block-diagonal problem, stopped after a fixed number of iterations),
+so its result depends on how tasks are grouped, and with N processes it matches the
+single-process run only to the accuracy of those truncated solves.
 
 :func:`task_loss` (one task, a function of (params, task)) and :func:`meta_gradient`
 (the mean over a batch of tasks) are pure functions, so the meta-batch can be split across
@@ -35,7 +45,9 @@ import bilevel
 import bilevel.linalg
 import bilevel.optim
 import bilevel.solvers
+from bilevel import distributed
 from experiments import plot
+from experiments.io import save_checkpoint
 from experiments.options import Option, choice_list, int_list, positive_float, positive_int
 from experiments.run import Run
 
@@ -218,6 +230,50 @@ def meta_gradient(
     return meta_value_and_grad(meta_params, tasks, cfg)[1]
 
 
+def _local(tasks: Task) -> Task:
+    """This process's contiguous block of a batch of tasks (all of them in one process)."""
+    if not distributed.is_distributed():
+        return tasks
+    start, stop = distributed.shard_bounds(tasks[0].shape[0])
+    return tuple(t[start:stop] for t in tasks)  # type: ignore[return-value]
+
+
+def per_task_values(fn: Any, params: dict[str, Tensor], tasks: Task) -> Tensor:
+    """``vmap(fn)(params, tasks)`` over a batch of tasks split across processes, gathered
+    back in task order on every process."""
+    local = _local(tasks)
+    if local[0].shape[0] == 0:
+        values = torch.zeros(0, dtype=tasks[0].dtype, device=tasks[0].device)
+    else:
+        values = torch.func.vmap(fn, in_dims=(None, 0))(params, local)
+    return distributed.all_gather_cat(values.detach())
+
+
+def mean_value_and_grad(
+    value_and_grad: Any, tasks: Task, like: dict[str, Tensor]
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``value_and_grad(tasks)`` of a mean over tasks, for a batch split across processes.
+
+    Each process evaluates its block; one all-reduce sums the blocks weighted by their
+    task counts, which gives the mean over the whole batch on every process. In one
+    process: ``value_and_grad(tasks)`` itself.
+    """
+    if not distributed.is_distributed():
+        return value_and_grad(tasks)
+    n = tasks[0].shape[0]
+    local = _local(tasks)
+    m = local[0].shape[0]
+    if m:
+        loss, grads = value_and_grad(local)
+    else:  # fewer tasks than processes: this one contributes nothing
+        loss = torch.zeros((), dtype=tasks[0].dtype, device=tasks[0].device)
+        grads = {k: torch.zeros_like(v) for k, v in like.items()}
+    w = m / n
+    return distributed.all_reduce_sum(
+        (loss.detach() * w, {k: g.detach() * w for k, g in grads.items()})
+    )
+
+
 def evaluate(
     params: dict[str, Tensor], tasks: Task, steps_list: list[int], lr: float
 ) -> dict[str, Any]:
@@ -229,7 +285,7 @@ def evaluate(
             xs, ys, xq, yq = task
             return mse(adapt(p, xs, ys, steps, lr), xq, yq).detach()
 
-        per_task = torch.func.vmap(one, in_dims=(None, 0))(params, tasks).double()
+        per_task = per_task_values(one, params, tasks).double()
         mean = float(per_task.mean())
         half = float(1.96 * per_task.std() / math.sqrt(per_task.numel()))
         out[str(steps)] = {"mse": mean, "ci95": half}
@@ -256,10 +312,8 @@ def run(run: Run, cfg: dict[str, Any]) -> dict[str, Any]:
         params = {k_: v.detach() for k_, v in state["params"].items()}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            losses = torch.func.vmap(partial(task_loss, cfg=mcfg), in_dims=(None, 0))(
-                params, monitor
-            )
-        return {"outer_loss": float(losses.detach().mean())}
+            losses = per_task_values(partial(task_loss, cfg=mcfg), params, monitor)
+        return {"outer_loss": float(losses.mean())}
 
     run.plan(cfg["outer_steps"] * (len(cfg["methods"]) + 1))
 
@@ -269,17 +323,29 @@ def run(run: Run, cfg: dict[str, Any]) -> dict[str, Any]:
 
     def finish(state: dict[str, Any]) -> dict[str, Any]:
         params = {k: v.detach() for k, v in state["params"].items()}
-        return {"eval": evaluate(params, test, cfg["eval_steps"], cfg["inner_lr"])}
+        return {
+            "eval": evaluate(params, test, cfg["eval_steps"], cfg["inner_lr"]),
+            "params": {k: v.clone() for k, v in params.items()},  # saved apart, not in the summary
+        }
 
     # baseline: one model regressed on all tasks pooled, same number of (task-batch) steps
     def pretrain_step(state: dict[str, Any], k: int) -> dict[str, Any]:
-        xs, ys, xq, yq = to(
+        tasks = to(
             sample_tasks(run.rng("pretrain", k), cfg["meta_batch"], cfg["shots"], cfg["queries"])
         )
-        x, y = torch.cat([xs, xq], 1).reshape(-1, 1), torch.cat([ys, yq], 1).reshape(-1, 1)
+        params = state["params"]
+
+        def value_and_grad(block: Task) -> tuple[Tensor, dict[str, Tensor]]:
+            xs, ys, xq, yq = block
+            x, y = torch.cat([xs, xq], 1).reshape(-1, 1), torch.cat([ys, yq], 1).reshape(-1, 1)
+            loss = mse(params, x, y)
+            grads = torch.autograd.grad(loss, list(params.values()))
+            return loss.detach(), dict(zip(params, grads))
+
         state["outer"].zero_grad()
-        loss = mse(state["params"], x, y)
-        loss.backward()
+        loss, grads = mean_value_and_grad(value_and_grad, tasks, params)
+        for name, p in params.items():
+            p.grad = grads[name]
         state["outer"].step()
         return {
             "train_loss": float(loss.detach()),
@@ -301,8 +367,9 @@ def run(run: Run, cfg: dict[str, Any]) -> dict[str, Any]:
                 sample_tasks(run.rng("tasks", k), cfg["meta_batch"], cfg["shots"], cfg["queries"])
             )
             params = state["params"]
-            loss, grads = meta_value_and_grad(
-                {k_: v.detach() for k_, v in params.items()}, tasks, mcfg
+            detached = {k_: v.detach() for k_, v in params.items()}
+            loss, grads = mean_value_and_grad(
+                lambda block: meta_value_and_grad(detached, block, mcfg), tasks, detached
             )
             state["outer"].zero_grad()
             finite = bool(torch.isfinite(loss)) and all(
@@ -320,6 +387,10 @@ def run(run: Run, cfg: dict[str, Any]) -> dict[str, Any]:
 
         results[method] = run.phase(method, cfg["outer_steps"], init, step, finish)
 
+    if run.writer:
+        final = {m: {k: v.cpu() for k, v in res["params"].items()} for m, res in results.items()}
+        save_checkpoint(run.path("meta_params.pt"), final)
+    results = {m: {k: v for k, v in res.items() if k != "params"} for m, res in results.items()}
     rows = []
     for name, res in results.items():
         row: dict[str, Any] = {"method": name}

@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 
+from bilevel import distributed  # noqa: E402
 from experiments.io import atomic_write_bytes  # noqa: E402
 
 
@@ -31,7 +32,10 @@ def figure(
 
 
 def save(fig: Any, path: str | os.PathLike[str], dpi: int = 90) -> None:
-    """Write ``fig`` as a PNG atomically and close it."""
+    """Write ``fig`` as a PNG atomically and close it (only on rank 0 of a distributed run)."""
+    if not distributed.is_main():
+        plt.close(fig)
+        return
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bilevel import distributed
 from experiments.io import (
     CheckpointError,
     atomic_write_json,
@@ -181,6 +182,9 @@ class Run:
         out: the run folder.
         device, dtype: where and in which precision tensors live.
         seed: the base seed every generator is derived from.
+        writer: whether this process writes the run folder and shows progress: in a
+            distributed run (``torchrun``), rank 0 only. The other ranks compute the
+            same phases, keep their metrics in memory and read the folder only to resume.
     """
 
     name: str
@@ -193,6 +197,7 @@ class Run:
     max_outer_steps: int | None = None
     resume: bool = False
     progress: bool | None = None
+    writer: bool = True
     results: dict[str, Any] = field(default_factory=dict)
     global_step: int = 0
     _metric_lines: int = 0
@@ -203,11 +208,13 @@ class Run:
     _bar: Any = None
     _interrupt: bool = False
     _metrics_file: Any = None
+    _rows: list[dict[str, Any]] = field(default_factory=list)
 
     # -- set-up ---------------------------------------------------------------------------
     def start(self) -> None:
         """Create or reopen the run folder; on resume, load and check the checkpoint."""
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.writer:
+            self.out.mkdir(parents=True, exist_ok=True)
         seed_everything(self.seed)
         ckpt_path = self.out / CHECKPOINT
         if self.resume:
@@ -220,14 +227,18 @@ class Run:
             self.results = _to_device(ckpt["results"], self.device)
             self.global_step = int(ckpt["global_step"])
             self._elapsed_before = float(ckpt.get("elapsed_s", 0.0))
-            self._truncate_metrics(int(ckpt["metric_lines"]))
-        else:
+            if self.writer:
+                self._truncate_metrics(int(ckpt["metric_lines"]))
+            else:
+                self._metric_lines = int(ckpt["metric_lines"])
+        elif self.writer:
             for stale in (ckpt_path, self.out / "metrics.jsonl", self.out / "summary.json"):
                 if stale.exists():
                     stale.unlink()
             atomic_write_json(self.out / "config.json", self.config)
             (self.out / "metrics.jsonl").touch()
-        self._metrics_file = open(self.out / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        if self.writer:
+            self._metrics_file = open(self.out / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
 
     def _check_resumable(self, ckpt: dict[str, Any]) -> None:
         required = ("format", "experiment", "config", "global_step", "metric_lines", "results")
@@ -291,7 +302,9 @@ class Run:
         self._planned = int(total_steps)
 
     def echo(self, message: str) -> None:
-        """Print a line without breaking the progress bar."""
+        """Print a line without breaking the progress bar (on the writer only)."""
+        if not self.writer:
+            return
         if self._bar is not None:
             self._bar.write(message)
         else:
@@ -302,7 +315,12 @@ class Run:
         return self._elapsed_before + time.perf_counter() - self._t0
 
     def read_metrics(self, phase: str | None = None) -> list[dict[str, Any]]:
-        """The lines of ``metrics.jsonl`` (of one phase when given)."""
+        """The lines of ``metrics.jsonl`` (of one phase when given).
+
+        On a non-writer rank: the lines this process produced (since a resume).
+        """
+        if not self.writer:
+            return [r for r in self._rows if phase is None or r.get("phase") == phase]
         if self._metrics_file is not None:
             self._metrics_file.flush()
         rows = []
@@ -365,6 +383,10 @@ class Run:
         return result
 
     def _maybe_stop(self, phase: str, k: int, state: State) -> None:
+        if distributed.is_distributed():
+            # every rank must stop at the same step, or the others wait in a collective
+            flag = torch.tensor(float(self._interrupt), device=self.device)
+            self._interrupt = bool(distributed.all_reduce_sum(flag) > 0)
         if self._interrupt:
             self._save(phase, k, state)
             raise Interrupted(
@@ -379,11 +401,17 @@ class Run:
             )
 
     def _write_metrics(self, row: dict[str, Any]) -> None:
+        if not self.writer:
+            self._rows.append(row)
+            self._metric_lines += 1
+            return
         self._metrics_file.write(json.dumps(row, allow_nan=True) + "\n")
         self._metrics_file.flush()
         self._metric_lines += 1
 
     def _save(self, phase: str, k: int, state: State) -> None:
+        if not self.writer:
+            return
         self._metrics_file.flush()
         os.fsync(self._metrics_file.fileno())
         save_checkpoint(
@@ -404,7 +432,7 @@ class Run:
         )
 
     def _progress(self) -> Any:
-        if self._bar is None and self.progress is not False:
+        if self._bar is None and self.progress is not False and self.writer:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(
@@ -420,6 +448,8 @@ class Run:
 
     def finished(self) -> None:
         """The run completed: the checkpoint is no longer needed."""
+        if not self.writer:
+            return
         ckpt = self.out / CHECKPOINT
         if ckpt.exists():
             ckpt.unlink()
