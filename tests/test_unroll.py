@@ -302,7 +302,7 @@ def test_forward_mode_memory_is_independent_of_steps():
         return total[0]
 
     assert saved_bytes(40, "forward") == saved_bytes(5, "forward")
-    assert saved_bytes(40, "reverse") > 3 * saved_bytes(5, "reverse")
+    assert saved_bytes(40, "reverse") > 2 * saved_bytes(5, "reverse")
     # checkpoint keeps the segment boundaries: ~sqrt(T) of them
     assert saved_bytes(100, "checkpoint") < saved_bytes(100, "reverse") / 4
 
