@@ -475,13 +475,14 @@ class CG(_Iterative):
             active = ~done & ~bad
             alpha = rs / _safe(pAp, active)
             alpha = torch.where(active, alpha, torch.zeros_like(alpha))
+            # Masking the scalars is enough: alpha = 0 leaves x and r as they are, and
+            # beta = 0 restarts p from r, finite. No vector-sized where() per iteration.
             x = _axpy(alpha, p, x)
-            r_new = _axpy(-alpha, Ap, r)
-            rs_new = _dot(r_new, r_new)
+            r = _axpy(-alpha, Ap, r)
+            rs_new = _dot(r, r)
             # the new residual (not the old one) builds the next direction: Betty's bug
-            beta = rs_new / _safe(rs, active)
-            p = _where(active, _axpy(beta, p, r_new), p)
-            r = _where(active, r_new, r)
+            beta = torch.where(active, rs_new / _safe(rs, active), torch.zeros_like(rs))
+            p = _axpy(beta, p, r)
             rs = torch.where(active, rs_new, rs)
             iterations = iterations + active.to(iterations.dtype)
             negative = negative | bad
