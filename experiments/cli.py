@@ -119,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Run a bi-level optimization experiment; results go to a run folder "
         "(config.json, metrics.jsonl, summary.json, PNG plots).",
-        epilog=f"experiments:\n{listing}\n\n`{PROG} NAME --help` lists the options of one.",
+        epilog=f"experiments:\n{listing}\n  {'bench':<20} bilevel and the peer libraries side by "
+        f"side: unroll, memory, implicit, maml (its own options: `{PROG} bench --help`)\n\n"
+        f"`{PROG} NAME --help` lists the options of one.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(

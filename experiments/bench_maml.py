@@ -1,0 +1,243 @@
+"""Bench problem ``maml``: one meta-gradient of sinusoid MAML (Finn et al. 2017).
+
+An MLP 1-40-40-1 (ReLU); each task is ``y = a sin(x - phi)`` with ``a ~ U[0.1, 5]``,
+``phi ~ U[0, pi]``, ``x ~ U[-5, 5]``, K support and K query points; the inner loop is
+``STEPS`` SGD steps of size ``ALPHA`` on the support MSE from the meta-parameters; the meta-loss
+is the mean query MSE over a meta-batch of tasks, differentiated through the inner loops
+(second order). The same tasks and initialization go to every implementation.
+
+bilevel batches the tasks with ``torch.func.vmap`` (its functional optimizer's per-tensor
+kernels run under ``vmap``); the peers loop over tasks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import bilevel
+from experiments.bench_core import Impl, peer
+
+ALPHA = 0.01
+NAMES = ("0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias")
+
+
+@dataclass
+class Tasks:
+    params: dict[str, Tensor]  # the meta-parameters, leaves that require grad
+    xs: Tensor  # (B, K, 1) support inputs
+    ys: Tensor
+    xq: Tensor  # (B, K, 1) query inputs
+    yq: Tensor
+    steps: int
+
+    @property
+    def batch(self) -> int:
+        return len(self.xs)
+
+
+def make_tasks(
+    batch: int, shots: int, steps: int, dtype: torch.dtype, device: torch.device, seed: int
+) -> Tasks:
+    g = torch.Generator().manual_seed(seed)
+    amp = 0.1 + 4.9 * torch.rand(batch, 1, 1, generator=g, dtype=torch.float64)
+    phase = math.pi * torch.rand(batch, 1, 1, generator=g, dtype=torch.float64)
+    x = -5 + 10 * torch.rand(batch, 2 * shots, 1, generator=g, dtype=torch.float64)
+    y = amp * torch.sin(x - phase)
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1)
+    )
+    params = {k: v.detach().to(device, dtype).requires_grad_() for k, v in model.named_parameters()}
+
+    def cast(t: Tensor) -> Tensor:
+        return t.to(device, dtype).contiguous()
+
+    return Tasks(
+        params,
+        cast(x[:, :shots]),
+        cast(y[:, :shots]),
+        cast(x[:, shots:]),
+        cast(y[:, shots:]),
+        steps,
+    )
+
+
+def mlp(p: dict[str, Tensor], x: Tensor) -> Tensor:
+    h = F.relu(F.linear(x, p["0.weight"], p["0.bias"]))
+    h = F.relu(F.linear(h, p["2.weight"], p["2.bias"]))
+    return F.linear(h, p["4.weight"], p["4.bias"])
+
+
+def _meta_grad(tasks: Tasks, meta_loss: Tensor) -> tuple[Tensor, ...]:
+    return torch.autograd.grad(meta_loss, [tasks.params[k] for k in NAMES])
+
+
+# --------------------------------------------------------------------------- batched
+
+
+def bilevel_vmap_impl(tasks: Tasks) -> Callable[[], tuple[Tensor, ...]]:
+    """bilevel's functional SGD inside ``torch.func.vmap`` over tasks."""
+    opt = bilevel.optim.sgd(lr=ALPHA)
+
+    def support_loss(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return F.mse_loss(mlp(p, x), y)
+
+    def adapt(params: dict[str, Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Tensor:
+        state = opt.init(params)
+        for _ in range(tasks.steps):
+            grads = torch.func.grad(support_loss)(params, xs, ys)
+            params, state = opt.step(params, grads, state)
+        return F.mse_loss(mlp(params, xq), yq)
+
+    batched = torch.func.vmap(adapt, in_dims=(None, 0, 0, 0, 0))
+
+    def run() -> tuple[Tensor, ...]:
+        losses = batched(tasks.params, tasks.xs, tasks.ys, tasks.xq, tasks.yq)
+        return _meta_grad(tasks, losses.mean())
+
+    return run
+
+
+def func_vmap_impl(tasks: Tasks) -> Callable[[], tuple[Tensor, ...]]:
+    """The plain ``torch.func`` sketch: the same, with the SGD step written inline."""
+
+    def support_loss(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return F.mse_loss(mlp(p, x), y)
+
+    def adapt(params: dict[str, Tensor], xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor) -> Tensor:
+        for _ in range(tasks.steps):
+            grads = torch.func.grad(support_loss)(params, xs, ys)
+            params = {k: params[k] - ALPHA * grads[k] for k in params}
+        return F.mse_loss(mlp(params, xq), yq)
+
+    batched = torch.func.vmap(adapt, in_dims=(None, 0, 0, 0, 0))
+
+    def run() -> tuple[Tensor, ...]:
+        losses = batched(tasks.params, tasks.xs, tasks.ys, tasks.xq, tasks.yq)
+        return _meta_grad(tasks, losses.mean())
+
+    return run
+
+
+# --------------------------------------------------------------------------- per-task loops
+
+
+def plain_loop_impl(tasks: Tasks) -> Callable[[], tuple[Tensor, ...]]:
+    """A per-task loop with ``torch.autograd.grad(create_graph=True)``: the reference."""
+
+    def run() -> tuple[Tensor, ...]:
+        losses = []
+        for i in range(tasks.batch):
+            p = dict(tasks.params)
+            for _ in range(tasks.steps):
+                loss = F.mse_loss(mlp(p, tasks.xs[i]), tasks.ys[i])
+                grads = torch.autograd.grad(loss, list(p.values()), create_graph=True)
+                p = {k: v - ALPHA * g for (k, v), g in zip(p.items(), grads)}
+            losses.append(F.mse_loss(mlp(p, tasks.xq[i]), tasks.yq[i]))
+        return _meta_grad(tasks, torch.stack(losses).mean())
+
+    return run
+
+
+def _module(tasks: Tasks) -> nn.Module:
+    ref = tasks.xs
+    model = nn.Sequential(
+        nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1)
+    )
+    model = model.to(ref.device, ref.dtype)
+    with torch.no_grad():
+        for k, v in model.named_parameters():
+            v.copy_(tasks.params[k])
+    return model
+
+
+def higher_loop_impl(tasks: Tasks) -> Callable[[], tuple[Tensor, ...]]:
+    """higher's MAML recipe: the module's parameters are the meta-parameters."""
+    import higher
+
+    model = _module(tasks)
+    inner_opt = torch.optim.SGD(model.parameters(), lr=ALPHA)
+    meta = list(model.parameters())
+
+    def run() -> tuple[Tensor, ...]:
+        losses = []
+        for i in range(tasks.batch):
+            with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False) as (
+                fmodel,
+                diffopt,
+            ):
+                for _ in range(tasks.steps):
+                    diffopt.step(F.mse_loss(fmodel(tasks.xs[i]), tasks.ys[i]))
+                losses.append(F.mse_loss(fmodel(tasks.xq[i]), tasks.yq[i]))
+        return torch.autograd.grad(torch.stack(losses).mean(), meta)
+
+    return run
+
+
+def bilevel_stateful_loop_impl(tasks: Tasks) -> Callable[[], tuple[Tensor, ...]]:
+    """The same loop through bilevel's higher-style API (imports changed, nothing else)."""
+    from bilevel import stateful
+
+    model = _module(tasks)
+    inner_opt = torch.optim.SGD(model.parameters(), lr=ALPHA)
+    meta = list(model.parameters())
+
+    def run() -> tuple[Tensor, ...]:
+        losses = []
+        for i in range(tasks.batch):
+            with stateful.innerloop_ctx(model, inner_opt, copy_initial_weights=False) as (
+                fmodel,
+                diffopt,
+            ):
+                for _ in range(tasks.steps):
+                    diffopt.step(F.mse_loss(fmodel(tasks.xs[i]), tasks.ys[i]))
+                losses.append(F.mse_loss(fmodel(tasks.xq[i]), tasks.yq[i]))
+        return torch.autograd.grad(torch.stack(losses).mean(), meta)
+
+    return run
+
+
+def torchopt_loop_impl(tasks: Tasks) -> Callable[[], tuple[Tensor, ...]]:
+    """TorchOpt's functional SGD, a per-task loop."""
+    import torchopt
+
+    opt = torchopt.sgd(lr=ALPHA)
+
+    def run() -> tuple[Tensor, ...]:
+        losses = []
+        for i in range(tasks.batch):
+            p = tuple(tasks.params[k] for k in NAMES)
+            state = opt.init(p)
+            for _ in range(tasks.steps):
+                loss = F.mse_loss(mlp(dict(zip(NAMES, p)), tasks.xs[i]), tasks.ys[i])
+                grads = torch.autograd.grad(loss, p, create_graph=True)
+                updates, state = opt.update(grads, state, inplace=False)
+                p = torchopt.apply_updates(p, updates, inplace=False)
+            losses.append(F.mse_loss(mlp(dict(zip(NAMES, p)), tasks.xq[i]), tasks.yq[i]))
+        return _meta_grad(tasks, torch.stack(losses).mean())
+
+    return run
+
+
+SUBJECT = "bilevel vmap"
+REFERENCE = "plain loop"
+
+
+def maml_impls(tasks: Tasks) -> list[Impl]:
+    impls = [
+        Impl(SUBJECT, bilevel_vmap_impl(tasks), note="bilevel.optim.sgd under torch.func.vmap"),
+        Impl("torch.func vmap", func_vmap_impl(tasks), note="inline update"),
+        Impl(REFERENCE, plain_loop_impl(tasks), note="autograd.grad(create_graph=True)"),
+        Impl("bilevel stateful loop", bilevel_stateful_loop_impl(tasks)),
+    ]
+    if peer("higher").available:
+        impls.append(Impl("higher loop", higher_loop_impl(tasks)))
+    if peer("torchopt").available:
+        impls.append(Impl("torchopt loop", torchopt_loop_impl(tasks)))
+    return impls
