@@ -1082,15 +1082,10 @@ def fixed_point(
         map3, solution_or_init, hparams, data, init_leaves, spec, "the output of map_fn"
     )
 
-    def residual(w: Any, h: Any, d: Any) -> Any:
-        mapped, mspec = tree_flatten(map3(w, h, d))
-        wl, _ = tree_flatten(w)
-        return tree_unflatten([m - x for m, x in zip(mapped, wl)], mspec)
-
     packer = _Packer((hparams, data))
     problem = _UserProblem(
         name="fixed_point",
-        residual=residual,
+        residual=_fixed_point_residual(map3),
         target=lambda h, d: lambda w: map3(w, h, d),
         kind="map",
         sol_like=init_leaves,
@@ -1102,6 +1097,17 @@ def fixed_point(
         diagnostics=diagnostics,
     )
     return _call_implicit(problem, init_leaves, packer, spec)
+
+
+def _fixed_point_residual(map3: Callable[[Any, Any, Any], Any]) -> Callable[[Any, Any, Any], Any]:
+    """``F(w) = map(w) - w``: a fixed point of ``map`` is a root of ``F``."""
+
+    def residual(w: Any, h: Any, d: Any) -> Any:
+        mapped, mspec = tree_flatten(map3(w, h, d))
+        wl, _ = tree_flatten(w)
+        return tree_unflatten([m - x for m, x in zip(mapped, wl)], mspec)
+
+    return residual
 
 
 def _constrained_argmin(
@@ -1123,15 +1129,10 @@ def _constrained_argmin(
         step_map, solution_or_init, hparams, data, init_leaves, spec, "the projected gradient step"
     )
 
-    def residual(w: Any, h: Any, d: Any) -> Any:
-        mapped, mspec = tree_flatten(step_map(w, h, d))
-        wl, _ = tree_flatten(w)
-        return tree_unflatten([m - x for m, x in zip(mapped, wl)], mspec)
-
     packer = _Packer((hparams, data))
     problem = _UserProblem(
         name="projected_argmin",
-        residual=residual,
+        residual=_fixed_point_residual(step_map),
         target=lambda h, d: lambda w: loss3(w, h, d),
         kind="objective",
         sol_like=init_leaves,
