@@ -273,7 +273,7 @@ class _Problem:
     name: str = "implicit"
 
     def residual(self, sol: Sequence[Tensor], theta: Sequence[Tensor]) -> list[Tensor]:
-        raise NotImplementedError
+        raise NotImplementedError  # pragma: no cover - abstract: every subclass defines it
 
     def matvec(
         self, sol: Sequence[Tensor], theta: Sequence[Tensor], v: Sequence[Tensor]
@@ -290,11 +290,11 @@ class _Problem:
 
     def target(self, theta: Sequence[Tensor]) -> Any:
         """What the solver is given (objective, map, (matvec, rhs)), closed over theta."""
-        raise NotImplementedError
+        raise NotImplementedError  # pragma: no cover - abstract: every subclass defines it
 
     def run(self, target: Any, init: Sequence[Tensor]) -> list[Tensor]:
         """Run the solver on ``target`` from ``init``; detached solution leaves."""
-        raise NotImplementedError
+        raise NotImplementedError  # pragma: no cover - abstract: every subclass defines it
 
     def solve(self, init: Sequence[Tensor], theta: Sequence[Tensor]) -> list[Tensor]:
         return self.run(self.target(theta), init)

@@ -334,7 +334,7 @@ class LinearSolver:
     def _solve(
         self, A: Callable[[Vec], Vec], b: Vec, x0: Vec | None
     ) -> tuple[Vec, LinearSolveInfo]:  # pragma: no cover - abstract
-        raise NotImplementedError
+        raise NotImplementedError  # pragma: no cover - abstract: every subclass defines it
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self._options().items())
