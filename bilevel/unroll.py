@@ -212,6 +212,10 @@ def _autograd_step(
     """One inner step with reverse-mode autograd; a graph through it iff ``create_graph``."""
     # Without create_graph the loss's graph is freed right after the gradient: it is no
     # memory the caller's saved-tensor hooks (offloading, counting) should see.
+    if _in_functorch_transform():
+        return _functional_step(
+            inner_loss, optimizer, params, state, buffers, hparams, batch, step, create_graph
+        )
     hooks = contextlib.nullcontext() if create_graph else _suspended_saved_tensors_hooks()
     with torch.enable_grad(), hooks:
         live = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in params.items()}
@@ -230,6 +234,38 @@ def _autograd_step(
         # first-order: the step still depends on params and hparams, not through the gradient
         live = params
     new_params, new_state = optimizer.step(live, grad_dict, state, hparams)
+    return new_params, new_state, new_buffers, loss.detach()
+
+
+def _in_functorch_transform() -> bool:
+    """Inside torch.func.vmap / grad / jvp: torch.autograd.grad cannot see batched tensors."""
+    return bool(torch._C._functorch.get_interpreter_stack())
+
+
+def _functional_step(
+    inner_loss: InnerLoss,
+    optimizer: Optimizer,
+    params: Params,
+    state: State,
+    buffers: dict[str, Tensor] | None,
+    hparams: HParams,
+    batch: Any,
+    step: int,
+    create_graph: bool,
+) -> tuple[Params, State, dict[str, Tensor] | None, Tensor]:
+    """One inner step with ``torch.func.grad``, so that ``unroll`` runs under ``vmap`` (tasks
+    batched for MAML); its gradient stays differentiable by the enclosing autograd."""
+    new_buffers = None if buffers is None else {k: v.clone() for k, v in buffers.items()}
+
+    def loss_fn(p: Params) -> tuple[Tensor, Tensor]:
+        loss = _call_loss(inner_loss, p, hparams, batch, new_buffers)
+        _check_loss(loss, step)
+        return loss, loss
+
+    grads, loss = torch.func.grad(loss_fn, has_aux=True)(params)
+    if not create_graph:
+        grads = tree_detach(grads)
+    new_params, new_state = optimizer.step(params, grads, state, hparams)
     return new_params, new_state, new_buffers, loss.detach()
 
 
@@ -256,8 +292,8 @@ class _FiniteChecker:
         self.checked = 0
 
     def __call__(self, losses: list[Tensor], done: int, final: bool = False) -> None:
-        if not self.every or self.checked >= done:
-            return
+        if not self.every or self.checked >= done or _in_functorch_transform():
+            return  # under vmap a check would branch on batched values: skipped
         if final or done - self.checked >= self.every:
             chunk = torch.stack(losses[self.checked : done])
             if not bool(torch.isfinite(chunk).all()):
@@ -838,7 +874,9 @@ def unroll(
             steps; the caller's tensors are never modified.
         state: an optimizer state to start from (default ``optimizer.init(params)``).
         check_finite: check that the inner losses are finite (True: once at the end; an int N:
-            every N steps; False: never). Each check synchronises with the device.
+            every N steps; False: never). Each check synchronises with the device; skipped
+            under ``torch.func.vmap``, where ``unroll`` (modes reverse, truncated, first_order)
+            takes its inner gradients with ``torch.func.grad`` so tasks can be batched.
         vectorize: in ``"forward"`` mode, batch the H tangent directions with ``vmap`` (True),
             or loop over them with core forward-mode AD (False: also for inner losses that
             ``vmap`` cannot batch). Default: batch when H > 2.
@@ -859,6 +897,11 @@ def unroll(
         True
     """
     _validate(inner_loss, params, hparams, optimizer, steps, mode, truncate, segments, buffers)
+    if mode in ("checkpoint", "forward") and _in_functorch_transform():
+        raise ValueError(
+            f"mode={mode!r} cannot run inside torch.func transforms (vmap, grad); use "
+            "mode='reverse', 'truncated' or 'first_order' there"
+        )
     params = dict(params)
     checker = _FiniteChecker(check_finite, steps)
     batch_at = _batch_source(data, steps)
