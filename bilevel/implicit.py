@@ -1082,12 +1082,50 @@ def fixed_point(
         map3, solution_or_init, hparams, data, init_leaves, spec, "the output of map_fn"
     )
 
+    return _solve_fixed_point(
+        "fixed_point",
+        map3,
+        lambda h, d: lambda w: map3(w, h, d),
+        "map",
+        init_leaves,
+        spec,
+        hparams,
+        data,
+        solver,
+        linear_solver,
+        symmetric,
+        diagnostics,
+    )
+
+
+def _solve_fixed_point(
+    name: str,
+    map3: Callable[[Any, Any, Any], Any],
+    target: Callable[[Any, Any], Any],
+    kind: str,
+    init_leaves: list[Tensor],
+    spec: Any,
+    hparams: Any,
+    data: Any,
+    solver: Any,
+    linear_solver: Any,
+    symmetric: bool,
+    diagnostics: ImplicitDiagnostics | None,
+) -> Tree:
+    """The implicit layer of ``w = map(w)``, i.e. of the root of ``F(w) = map(w) - w``; the
+    solver is given ``target(hparams, data)`` (the map itself, or an objective)."""
+
+    def residual(w: Any, h: Any, d: Any) -> Any:
+        mapped, mspec = tree_flatten(map3(w, h, d))
+        wl, _ = tree_flatten(w)
+        return tree_unflatten([m - x for m, x in zip(mapped, wl)], mspec)
+
     packer = _Packer((hparams, data))
     problem = _UserProblem(
-        name="fixed_point",
-        residual=_fixed_point_residual(map3),
-        target=lambda h, d: lambda w: map3(w, h, d),
-        kind="map",
+        name=name,
+        residual=residual,
+        target=target,
+        kind=kind,
         sol_like=init_leaves,
         sol_spec=spec,
         packer=packer,
@@ -1097,17 +1135,6 @@ def fixed_point(
         diagnostics=diagnostics,
     )
     return _call_implicit(problem, init_leaves, packer, spec)
-
-
-def _fixed_point_residual(map3: Callable[[Any, Any, Any], Any]) -> Callable[[Any, Any, Any], Any]:
-    """``F(w) = map(w) - w``: a fixed point of ``map`` is a root of ``F``."""
-
-    def residual(w: Any, h: Any, d: Any) -> Any:
-        mapped, mspec = tree_flatten(map3(w, h, d))
-        wl, _ = tree_flatten(w)
-        return tree_unflatten([m - x for m, x in zip(mapped, wl)], mspec)
-
-    return residual
 
 
 def _constrained_argmin(
@@ -1129,21 +1156,20 @@ def _constrained_argmin(
         step_map, solution_or_init, hparams, data, init_leaves, spec, "the projected gradient step"
     )
 
-    packer = _Packer((hparams, data))
-    problem = _UserProblem(
-        name="projected_argmin",
-        residual=_fixed_point_residual(step_map),
-        target=lambda h, d: lambda w: loss3(w, h, d),
-        kind="objective",
-        sol_like=init_leaves,
-        sol_spec=spec,
-        packer=packer,
-        solver=solver,
-        linear_solver=linear_solver,
-        symmetric=symmetric,
-        diagnostics=diagnostics,
+    return _solve_fixed_point(
+        "projected_argmin",
+        step_map,
+        lambda h, d: lambda w: loss3(w, h, d),
+        "objective",
+        init_leaves,
+        spec,
+        hparams,
+        data,
+        solver,
+        linear_solver,
+        symmetric,
+        diagnostics,
     )
-    return _call_implicit(problem, init_leaves, packer, spec)
 
 
 def custom_root(

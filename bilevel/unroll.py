@@ -324,8 +324,7 @@ def _run_autograd(
     if mode == "checkpoint" and differentiable:
         n_segments = min(segments or math.isqrt(steps - 1) + 1, steps)
         bounds = [round(i * steps / n_segments) for i in range(n_segments + 1)]
-        leaves, spec = tree_flatten((dict(hparams), dict(optimizer.settings)))
-        hyper_idx = _hyper_indices(leaves)
+        leaves, spec, hyper_idx = _explicit_hyperparameters(hparams, optimizer)
         hyper = [leaves[i] for i in hyper_idx]
         names = list(params)
         for start, stop in zip(bounds[:-1], bounds[1:]):
@@ -382,9 +381,15 @@ def _run_autograd(
     return UnrollResult(params, state, torch.stack(losses), buffers)
 
 
-def _hyper_indices(leaves: list[Any]) -> list[int]:
-    """Positions of the differentiable hyperparameter tensors among flattened leaves."""
-    return [i for i, x in enumerate(leaves) if isinstance(x, Tensor) and x.requires_grad]
+def _explicit_hyperparameters(
+    hparams: HParams, optimizer: Optimizer
+) -> tuple[list[Any], Any, list[int]]:
+    """The leaves of ``(hparams, optimizer.settings)``, their structure, and the positions of
+    the tensors requiring grad: the explicit inputs that checkpoint recomputation and forward
+    tangents differentiate (``_substitute`` puts replacements back)."""
+    leaves, spec = tree_flatten((dict(hparams), dict(optimizer.settings)))
+    idx = [i for i, x in enumerate(leaves) if isinstance(x, Tensor) and x.requires_grad]
+    return leaves, spec, idx
 
 
 class _Segment:
@@ -489,8 +494,7 @@ def _forward_mode(
 ) -> UnrollResult:
     # The differentiable inputs are every tensor requiring grad in hparams and in the
     # optimizer's own settings: explicit inputs that a jvp can see.
-    leaves, spec = tree_flatten((dict(hparams), dict(optimizer.settings)))
-    hyper_idx = _hyper_indices(leaves)
+    leaves, spec, hyper_idx = _explicit_hyperparameters(hparams, optimizer)
     if not hyper_idx:
         raise ValueError(
             "mode='forward' needs at least one hyperparameter tensor that requires grad, in "
