@@ -310,6 +310,7 @@ def projected_argmin(
         tensor([0.5000, 0.0000], dtype=torch.float64)
     """
     from bilevel import implicit
+    from bilevel.implicit.fixed_point import _constrained_argmin
 
     if not callable(inner_loss):
         raise TypeError(f"inner_loss must be callable, got {type(inner_loss).__name__}")
@@ -358,7 +359,7 @@ def projected_argmin(
         )
     if not callable(solver):
         raise TypeError(f"solver must be a solver(objective, init), got {type(solver).__name__}")
-    return implicit._constrained_argmin(
+    return _constrained_argmin(
         loss3,
         step_map,
         solution_or_init,

@@ -1,0 +1,48 @@
+"""The implicit engine: hypergradients of solutions through their optimality conditions.
+
+Solve an inner problem by any means, then differentiate the solution ``w*(h)`` with
+the implicit function theorem applied to an optimality condition ``F(w*, h) = 0``::
+
+    dw*/dh = -(dF/dw)^(-1) dF/dh
+
+A backward pass solves ``(dF/dw)^T u = -v`` matrix-free (Hessian-vector products or
+vector-Jacobian products inside a :mod:`bilevel.linalg` solver) and returns
+``u^T dF/dh``; a forward-mode pass solves ``(dF/dw) x = -(dF/dh) dh``. Neither forms
+a matrix unless the user picks :func:`bilevel.linalg.dense`.
+
+Public entry points:
+
+* :func:`argmin` -- ``F = grad_w inner_loss`` (symmetric Hessian; CG by default);
+* :func:`root` -- any ``F``; :func:`fixed_point` -- ``F(w) = map_fn(w) - w``
+  (GMRES by default);
+* :func:`custom_root` -- a decorator making any solver function differentiable;
+* :class:`ImplicitDiagnostics`, :func:`last_backward_info` -- what the linear solves did;
+* :func:`hypergrad` -- gradients of an outer value w.r.t. a tree of hyperparameters.
+
+How it composes with autograd and ``torch.func``: every solution is the output of one
+``torch.autograd.Function`` (``setup_context`` style) whose forward runs the solver,
+whose ``backward`` and ``jvp`` apply the theorem, and whose ``vmap`` rule turns a batch
+of problems into one block-diagonal problem (solved by the same solver on the batched
+tensors, so data-dependent loops in solvers stay legal under ``vmap``). The linear solve
+of a backward or jvp is itself an instance of the same Function (the root of a linear
+system), so hypergradients are differentiable again (double backward, ``jacfwd`` of
+``jacrev``) and batch under ``vmap`` (``jacrev``, ``jacfwd``, batched tasks).
+"""
+
+from bilevel.implicit.argmin import argmin
+from bilevel.implicit.custom_root import custom_root
+from bilevel.implicit.diagnostics import ImplicitDiagnostics, last_backward_info, last_forward_info
+from bilevel.implicit.fixed_point import fixed_point
+from bilevel.implicit.hypergrad import hypergrad
+from bilevel.implicit.root import root
+
+__all__ = [
+    "ImplicitDiagnostics",
+    "argmin",
+    "custom_root",
+    "fixed_point",
+    "hypergrad",
+    "last_backward_info",
+    "last_forward_info",
+    "root",
+]

@@ -1,0 +1,107 @@
+"""The linear system of a backward or forward-mode pass, itself an implicit problem (so
+hypergradients are differentiable again).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bilevel._tree import tree_leaves
+from bilevel.implicit._leaves import _add_leaves
+from bilevel.implicit.diagnostics import _record
+from bilevel.implicit.problem import _Problem
+
+
+class _LinearProblem(_Problem):
+    """``op(sol, theta) u + c = 0`` with ``op = dF/dsol`` (jvp) or its transpose (backward).
+
+    Its parameters are ``[*theta, *sol, *c]`` of the parent problem, so differentiating
+    through its solution differentiates the parent's hypergradient (double backward).
+    """
+
+    kind = "linear"
+
+    def __init__(self, parent: _Problem, transpose: bool) -> None:
+        self.parent = parent
+        self.transpose = transpose
+        self._share(parent)
+        self.n_theta = parent.n_theta + 2 * parent.n_sol
+
+    def _split(self, theta: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        p, s = self.parent.n_theta, self.parent.n_sol
+        theta = list(theta)
+        return theta[:p], theta[p : p + s], theta[p + s :]
+
+    def _op(self, transpose: bool) -> Callable[..., list[Tensor]]:
+        return self.parent.rmatvec if transpose else self.parent.matvec
+
+    def residual(self, sol: Sequence[Tensor], theta: Sequence[Tensor]) -> list[Tensor]:
+        pth, psol, c = self._split(theta)
+        return _add_leaves(self._op(self.transpose)(psol, pth, sol), c)
+
+    def matvec(
+        self, sol: Sequence[Tensor], theta: Sequence[Tensor], v: Sequence[Tensor]
+    ) -> list[Tensor]:
+        pth, psol, _ = self._split(theta)
+        return self._op(self.transpose)(psol, pth, v)
+
+    def rmatvec(
+        self, sol: Sequence[Tensor], theta: Sequence[Tensor], v: Sequence[Tensor]
+    ) -> list[Tensor]:
+        pth, psol, _ = self._split(theta)
+        return self._op(not self.transpose)(psol, pth, v)
+
+    def target(self, theta: Sequence[Tensor]) -> Any:
+        pth, psol, c = self._split(theta)
+        if self.parent.symmetric or not self.transpose:
+            fast = self.parent.reused_operator(psol, pth)
+            if fast is not None:
+                return fast, c
+        return self.plain_target(theta)
+
+    def plain_target(self, theta: Sequence[Tensor]) -> Any:
+        pth, psol, c = self._split(theta)
+        op = self._op(self.transpose)
+        return (lambda v: op(psol, pth, list(v))), c
+
+    def run(self, target: Any, init: Sequence[Tensor]) -> list[Tensor]:
+        matvec, c = target
+        b = [-x for x in c]
+        kind = "vjp" if self.transpose else "jvp"
+        try:
+            x, info = self.linear_solver(matvec, b)
+        except torch.linalg.LinAlgError as err:
+            raise torch.linalg.LinAlgError(
+                f"{self.name}: the linear solve of implicit differentiation failed: {err}. "
+                "dF/dw is singular at the solution (is the minimizer / root unique? is the "
+                "inner problem strongly convex there?)"
+            ) from err
+        _record(self.diagnostics, kind, info)
+        if _should_warn(info):
+            warnings.warn(
+                f"{self.name}: the {'backward' if self.transpose else 'forward-mode'} linear solve "
+                f"of implicit differentiation did not converge ({info}); the hypergradient may be "
+                "inaccurate. Hints: raise maxiter or loosen tol, add damping, use minres for a "
+                "symmetric indefinite dF/dw (a saddle point) or gmres for a non-symmetric one, "
+                "and check that the inner solution is accurate",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return [t.detach() for t in tree_leaves(x)]
+
+
+def _should_warn(info: Any) -> bool:
+    """A failed linear solve, except a truncated (but not diverging) Neumann series."""
+    if not getattr(info, "checked", True) or getattr(info, "converged", True):
+        return False
+    if getattr(info, "method", "") == "neumann":
+        # truncation is the method's design (Lorraine et al. 2020); divergence is not
+        msg = str(getattr(info, "message", "")).lower()
+        return "diverg" in msg or not math.isfinite(float(getattr(info, "residual_norm", 0.0)))
+    return True

@@ -1,0 +1,216 @@
+"""Problems defined by user functions over trees: argmin, root, fixed point, custom_root."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bilevel._tree import tree_unflatten
+from bilevel.implicit._leaves import _check_like, _Packer
+from bilevel.implicit._products import _ForwardModeSwitch, _jvp
+from bilevel.implicit.diagnostics import ImplicitDiagnostics, _record
+from bilevel.implicit.problem import _Problem
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """What one implicit layer is, apart from its tensors: built once per public call.
+
+    Attributes:
+        name: the public function's name, used in messages.
+        residual: the optimality function ``F(w, hparams, data)`` over trees.
+        target: ``target(hparams, data)`` is what the solver is given (an objective or a
+            map), or None when the solver is an opaque function (``custom_root``).
+        kind: how the solver's target batches under vmap: ``"objective"``, ``"map"`` or
+            ``"opaque"``.
+        solver: the forward solver, or None when the solution is given.
+        linear_solver: the :mod:`bilevel.linalg` solver of backward and jvp passes.
+        symmetric: whether ``dF/dw`` is symmetric.
+        diagnostics: where the solves' info records go.
+        objective: the inner loss (argmin): products use Hessian-vector products.
+        stationarity_tol, strict: the stationarity check at the solution (argmin).
+        returns_info: whether the solver returns ``(solution, info)``.
+        hvp: ``"forward"`` or ``"reverse"`` products.
+    """
+
+    name: str
+    residual: Callable[[Any, Any, Any], Any]
+    target: Callable[[Any, Any], Any] | None
+    kind: str
+    solver: Callable[..., Any] | None
+    linear_solver: Any
+    symmetric: bool
+    diagnostics: ImplicitDiagnostics | None
+    objective: Callable[[Any, Any, Any], Tensor] | None = None
+    stationarity_tol: float | None = None
+    strict: bool = False
+    returns_info: bool = True
+    hvp: str = "forward"
+
+
+class _UserProblem(_Problem):
+    """A problem defined by user functions over trees: argmin, root, fixed point, custom_root."""
+
+    def __init__(
+        self, layer: LayerSpec, sol_like: Sequence[Tensor], sol_spec: Any, packer: _Packer
+    ) -> None:
+        self.name = layer.name
+        self._residual = layer.residual
+        self._target = layer.target
+        self.kind = layer.kind
+        self.sol_spec = sol_spec
+        self.packer = packer
+        self.solver = layer.solver
+        self.linear_solver = layer.linear_solver
+        self.symmetric = layer.symmetric
+        self.diagnostics = layer.diagnostics
+        self.objective = layer.objective
+        self.stationarity_tol = layer.stationarity_tol
+        self.strict = layer.strict
+        self.returns_info = layer.returns_info
+        self.switch = _ForwardModeSwitch(forward=layer.hvp == "forward")
+        self.n_sol = len(sol_like)
+        self.n_theta = len(packer.tensors)
+
+    def _trees(self, sol: Sequence[Tensor], theta: Sequence[Tensor]) -> tuple[Any, Any, Any]:
+        w = tree_unflatten(list(sol), self.sol_spec)
+        h, d = self.packer.unpack(theta)
+        return w, h, d
+
+    def residual(self, sol: Sequence[Tensor], theta: Sequence[Tensor]) -> list[Tensor]:
+        w, h, d = self._trees(sol, theta)
+        out = self._residual(w, h, d)
+        return _check_like(out, sol, self.sol_spec, f"the optimality function of {self.name}")
+
+    def _objective_leaves(self, theta: Sequence[Tensor]) -> Callable[[list[Tensor]], Tensor]:
+        assert self.objective is not None
+        h, d = self.packer.unpack(theta)
+        obj = self.objective
+        spec = self.sol_spec
+        return lambda s: obj(tree_unflatten(list(s), spec), h, d)
+
+    def matvec(
+        self, sol: Sequence[Tensor], theta: Sequence[Tensor], v: Sequence[Tensor]
+    ) -> list[Tensor]:
+        if self.objective is None:
+            return super().matvec(sol, theta, v)
+        # Hessian-vector product: forward-over-reverse, reverse-over-reverse as fallback
+        g = torch.func.grad(self._objective_leaves(theta))
+        return list(_jvp(g, [list(sol)], [list(v)], self.switch))
+
+    def rmatvec(
+        self, sol: Sequence[Tensor], theta: Sequence[Tensor], v: Sequence[Tensor]
+    ) -> list[Tensor]:
+        if self.objective is None:
+            return super().rmatvec(sol, theta, v)
+        return self.matvec(sol, theta, v)
+
+    def reused_operator(
+        self, sol: Sequence[Tensor], theta: Sequence[Tensor]
+    ) -> Callable[[Sequence[Tensor]], list[Tensor]] | None:
+        """Hessian-vector products on one first-order graph, built once per linear solve.
+
+        Each product is then a single backward pass through the gradient's graph, instead
+        of a fresh forward, backward and double backward (measured 2-5x fewer seconds per
+        product than rebuilding; TorchOpt and higher-style code do the same). Used only in
+        reverse mode and outside functorch transforms: the solve's own derivatives (double
+        backward, jvp, vmap) still go through :meth:`matvec`.
+        """
+        if self.objective is None or self.switch.ok:
+            return None
+        with torch.enable_grad():
+            s = [x.detach().requires_grad_() for x in sol]
+            loss = self._objective_leaves([t.detach() for t in theta])(s)
+            grads = torch.autograd.grad(loss, s, create_graph=True, allow_unused=True)
+        if any(g is None or not g.requires_grad for g in grads):
+            return None  # a loss linear in some leaf: let the general path handle it
+
+        def hvp(v: Sequence[Tensor]) -> list[Tensor]:
+            with torch.enable_grad():
+                out = torch.autograd.grad(grads, s, list(v), retain_graph=True, allow_unused=True)
+            return [torch.zeros_like(x) if o is None else o.detach() for x, o in zip(s, out)]
+
+        return hvp
+
+    def target(self, theta: Sequence[Tensor]) -> Any:
+        if self._target is None:
+            return None
+        h, d = self.packer.unpack(theta)
+        return self._target(h, d)
+
+    def solve(self, init: Sequence[Tensor], theta: Sequence[Tensor]) -> list[Tensor]:
+        if self.kind == "opaque":
+            # custom_root: the user's solver_fn(init, hparams, *args) returns the solution
+            w0 = tree_unflatten(list(init), self.sol_spec)
+            h, d = self.packer.unpack(theta)
+            assert self.solver is not None
+            out = self.solver(w0, h, *d)
+            return self._finish(out, init, None, None)
+        return self.run(self.target(theta), init)
+
+    def run(self, target: Any, init: Sequence[Tensor]) -> list[Tensor]:
+        init = list(init)
+        if self.solver is None:
+            info = None
+            out: Any = [x.clone() for x in init]
+            out = tree_unflatten(out, self.sol_spec)
+        else:
+            w0 = tree_unflatten(init, self.sol_spec)
+            result = self.solver(target, w0)
+            if self.returns_info:
+                if not (isinstance(result, tuple) and len(result) == 2):
+                    raise TypeError(
+                        f"solver must return (solution, info), got {type(result).__name__}; "
+                        "wrap a function returning only the solution with custom_root instead"
+                    )
+                out, info = result
+            else:
+                out, info = result, None
+        return self._finish(out, init, target, info)
+
+    def _finish(self, out: Any, init: Sequence[Tensor], target: Any, info: Any) -> list[Tensor]:
+        leaves = _check_like(
+            out, init, self.sol_spec, f"the solution returned by the solver of {self.name}"
+        )
+        sol = []
+        for x, x0 in zip(leaves, init):
+            x = x.detach()
+            if x is x0 or (x.dtype != x0.dtype):
+                x = x.to(x0.dtype).clone()
+            sol.append(x)
+        if info is not None:
+            _record(self.diagnostics, "forward", info)
+        if self.kind == "objective" and target is not None:
+            self._check_stationary(target, sol, info)
+        return sol
+
+    def _check_stationary(
+        self, objective: Callable[[Any], Tensor], sol: list[Tensor], info: Any
+    ) -> None:
+        from bilevel.solvers import NotStationaryError, NotStationaryWarning, check_stationarity
+
+        if self.stationarity_tol is not None:
+            check_stationarity(
+                objective,
+                tree_unflatten(list(sol), self.sol_spec),
+                self.stationarity_tol,
+                strict=self.strict,
+            )
+            return
+        if info is None or getattr(info, "converged", True):
+            return
+        msg = (
+            f"{self.name}: the inner solver did not converge: gradient norm "
+            f"{float(getattr(info, 'grad_norm', math.nan)):.3e} at the returned point ({info}). "
+            "The implicit hypergradient assumes a stationary point: raise the solver's maxiter "
+            "or loosen its tol"
+        )
+        if self.strict:
+            raise NotStationaryError(msg)
+        warnings.warn(msg, NotStationaryWarning, stacklevel=2)

@@ -1,0 +1,326 @@
+"""The linear-solver protocol ``x, info = solver(matvec, b, x0=None)``: the info record,
+input checks, the damped operator, and the device loop with periodic convergence checks
+shared by the iterative solvers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bilevel._tree import (
+    Tree,
+    tree_flatten,
+    tree_unflatten,
+)
+from bilevel.linalg._vec import Vec, _sub, _zeros
+
+MatVec = Callable[[Tree], Tree]
+
+
+@dataclasses.dataclass
+class LinearSolveInfo:
+    """What a linear solve did, as plain Python values.
+
+    Attributes:
+        method: the solver's name (``"cg"``, ``"minres"``, ...).
+        iterations: iterations run (operator applications for ``dense``).
+        residual_norm: ``||b - (A + damping I) x||`` at the end (the solver's own
+            recurrence for iterative methods, which tracks the true residual).
+        converged: whether ``residual_norm <= threshold``.
+        negative_curvature: CG met a direction with ``p^T A p <= 0`` and stopped.
+        message: a human-readable explanation, with advice when it failed.
+        threshold: the target ``max(tol * ||b||, atol)``.
+        checked: False when the values could not be read from the device (the solve
+            ran under ``torch.func.vmap``); then ``maxiter`` iterations were run and
+            the numbers are not meaningful.
+
+    Example:
+        >>> info = LinearSolveInfo("cg", 3, 1e-12, True, False, "", threshold=1e-10)
+        >>> print(info)
+        cg: converged in 3 iterations, residual 1.0e-12 (target 1.0e-10)
+    """
+
+    method: str
+    iterations: int
+    residual_norm: float
+    converged: bool
+    negative_curvature: bool
+    message: str
+    threshold: float = math.nan
+    checked: bool = True
+
+    def __str__(self) -> str:
+        if not self.checked:
+            head = f"{self.method}: ran {self.iterations} iterations, convergence not checked"
+        elif self.method == "dense":
+            state = "solved" if self.converged else "FAILED"
+            head = (
+                f"dense: {state} with {self.iterations} operator applications, "
+                f"residual {self.residual_norm:.1e}"
+            )
+        else:
+            state = "converged" if self.converged else "NOT converged"
+            prep = "in" if self.converged else "after"
+            head = (
+                f"{self.method}: {state} {prep} {self.iterations} iterations, "
+                f"residual {self.residual_norm:.1e}"
+            )
+            if not math.isnan(self.threshold):
+                head += f" (target {self.threshold:.1e})"
+        return f"{head}; {self.message}" if self.message else head
+
+
+def _to_host(t: Tensor) -> list[float]:
+    """The one place where solvers read device values (tests count calls)."""
+    return t.detach().reshape(-1).tolist()
+
+
+def _is_batched(t: Tensor) -> bool:
+    """True inside ``torch.func.vmap``: values cannot be read on the host there."""
+    fz = torch._C._functorch
+    while fz.is_functorch_wrapped_tensor(t):
+        if fz.is_batchedtensor(t):
+            return True
+        t = fz.get_unwrapped(t)
+    return False
+
+
+def _check_tree(b: Tree, name: str) -> tuple[list[Tensor], Any]:
+    leaves, spec = tree_flatten(b)
+    if not leaves:
+        raise ValueError(f"{name} must be a tensor or a non-empty tree of tensors, got {b!r}")
+    for leaf in leaves:
+        if not isinstance(leaf, Tensor):
+            raise TypeError(f"{name} must contain only tensors, found {type(leaf).__name__}")
+        if not leaf.is_floating_point():
+            raise TypeError(
+                f"{name} must contain real floating-point tensors, found dtype {leaf.dtype}"
+            )
+    return leaves, spec
+
+
+def _check_same(x: Tree, b: Tree, name: str) -> None:
+    lx, sx = tree_flatten(x)
+    lb, sb = tree_flatten(b)
+    if sx != sb:
+        raise ValueError(f"{name} must have the structure of b: got {sx}, expected {sb}")
+    for u, v in zip(lx, lb):
+        if not isinstance(u, Tensor) or u.shape != v.shape:
+            got = tuple(u.shape) if isinstance(u, Tensor) else type(u).__name__
+            raise ValueError(
+                f"{name} must have the shapes of b: got a leaf {got}, expected {tuple(v.shape)}"
+            )
+
+
+def _check_positive_int(value: Any, name: str, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}"
+        )
+
+
+def _check_nonneg(value: Any, name: str) -> None:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"{name} must be a number or a 0-d tensor, got shape {tuple(value.shape)}"
+            )
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+
+
+def _default_maxiter(n: int) -> int:
+    # n steps suffice in exact arithmetic; rounding can need more on small problems,
+    # and the cap keeps a hopeless solve on a huge network from running for hours.
+    return max(min(10 * n, 1000), 1)
+
+
+def _start(A: Callable[[Vec], Vec], b: Vec, x0: Vec | None) -> tuple[Vec, Vec]:
+    """The starting point and its residual ``b - A x0``: from zero, ``b`` itself (no product)."""
+    if x0 is None:
+        return _zeros(b), b
+    return x0, _sub(b, A(x0))
+
+
+class _Operator:
+    """``v -> A v + damping v`` on leaf lists; checks the first output against ``b``."""
+
+    def __init__(self, matvec: MatVec, b: Tree, damping: float | Tensor) -> None:
+        if not callable(matvec):
+            raise TypeError(f"matvec must be a function v -> A v, got {type(matvec).__name__}")
+        self.matvec = matvec
+        self.b = b
+        self.spec = tree_flatten(b)[1]
+        self.damping = damping
+        self.checked = False
+
+    def __call__(self, v: Vec) -> Vec:
+        out_tree = self.matvec(tree_unflatten(list(v), self.spec))
+        if not self.checked:
+            try:
+                _check_same(out_tree, self.b, "the output of matvec")
+            except ValueError as e:
+                raise ValueError(f"{e} (matvec(v) must return A v, shaped like b)") from None
+            self.checked = True
+        out = tree_flatten(out_tree)[0]
+        damping = self.damping
+        if isinstance(damping, Tensor):
+            return [torch.addcmul(av, vi, damping) for av, vi in zip(out, v)]
+        if damping != 0:
+            return [torch.add(av, vi, alpha=damping) for av, vi in zip(out, v)]
+        return out
+
+
+class LinearSolver:
+    """Base class of the linear solvers: ``x, info = solver(matvec, b, x0=None)``.
+
+    Attributes:
+        name: the method's name, used in info records and messages.
+        symmetric: True when the method assumes a symmetric operator (``cg``,
+            ``minres``); callers must then pass a symmetric ``matvec``.
+        last_info: the :class:`LinearSolveInfo` of the latest call (None before).
+
+    Example:
+        >>> from bilevel.linalg import cg
+        >>> solver = cg(tol=1e-12)
+        >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+        >>> x, info = solver(lambda v: A @ v, torch.ones(2, dtype=torch.float64))
+        >>> bool(torch.allclose(A @ x, torch.ones(2, dtype=torch.float64))), info.converged
+        (True, True)
+    """
+
+    name: str = "solver"
+    symmetric: bool = False
+
+    def __init__(self) -> None:
+        self.last_info: LinearSolveInfo | None = None
+
+    def __call__(
+        self, matvec: MatVec, b: Tree, x0: Tree | None = None
+    ) -> tuple[Tree, LinearSolveInfo]:
+        leaves, spec = _check_tree(b, "b")
+        if x0 is not None:
+            _check_same(x0, b, "x0")
+        A = _Operator(matvec, b, getattr(self, "damping", 0.0))
+        x0_leaves = None if x0 is None else tree_flatten(x0)[0]
+        x, info = self._solve(A, leaves, x0_leaves)
+        self.last_info = info
+        return tree_unflatten(x, spec), info
+
+    def _solve(
+        self, A: Callable[[Vec], Vec], b: Vec, x0: Vec | None
+    ) -> tuple[Vec, LinearSolveInfo]:  # pragma: no cover - abstract
+        raise NotImplementedError  # pragma: no cover - abstract: every subclass defines it
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self._options().items())
+        return f"{self.name}({opts})"
+
+    def _options(self) -> dict[str, Any]:
+        return {}
+
+
+class _Iterative(LinearSolver):
+    """Shared options and the device loop with periodic convergence checks."""
+
+    def __init__(
+        self,
+        tol: float,
+        atol: float,
+        maxiter: int | None,
+        damping: float | Tensor,
+        check_every: int,
+    ) -> None:
+        super().__init__()
+        _check_nonneg(tol, "tol")
+        _check_nonneg(atol, "atol")
+        _check_positive_int(maxiter, "maxiter", allow_none=True)
+        _check_nonneg(damping, "damping")
+        _check_positive_int(check_every, "check_every")
+        self.tol = float(tol)
+        self.atol = float(atol)
+        self.maxiter = maxiter
+        self.damping = damping
+        self.check_every = check_every
+
+    def _options(self) -> dict[str, Any]:
+        return dict(
+            tol=self.tol,
+            atol=self.atol,
+            maxiter=self.maxiter,
+            damping=self.damping,
+            check_every=self.check_every,
+        )
+
+    def _should_stop(self, done: Tensor, iterations: int, maxiter: int) -> bool:
+        """The periodic convergence check: the loop's only host synchronisation."""
+        if iterations % self.check_every != 0 or iterations >= maxiter:
+            return False
+        if _is_batched(done):  # under vmap: run all iterations, masked per problem
+            return False
+        return bool(_to_host(done)[0])
+
+    def _threshold(self, bnorm: Tensor) -> Tensor:
+        return torch.clamp(self.tol * bnorm, min=self.atol)
+
+    def _finish(
+        self,
+        *,
+        iterations: Tensor,
+        rnorm: Tensor,
+        threshold: Tensor,
+        negative_curvature: Tensor,
+        maxiter: int,
+        extra: Tensor | None = None,
+    ) -> tuple[LinearSolveInfo, list[float]]:
+        """One host sync gathering every scalar the info record needs."""
+        parts = [
+            iterations.to(rnorm.dtype),
+            rnorm,
+            threshold.to(rnorm.dtype),
+            negative_curvature.to(rnorm.dtype),
+        ]
+        if extra is not None:
+            parts.append(extra.to(rnorm.dtype).reshape(-1))
+        gathered = torch.cat([p.reshape(-1) for p in parts])
+        if _is_batched(gathered):
+            info = LinearSolveInfo(
+                self.name,
+                maxiter,
+                math.nan,
+                False,
+                False,
+                "ran under torch.func.vmap: iterations were masked per problem on the "
+                "device but values cannot be read back, so convergence was not checked",
+                checked=False,
+            )
+            return info, []
+        vals = _to_host(gathered)
+        it, rn, th, neg = int(vals[0]), vals[1], vals[2], bool(vals[3])
+        converged = (rn <= th) and not neg and math.isfinite(rn)
+        if converged:
+            message = ""
+        elif neg:
+            message = (
+                f"{self.name} met a direction of non-positive curvature (p^T A p <= 0): the "
+                "operator is not positive definite; use minres (symmetric indefinite) or "
+                "add damping"
+            )
+        elif not math.isfinite(rn):
+            message = "the residual became non-finite; check the operator (NaN/inf in matvec?)"
+        else:
+            message = (
+                f"reached maxiter={maxiter}; raise maxiter, loosen tol/atol, or add damping "
+                "to improve the conditioning"
+            )
+        info = LinearSolveInfo(self.name, it, rn, converged, neg, message, threshold=th)
+        return info, vals[4:]

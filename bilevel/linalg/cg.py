@@ -1,0 +1,97 @@
+"""Conjugate gradients for symmetric positive definite operators."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from bilevel.linalg._vec import Vec, _axpy, _dot, _norm, _safe
+from bilevel.linalg.base import LinearSolveInfo, _default_maxiter, _Iterative, _start
+
+
+class CG(_Iterative):
+    """Conjugate gradients for symmetric positive definite operators (see :func:`cg`)."""
+
+    name = "cg"
+    symmetric = True
+
+    def _solve(
+        self, A: Callable[[Vec], Vec], b: Vec, x0: Vec | None
+    ) -> tuple[Vec, LinearSolveInfo]:
+        maxiter = self.maxiter or _default_maxiter(sum(t.numel() for t in b))
+        x, r = _start(A, b, x0)
+        bnorm = _norm(b)
+        threshold = self._threshold(bnorm)
+        rs = _dot(r, r)
+        p = r
+        done = rs.sqrt() <= threshold
+        negative = torch.zeros_like(done)
+        iterations = torch.zeros((), dtype=torch.int64, device=bnorm.device)
+
+        for k in range(maxiter):
+            Ap = A(p)
+            pAp = _dot(p, Ap)
+            bad = (pAp <= 0) & ~done
+            active = ~done & ~bad
+            alpha = rs / _safe(pAp, active)
+            alpha = torch.where(active, alpha, torch.zeros_like(alpha))
+            # Masking the scalars is enough: alpha = 0 leaves x and r as they are, and
+            # beta = 0 restarts p from r, finite. No vector-sized where() per iteration.
+            x = _axpy(alpha, p, x)
+            r = _axpy(-alpha, Ap, r)
+            rs_new = _dot(r, r)
+            # the new residual (not the old one) builds the next direction: Betty's bug
+            beta = torch.where(active, rs_new / _safe(rs, active), torch.zeros_like(rs))
+            p = _axpy(beta, p, r)
+            rs = torch.where(active, rs_new, rs)
+            iterations = iterations + active.to(iterations.dtype)
+            negative = negative | bad
+            # a NaN from the operator stops the loop instead of running to maxiter
+            done = done | bad | (rs.sqrt() <= threshold) | ~torch.isfinite(rs)
+            if self._should_stop(done, k + 1, maxiter):
+                break
+
+        info, _ = self._finish(
+            iterations=iterations,
+            rnorm=rs.sqrt(),
+            threshold=threshold,
+            negative_curvature=negative,
+            maxiter=maxiter,
+        )
+        return x, info
+
+
+def cg(
+    tol: float = 1e-10,
+    atol: float = 0.0,
+    maxiter: int | None = None,
+    damping: float | Tensor = 0.0,
+    check_every: int = 10,
+) -> CG:
+    """Conjugate gradients for a symmetric positive definite operator.
+
+    Solves ``(A + damping I) x = b``, stopping when ``||r|| <= max(tol ||b||, atol)``.
+    One operator application per iteration. If a direction ``p`` has
+    ``p^T A p <= 0`` (``A`` is not positive definite), CG stops and reports
+    ``negative_curvature=True``, ``converged=False``; use :func:`minres` or damping.
+
+    Args:
+        tol: relative tolerance on the residual norm.
+        atol: absolute tolerance on the residual norm.
+        maxiter: maximum iterations; None means ``min(10 n, 1000)`` for ``n`` unknowns.
+        damping: ``lambda`` in ``A + lambda I`` (a number or a 0-d tensor).
+        check_every: read the convergence flag on the host every this many iterations.
+
+    Example:
+        >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+        >>> b = {"u": torch.tensor([1.0], dtype=torch.float64), "v": torch.tensor([2.0], dtype=torch.float64)}
+        >>> def matvec(t):
+        ...     y = A @ torch.cat([t["u"], t["v"]])
+        ...     return {"u": y[:1], "v": y[1:]}
+        >>> x, info = cg()(matvec, b)
+        >>> torch.allclose(torch.cat([x["u"], x["v"]]), torch.linalg.solve(A, torch.tensor([1.0, 2.0], dtype=torch.float64)))
+        True
+    """
+    return CG(tol, atol, maxiter, damping, check_every)

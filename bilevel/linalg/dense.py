@@ -1,0 +1,168 @@
+"""Direct solves with the operator formed as a dense matrix (small problems)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bilevel._tree import (
+    tree_map2,
+    tree_ravel,
+    tree_unravel,
+)
+from bilevel.linalg._vec import Vec, _safe
+from bilevel.linalg.base import LinearSolveInfo, LinearSolver, _check_nonneg, _is_batched, _to_host
+
+
+def _materialize(A: Callable[[Vec], Vec], b: Vec, vectorize: bool) -> Tensor:
+    """The ``n x n`` matrix of ``A`` in the raveled coordinates of ``b``."""
+    flat_b = tree_ravel(b)
+    n = flat_b.numel()
+    eye = torch.eye(n, dtype=flat_b.dtype, device=flat_b.device)
+
+    def column(e: Tensor) -> Tensor:
+        return tree_ravel(A(tree_unravel(e, b)))
+
+    if vectorize:
+        try:
+            rows = torch.func.vmap(column)(eye)
+            return rows.transpose(0, 1)
+        except (RuntimeError, NotImplementedError, ValueError):
+            pass  # matvecs with in-place or data-dependent code: fall back to columns
+    return torch.stack([column(eye[i]) for i in range(n)], dim=1)
+
+
+class Dense(LinearSolver):
+    """Forms the matrix and solves it directly (see :func:`dense`)."""
+
+    name = "dense"
+    symmetric = False
+
+    def __init__(
+        self,
+        method: str = "solve",
+        rcond: float | None = None,
+        damping: float | Tensor = 0.0,
+        vectorize: bool = True,
+    ) -> None:
+        super().__init__()
+        if method not in ("solve", "lstsq"):
+            raise ValueError(f"method must be 'solve' or 'lstsq', got {method!r}")
+        if rcond is not None:
+            _check_nonneg(rcond, "rcond")
+        _check_nonneg(damping, "damping")
+        self.method = method
+        self.rcond = rcond
+        self.damping = damping
+        self.vectorize = vectorize
+
+    def _options(self) -> dict[str, Any]:
+        return dict(method=self.method, rcond=self.rcond, damping=self.damping)
+
+    def _solve(
+        self, A: Callable[[Vec], Vec], b: Vec, x0: Vec | None
+    ) -> tuple[Vec, LinearSolveInfo]:
+        M = _materialize(A, b, self.vectorize)
+        flat_b = tree_ravel(b).to(M.dtype)
+        n = flat_b.numel()
+        eps = torch.finfo(M.dtype).eps
+        rcond = self.rcond if self.rcond is not None else n * eps
+        if self.method == "solve":
+            LU, pivots, lu_info = torch.linalg.lu_factor_ex(M)
+            diag = LU.diagonal().abs()
+            # a pivot at rounding level means numerically singular (partial pivoting keeps
+            # the others at the scale of A): LU would return garbage, so refuse.
+            ratio = diag.min() / diag.max().clamp_min(torch.finfo(M.dtype).tiny)
+            flat_x = torch.linalg.lu_solve(LU, pivots, flat_b.unsqueeze(-1)).squeeze(-1)
+            extra = torch.stack([ratio, lu_info.to(M.dtype)])
+        else:
+            U, s, Vh = torch.linalg.svd(M)
+            keep = s > rcond * s.max()
+            s_inv = torch.where(keep, 1.0 / _safe(s, keep), torch.zeros_like(s))
+            flat_x = Vh.transpose(-2, -1) @ (s_inv * (U.transpose(-2, -1) @ flat_b))
+            extra = torch.stack([keep.sum().to(M.dtype), s.max(), s.min()])
+        rnorm = torch.linalg.vector_norm(M @ flat_x - flat_b)
+        # leaves of mixed dtypes were promoted by the ravel: give each its own back
+        x = tree_map2(lambda xi, bi: xi.to(bi.dtype), tree_unravel(flat_x, b), b)
+        summary = torch.cat([rnorm.reshape(1), extra])
+        if _is_batched(summary):
+            info = LinearSolveInfo(
+                self.name,
+                n,
+                math.nan,
+                False,
+                False,
+                "ran under torch.func.vmap: values not checked",
+                checked=False,
+            )
+            return x, info
+        vals = _to_host(summary)
+        rn = vals[0]
+        if self.method == "solve":
+            ratio_v, lu_flag = vals[1], vals[2]
+            if lu_flag != 0 or not ratio_v > rcond:
+                raise torch.linalg.LinAlgError(
+                    f"dense(method='solve'): the operator is singular to working precision "
+                    f"(smallest/largest LU pivot {ratio_v:.1e} <= rcond {rcond:.1e}, n={n}); "
+                    "use dense(method='lstsq') for the minimum-norm least-squares solution, "
+                    "or damping > 0 to solve (A + damping I) x = b"
+                )
+            message = ""
+        else:
+            rank, smax, smin = int(vals[1]), vals[2], vals[3]
+            message = (
+                f"rank {rank} of {n} (singular values kept above {rcond:.1e} x {smax:.1e}"
+                f"; smallest {smin:.1e})"
+            )
+        finite = math.isfinite(rn)
+        info = LinearSolveInfo(
+            self.name,
+            n,
+            rn,
+            finite,
+            False,
+            message if finite else "the solution is not finite; check the operator",
+            threshold=math.nan,
+        )
+        return x, info
+
+
+def dense(
+    method: str = "solve",
+    rcond: float | None = None,
+    damping: float | Tensor = 0.0,
+    vectorize: bool = True,
+) -> Dense:
+    """Direct solve with the operator formed as a dense ``n x n`` matrix (small ``n``).
+
+    The matrix is built by applying ``matvec`` to the ``n`` basis vectors (batched
+    with ``torch.func.vmap``, or column by column if ``vectorize=False`` or the
+    matvec cannot be vmapped). Cost ``O(n)`` matvecs, ``O(n^2)`` memory and
+    ``O(n^3)`` time: the tutorial's approach, for small problems and for checking
+    the iterative solvers.
+
+    Args:
+        method: ``"solve"``: LU factorisation; raises ``torch.linalg.LinAlgError``
+            (a ``RuntimeError``) when the matrix is singular to working precision.
+            ``"lstsq"``: minimum-norm least squares through an SVD, dropping singular
+            values below ``rcond * s_max`` (like the course tutorial's SVD solve).
+        rcond: relative cutoff; None means ``n * eps`` of the dtype. With ``"solve"``
+            it is the smallest accepted ratio of LU pivots.
+        damping: ``lambda`` in ``A + lambda I``.
+        vectorize: build the matrix with ``torch.func.vmap``.
+
+    ``info.iterations`` is the number of operator applications (``n``) and
+    ``info.residual_norm`` the true residual of the returned solution; ``x0`` is
+    ignored.
+
+    Example:
+        >>> A = torch.tensor([[2.0, 1.0], [0.0, 3.0]], dtype=torch.float64)
+        >>> x, info = dense()(lambda v: A @ v, torch.tensor([3.0, 3.0], dtype=torch.float64))
+        >>> x
+        tensor([1., 1.], dtype=torch.float64)
+    """
+    return Dense(method, rcond, damping, vectorize)

@@ -1,0 +1,61 @@
+"""Inner solvers for the forward pass of implicit differentiation.
+
+The implicit engine differentiates the optimality condition at the solution, not
+the solver, so these solvers run under :func:`torch.no_grad` and return detached
+tensors: no autograd graph is kept across iterations, whatever their number.
+
+Two families share one calling convention and one report, :class:`SolverInfo`:
+
+* minimisation solvers, ``solution, info = solver(objective, init)`` where
+  ``objective(params)`` returns a 0-d tensor: :func:`gradient_descent` (any
+  :mod:`bilevel.optim` optimizer), :func:`lbfgs` (strong Wolfe line search),
+  :func:`newton_cg` (Hessian-vector products and :func:`bilevel.linalg.cg`) and
+  :func:`scipy_minimize` (a bridge to :func:`scipy.optimize.minimize`, bounds
+  included);
+* fixed-point solvers, ``solution, info = solver(map_fn, init)`` iterating
+  ``w <- map_fn(w)``: :func:`fixed_point_iteration` and :func:`anderson`.
+
+``params``/``init`` is a tensor or a pytree (e.g. a dict) of floating tensors; the
+solution has the same structure, devices and dtypes, and never aliases ``init``.
+:func:`stationarity` and :func:`check_stationarity` measure (and warn about) the
+gradient norm at a solution, since the implicit hypergradient assumes an exact
+optimum.
+
+Host synchronisation: gradient descent and the fixed-point solvers synchronise
+only at their convergence checks (every ``check_every`` iterations). L-BFGS and
+Newton-CG synchronise once per objective evaluation, because a line search branches
+on function values; the scipy bridge runs on the host by design.
+"""
+
+from bilevel.solvers.anderson import Anderson, anderson
+from bilevel.solvers.base import MapFn as MapFn
+from bilevel.solvers.base import NotStationaryError, NotStationaryWarning, Solver, SolverInfo
+from bilevel.solvers.base import Objective as Objective
+from bilevel.solvers.fixed_point_iteration import FixedPointIteration, fixed_point_iteration
+from bilevel.solvers.gradient_descent import GradientDescent, gradient_descent
+from bilevel.solvers.lbfgs import LBFGS, lbfgs
+from bilevel.solvers.newton_cg import NewtonCG, newton_cg
+from bilevel.solvers.scipy_minimize import ScipyMinimize, scipy_minimize
+from bilevel.solvers.stationarity import check_stationarity, fixed_point_residual, stationarity
+
+__all__ = [
+    "SolverInfo",
+    "NotStationaryError",
+    "NotStationaryWarning",
+    "Solver",
+    "GradientDescent",
+    "LBFGS",
+    "NewtonCG",
+    "ScipyMinimize",
+    "FixedPointIteration",
+    "Anderson",
+    "gradient_descent",
+    "lbfgs",
+    "newton_cg",
+    "scipy_minimize",
+    "fixed_point_iteration",
+    "anderson",
+    "stationarity",
+    "check_stationarity",
+    "fixed_point_residual",
+]

@@ -1,0 +1,167 @@
+"""Inexact Newton with matrix-free conjugate gradients and an Armijo line search."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bilevel._tree import Tree
+from bilevel.solvers._flat import _eps, _Flat, _flat_value_and_grad
+from bilevel.solvers.base import Objective, Solver, SolverInfo, _check_int, _check_tol, _stopping
+from bilevel.solvers.hvp import _HVP
+from bilevel.solvers.line_search import _backtracking, _LineFunction
+
+
+class NewtonCG(Solver):
+    """Inexact Newton: H d = -g solved matrix-free by CG, then an Armijo line search."""
+
+    method = "newton_cg"
+
+    def __init__(
+        self,
+        tol: float = 1e-8,
+        maxiter: int = 50,
+        linear_solver: Any = None,
+        cg_maxiter: int | None = None,
+        hvp: str = "reverse",
+        max_backtracks: int = 30,
+    ) -> None:
+        super().__init__()
+        self.tol = _check_tol(tol)
+        self.maxiter = _check_int(maxiter, "maxiter")
+        if linear_solver is not None and not callable(linear_solver):
+            raise TypeError(
+                "linear_solver must be a bilevel.linalg solver, called as "
+                f"x, info = solver(matvec, b); got {type(linear_solver).__name__}"
+            )
+        self.linear_solver = linear_solver
+        self.cg_maxiter = None if cg_maxiter is None else _check_int(cg_maxiter, "cg_maxiter")
+        if hvp not in ("auto", "forward", "reverse"):
+            raise ValueError(f"hvp must be 'auto', 'forward' or 'reverse'; got {hvp!r}")
+        self.hvp = hvp
+        self.max_backtracks = _check_int(max_backtracks, "max_backtracks")
+
+    def _settings(self) -> dict[str, Any]:
+        return {"tol": self.tol, "maxiter": self.maxiter, "linear_solver": self.linear_solver}
+
+    @staticmethod
+    def _forcing(gnorm: float, gnorm0: float) -> float:
+        # Relative CG tolerance eta_k = min(0.1, sqrt(||g_k|| / ||g_0||)): loose far from
+        # the optimum, tightening as the gradient falls, which gives superlinear convergence
+        # (Eisenstat & Walker); the ratio makes it invariant to the objective's scale.
+        # Measured against min(0.5, sqrt||g||) (Nocedal & Wright) on logistic regression,
+        # ridge and Rosenbrock: fewer gradient evaluations and Hessian-vector products.
+        return min(0.1, math.sqrt(gnorm / gnorm0))
+
+    def _linear(self, forcing: float, size: int) -> Any:
+        if self.linear_solver is not None:
+            return self.linear_solver
+        from bilevel import linalg
+
+        maxiter = self.cg_maxiter if self.cg_maxiter is not None else max(20, min(size, 500))
+        # An HVP costs a forward and a backward pass, far more than a host sync, so CG
+        # checks every iteration rather than running masked (wasted) products.
+        return linalg.cg(tol=forcing, maxiter=maxiter, check_every=1)
+
+    def _solve(self, objective: Objective, init: Tree) -> tuple[Tree, SolverInfo]:
+        flat = _Flat(init)
+        x = flat.ravel(init).detach().clone()
+        f, g = _flat_value_and_grad(objective, flat, x)
+        evals, hvps = 1, [0]
+        f_host, gnorm = torch.stack([f.to(g.dtype), g.norm()]).tolist()
+        products = _HVP(objective, flat, self.hvp)
+        gnorm0 = gnorm
+        converged, message, k = False, "", 0
+        cg_notes: list[str] = []
+        while True:
+            stop = _stopping(f_host, gnorm, self.tol, k, self.maxiter)
+            if stop is not None:
+                converged, message = stop
+                break
+            base_hvp = products.at(x)
+
+            def matvec(v: Tensor, _h: Callable[[Tensor], Tensor] = base_hvp) -> Tensor:
+                hvps[0] += 1
+                return _h(v)
+
+            forcing = self._forcing(gnorm, gnorm0)
+            d, lin_info = self._linear(forcing, flat.size)(matvec, -g)
+            if getattr(lin_info, "negative_curvature", False):
+                # CG's iterate before the bad direction is still a descent direction.
+                cg_notes.append(f"iteration {k}: negative curvature met by the linear solver")
+            d0 = float(g @ d)
+            if not (math.isfinite(d0) and d0 < 0):
+                d, d0 = -g, -gnorm * gnorm
+                cg_notes.append(f"iteration {k}: not a descent direction, used -gradient")
+            phi = _LineFunction(objective, flat, x, d)
+            f_tol = 100 * _eps(g.dtype) * abs(f_host)
+            found = _backtracking(phi, f_host, d0, 1.0, 1e-4, self.max_backtracks, f_tol)
+            evals += phi.evals
+            if found is None:
+                message = (
+                    f"line search found no acceptable step (gradient norm {gnorm:.3e}); the "
+                    "objective may be non-smooth, or noisy at this precision"
+                )
+                break
+            t, f_host, f, g = found
+            x = x + t * d
+            gnorm = float(g.norm())
+            k += 1
+        extra: dict[str, Any] = {"hvp_evaluations": hvps[0], "hvp": products.mode}
+        if products.reason is not None:
+            extra["hvp_fallback_reason"] = products.reason
+        if cg_notes:
+            extra["linear_solver_notes"] = cg_notes
+        info = SolverInfo(
+            self.method,
+            k,
+            converged,
+            gnorm,
+            f_host,
+            message,
+            tol=self.tol,
+            evaluations=evals,
+            extra=extra,
+        )
+        return flat.output(x), info
+
+
+def newton_cg(
+    tol: float = 1e-8,
+    maxiter: int = 50,
+    linear_solver: Any = None,
+    cg_maxiter: int | None = None,
+    hvp: str = "reverse",
+    max_backtracks: int = 30,
+) -> NewtonCG:
+    """Newton's method with matrix-free conjugate gradients and an Armijo line search.
+
+    Each iteration solves ``H d = -g`` with Hessian-vector products: by default
+    reverse-over-reverse on a first-order graph built once per iteration
+    (``hvp="reverse"``, measured 4-5x faster per product on CPU than
+    ``torch.func.jvp`` of ``torch.func.grad``); ``hvp="forward"`` uses the latter,
+    and ``hvp="auto"`` tries forward-over-reverse and switches on the first failure
+    (``info.extra["hvp"]`` says which ran). With ``linear_solver=None`` it uses :func:`bilevel.linalg.cg` with the
+    relative tolerance ``min(0.1, sqrt(||g|| / ||g_0||))`` (inexact Newton: superlinear
+    convergence without over-solving far from the optimum); a given
+    ``linear_solver`` is used as is. When CG meets negative curvature it returns its
+    iterate so far (a descent direction); a direction that is not a descent
+    direction is replaced by ``-g``. ``info.extra["hvp_evaluations"]`` counts the
+    Hessian-vector products.
+
+    ``hvp="reverse"`` builds the first-order graph once per Newton iteration and
+    reuses it for every product of that iteration's CG solve: on CPU it measured
+    about 4x faster than forward-over-reverse (logistic regression, p = 1000), at
+    the memory cost of keeping that graph (``hvp="forward"`` never keeps one).
+
+    Example:
+        >>> import torch
+        >>> w, info = newton_cg(tol=1e-10)(lambda w: (w.exp() - 2 * w).sum(), torch.zeros(3, dtype=torch.float64))
+        >>> torch.allclose(w, torch.full((3,), 2.0, dtype=torch.float64).log()), info.converged
+        (True, True)
+    """
+    return NewtonCG(tol, maxiter, linear_solver, cg_maxiter, hvp, max_backtracks)
