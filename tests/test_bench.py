@@ -9,8 +9,10 @@ import json
 import pytest
 import torch
 
-from experiments import bench, bench_core, bench_unroll
+from experiments import bench
 from experiments.__main__ import main as cli_main
+from experiments.bench import core as bench_core
+from experiments.bench import unroll as bench_unroll
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import bilevel.implicit
-from experiments.bench_core import Impl, peer
+
+from . import core
+from .children import run_child
+from .core import Impl, peer
+from .report import STANDARD_COLUMNS, Report, log, standard_cells
+from .settings import Settings
 
 K_NNZ = 20
 N_TRAIN = 2000
@@ -437,3 +442,123 @@ def implicit_impls(
     elif fd:
         notes.append(f"finite differences skipped: {2 * n_h} inner re-solves")
     return impls, notes
+
+
+def run_implicit(s: Settings, report: Report) -> None:
+    configs: list[tuple[str, Any, float]] = [
+        ("breast-cancer", lambda: breast_cancer(s.seed), LAMBDA["breast-cancer"])
+    ]
+    for p in s.features:
+        configs.append(
+            (f"synthetic p={p:g}", lambda p=p: synthetic(p, s.seed), LAMBDA["synthetic"])
+        )
+    table = []
+    p_max = max(s.features) if s.features else 0
+    for name, make_data, lam in configs:
+        data = make_data()
+        exact = Exact(*data)
+        p = data[0][0].p
+        for per_feature in (False, True):
+            hname = "per feature" if per_feature else "one weight"
+            log(s, f"[implicit] {name} {hname}")
+            problem = make_problem(name, data, per_feature, lam, s.device)
+            impls, notes = implicit_impls(
+                problem, dense_max_bytes=s.dense_max_bytes, fd=True, exact=exact
+            )
+            results = s.measure(impls, problem.exact, 1e-9)
+            targets: dict[str, tuple[float, str]] = {}
+            if p >= 10_000 and "torchopt cg" in results:
+                targets["torchopt cg"] = (0.8, "bilevel cg <= 0.8x torchopt cg (p >= 1e4)")
+            if p == 10_000 and "tutorial dense" in results:
+                targets["tutorial dense"] = (
+                    1 / 40,
+                    "bilevel cg >= 40x faster than dense (p = 1e4)",
+                )
+            extra: dict[str, dict[str, Any]] = {}
+            if p == p_max and p >= 100_000:
+                extra[SUBJECT] = _implicit_memory(s, problem, p, per_feature)
+            config = {"data": name, "p": p, "h": hname}
+            rows = report.add_rows(
+                "implicit", config, results, SUBJECT, targets, extra, label=f"{name} {hname}"
+            )
+            for note in notes:
+                report.notes.append(f"implicit {name} {hname}: {note}")
+            sub = next(r for r in rows if r["implementation"] == SUBJECT)
+            err = sub.get("rel_error")
+            report.target(
+                "implicit",
+                f"{name} {hname}: bilevel cg rel. error",
+                err,
+                "<= 1e-9",
+                None if err is None else err <= 1e-9,
+            )
+            if p == 10_000 and "tutorial dense" not in results:
+                report.target(
+                    "implicit",
+                    f"{name} {hname}: bilevel cg >= 40x faster than dense",
+                    None,
+                    "dense skipped (--dense-max-gb)",
+                    None,
+                )
+            for key in ("peak_rss_bytes", "cuda_peak_bytes"):
+                if sub.get(key) is not None:
+                    report.target(
+                        "implicit",
+                        f"{name} {hname}: bilevel cg {key.replace('_bytes', '')}",
+                        sub[key] / 2**30,
+                        "< 4 GiB",
+                        sub[key] < 4 * 2**30,
+                    )
+            for row in rows:
+                table.append(
+                    {
+                        "data": name,
+                        "h": hname,
+                        **standard_cells(row),
+                        "peak RSS": core.fmt_bytes(
+                            row.get("peak_rss_bytes") or row.get("cuda_peak_bytes")
+                        ),
+                    }
+                )
+    cols = ["data", "h", *STANDARD_COLUMNS[:-1], "peak RSS", "note"]
+    report.tables.append(
+        core.format_table(
+            table,
+            cols,
+            "== implicit: L2-regularised logistic regression, hypergradient w.r.t. log L2 weights given w* "
+            "(rel.err vs the exact closed-form Hessian solve; linear solves at tol 1e-12) ==",
+        )
+    )
+
+
+def _implicit_memory(s: Settings, problem: Any, p: int, per_feature: bool) -> dict[str, Any]:
+    if s.device.type == "cuda":
+        from bilevel import linalg
+
+        fn = bilevel_impl(problem, linalg.cg(tol=TOL))
+        return {"cuda_peak_bytes": core.cuda_peak(fn, s.device)}
+    if not s.rss:
+        return {}
+    log(s, f"[implicit]   fresh process: bilevel cg p={p:g}")
+    return run_child(
+        {
+            "kind": "implicit",
+            "p": p,
+            "per_feature": per_feature,
+            "seed": s.seed,
+            "threads": s.threads,
+        },
+        s.threads,
+    )
+
+
+def child_fn(spec: dict[str, Any]) -> Callable[[], Any]:
+    """In the fresh process: bilevel cg's hypergradient on the synthetic design of ``p``."""
+    from bilevel import linalg
+
+    data = synthetic(int(spec["p"]), int(spec["seed"]))
+    problem = make_problem(
+        "child", data, bool(spec["per_feature"]), LAMBDA["synthetic"], torch.device("cpu")
+    )
+    del data
+    return bilevel_impl(problem, linalg.cg(tol=TOL))

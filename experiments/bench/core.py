@@ -14,7 +14,7 @@ the hypergradient from scratch and returns it. :func:`measure` then
 Memory: :func:`saved_bytes` counts the peak of the bytes autograd holds for backward
 (unique storages of saved tensors, through ``torch.autograd.graph.saved_tensors_hooks``);
 :func:`cuda_peak` the CUDA allocator's peak; the peak RSS of a fresh process is measured by
-``experiments.bench`` itself (one subprocess per configuration).
+:mod:`.children` (one subprocess per configuration).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Micro-benchmark of the functional optimizers: foreach vs per-tensor kernels.
 
-    python -m bilevel.optim._bench [--steps 20] [--repeats 15]
+    python -m experiments.bench.optim [--steps 20] [--repeats 15]
 
 MLP 64-128-10, float32, one thread. Two settings:
 

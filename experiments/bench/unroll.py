@@ -24,7 +24,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import bilevel
-from experiments.bench_core import Impl, peer
+
+from . import core
+from .core import Impl, peer
+from .report import STANDARD_COLUMNS, Report, dtype_name, log, rtol_for, standard_cells
+from .settings import Settings
 
 N_BATCHES = 20
 BATCH = 256
@@ -349,3 +353,40 @@ def memory_impls(setup: Setup, modes: tuple[str, ...] = MEMORY_MODES) -> list[Im
         )
         for m in modes
     ]
+
+
+def run_unroll(s: Settings, report: Report) -> None:
+    unroll_targets = {50, 200}
+    table = []
+    for dtype in s.dtypes_for(["float32", "float64"]):
+        data = digits_data(dtype, s.device, s.seed)
+        for opt in ("sgd", "adam"):
+            for steps in s.steps:
+                log(s, f"[unroll] {opt} {dtype_name(dtype)} T={steps}")
+                setup = make_setup(data, opt, steps)
+                results = s.measure(unroll_impls(setup), FLOOR, rtol_for(dtype))
+                targets = None
+                if steps in unroll_targets:
+                    targets = {FLOOR: (1.10, "bilevel <= 1.10x plain")}
+                    for name in results:
+                        if name.startswith(("higher", "torchopt")):
+                            targets[name] = (1.0, f"bilevel <= 1.0x {name}")
+                config = {"opt": opt, "dtype": dtype_name(dtype), "T": steps}
+                for row in report.add_rows("unroll", config, results, SUBJECT, targets):
+                    table.append(
+                        {
+                            "opt": opt,
+                            "dtype": dtype_name(dtype),
+                            "T": str(steps),
+                            **standard_cells(row),
+                        }
+                    )
+    cols = ["opt", "dtype", "T", *STANDARD_COLUMNS]
+    report.tables.append(
+        core.format_table(
+            table,
+            cols,
+            "== unroll: learning-rate hypergradient, MLP 64-128-10 on digits, batches of 256 "
+            "(rel.err vs plain PyTorch; bilevel/impl = time ratio, < 1 means bilevel is faster) ==",
+        )
+    )

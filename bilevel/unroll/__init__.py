@@ -1,0 +1,145 @@
+"""The unrolled engine: run T differentiable optimizer steps, get hypergradients by autograd.
+
+One function, :func:`unroll`, and five ways to differentiate through it (``mode``):
+
+``"reverse"``      back-propagation through every step; exact; memory O(T·P).
+``"truncated"``    only the last ``truncate`` steps are differentiated; biased; memory O(K·P).
+``"checkpoint"``   exact; stores ``segments`` boundary states and recomputes each segment
+                   in the backward pass; memory O((T/S + S)·P), O(sqrt(T)·P) by default.
+``"forward"``      forward-mode (Franceschi et al. 2017): carries d params / d h along the loop
+                   with Jacobian-vector products of the inner gradient (forward-over-reverse);
+                   exact; memory O(P·H) whatever T; cost grows with the number H of
+                   hyperparameter elements. Exposed as an ordinary autograd node.
+``"first_order"``  the inner gradients are constants (first-order MAML); cheap and biased.
+
+Whatever the mode, the result's ``params`` are attached to the autograd graph, so
+``outer_loss.backward()`` fills ``.grad`` on the hyperparameter leaves.
+
+The package, one module per concept: :mod:`~bilevel.unroll.step` (one inner step and what
+it carries), :mod:`~bilevel.unroll.loop` (the reverse-type modes),
+:mod:`~bilevel.unroll.checkpoint`, :mod:`~bilevel.unroll.forward`,
+:mod:`~bilevel.unroll.explicit` (hyperparameters as explicit inputs, shared by the last two),
+:mod:`~bilevel.unroll.data` (batch sources), :mod:`~bilevel.unroll.validation`,
+:mod:`~bilevel.unroll.finite` (the NaN/Inf check) and :mod:`~bilevel.unroll.result`.
+``bilevel.unroll`` (the attribute) is the function :func:`unroll`, as before the package
+existed; import the modules with ``from bilevel.unroll.forward import ...``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bilevel.optim.base import HParams, Optimizer, State
+from bilevel.unroll.checkpoint import run_checkpoint
+from bilevel.unroll.data import batch_source
+from bilevel.unroll.finite import FiniteChecker
+from bilevel.unroll.forward import forward_mode
+from bilevel.unroll.loop import Run, run_autograd
+from bilevel.unroll.result import NonFiniteLossError, UnrollResult
+from bilevel.unroll.step import Carry, InnerLoss, InnerStep, in_functorch_transform
+from bilevel.unroll.validation import (
+    MODES,
+    validate_mode,
+    validate_placement,
+    validate_problem,
+)
+
+__all__ = ["MODES", "NonFiniteLossError", "UnrollResult", "unroll"]
+
+
+def unroll(
+    inner_loss: InnerLoss,
+    params: Mapping[str, Tensor],
+    hparams: HParams,
+    optimizer: Optimizer,
+    steps: int,
+    data: Any = None,
+    mode: str = "reverse",
+    *,
+    truncate: int | None = None,
+    segments: int | None = None,
+    buffers: Mapping[str, Tensor] | None = None,
+    state: State | None = None,
+    check_finite: bool | int = True,
+    vectorize: bool | None = None,
+) -> UnrollResult:
+    """Run ``steps`` optimizer steps on ``inner_loss``; the result is differentiable w.r.t.
+    the hyperparameters.
+
+    Args:
+        inner_loss: ``inner_loss(params, hparams, batch) -> 0-d tensor``, or
+            ``inner_loss(params, hparams)`` when ``data`` is None. With ``buffers``, it is also
+            given ``buffers=`` (a fresh copy it may update in place, as ``functional_call``
+            does for BatchNorm).
+        params: the initial parameters, a dict of tensors (``dict(model.named_parameters())``).
+            If they require grad, gradients flow to them too (MAML) in the ``"reverse"``,
+            ``"checkpoint"`` and ``"first_order"`` modes; ``"truncated"`` and ``"forward"``
+            treat them as constants.
+        hparams: a dict of hyperparameters: read by the optimizer by name (settings the
+            optimizer was not given) and passed to ``inner_loss``. Any tensor in it that
+            requires grad receives a hypergradient.
+        optimizer: a :mod:`bilevel.optim` optimizer.
+        steps: the number of inner steps T > 0.
+        data: None, a fixed batch (tensor, tuple or dict), a sequence of at least T batches,
+            an iterable of batches (restarted when exhausted if re-iterable), or a function
+            ``step -> batch``.
+        mode: ``"reverse"``, ``"truncated"``, ``"checkpoint"``, ``"forward"`` or
+            ``"first_order"`` (see the module docstring).
+        truncate: with ``mode="truncated"``, the number K of last steps differentiated.
+        segments: with ``mode="checkpoint"``, the number of segments (default ceil(sqrt(T))).
+        buffers: non-differentiable state of the model (BatchNorm statistics), carried across
+            steps; the caller's tensors are never modified.
+        state: an optimizer state to start from (default ``optimizer.init(params)``).
+        check_finite: check that the inner losses are finite (True: once at the end; an int N:
+            every N steps; False: never). Each check synchronises with the device; skipped
+            under ``torch.func.vmap``, where ``unroll`` (modes reverse, truncated, first_order)
+            takes its inner gradients with ``torch.func.grad`` so tasks can be batched.
+        vectorize: in ``"forward"`` mode, batch the H tangent directions with ``vmap`` (True),
+            or loop over them with core forward-mode AD (False: also for inner losses that
+            ``vmap`` cannot batch). Default: batch when H > 2.
+
+    Returns:
+        An :class:`UnrollResult` with ``params``, ``state``, ``losses`` and ``buffers``.
+
+    Example:
+        >>> import torch, bilevel
+        >>> log_lr = torch.tensor(-2.0, requires_grad=True)
+        >>> def inner_loss(params, hparams):
+        ...     return ((params["w"] - 3.0) ** 2).sum()
+        >>> result = bilevel.unroll(inner_loss, {"w": torch.zeros(2)}, {"lr": log_lr.exp()},
+        ...                         bilevel.optim.sgd(), steps=10, mode="forward")
+        >>> outer_loss = ((result.params["w"] - 3.0) ** 2).sum()
+        >>> outer_loss.backward()
+        >>> bool(log_lr.grad < 0)  # a larger learning rate gets closer to 3
+        True
+    """
+    validate_problem(inner_loss, params, hparams, optimizer, steps)
+    validate_mode(mode, steps, truncate, segments)
+    validate_placement(params, hparams, buffers)
+    optimizer.validate(dict(params), hparams, steps)
+    if mode in ("checkpoint", "forward") and in_functorch_transform():
+        raise ValueError(
+            f"mode={mode!r} cannot run inside torch.func transforms (vmap, grad); use "
+            "mode='reverse', 'truncated' or 'first_order' there"
+        )
+    params = dict(params)
+    checker = FiniteChecker(check_finite, steps)
+    batch_at = batch_source(data, steps)
+    if state is None:
+        state = optimizer.init(params, hparams)
+    own_buffers = None if buffers is None else {k: v.detach() for k, v in buffers.items()}
+    run = Run(InnerStep(inner_loss, optimizer, hparams), steps, batch_at, checker)
+    carry = Carry(params, state, own_buffers)
+    if torch.is_grad_enabled():
+        if mode == "forward":
+            return forward_mode(run, carry, vectorize)
+        if mode == "checkpoint":
+            return run_checkpoint(run, carry, segments)
+    # without grad mode every mode is the same loop without graphs
+    return run_autograd(
+        run, carry, mode if mode in ("truncated", "first_order") else "reverse", truncate
+    )

@@ -1,0 +1,46 @@
+"""The NaN/Inf check on the inner losses: batched, so that it syncs with the device rarely."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from bilevel.unroll.result import NonFiniteLossError
+from bilevel.unroll.step import in_functorch_transform
+
+
+def _raise_non_finite(losses: Tensor, offset: int = 0) -> None:
+    bad = (~torch.isfinite(losses)).nonzero()
+    step = offset + int(bad[0, 0]) if len(bad) else offset
+    value = float(losses[step - offset])
+    raise NonFiniteLossError(
+        f"the inner loss is {value} at step {step}; lower the learning rate, or pass "
+        "check_finite=False to skip this check (it synchronises with the device)"
+    )
+
+
+class FiniteChecker:
+    """Checks collected losses for NaN/Inf every ``every`` steps (one sync per check).
+
+    Example:
+        >>> check = FiniteChecker(True, steps=2)
+        >>> check([torch.tensor(1.0), torch.tensor(2.0)], done=2, final=True)   # all finite
+    """
+
+    def __init__(self, check_finite: bool | int, steps: int) -> None:
+        if isinstance(check_finite, bool):
+            self.every = steps if check_finite else 0
+        elif isinstance(check_finite, int) and check_finite > 0:
+            self.every = check_finite
+        else:
+            raise ValueError(f"check_finite must be a bool or a positive int, got {check_finite!r}")
+        self.checked = 0
+
+    def __call__(self, losses: list[Tensor], done: int, final: bool = False) -> None:
+        if not self.every or self.checked >= done or in_functorch_transform():
+            return  # under vmap a check would branch on batched values: skipped
+        if final or done - self.checked >= self.every:
+            chunk = torch.stack(losses[self.checked : done])
+            if not bool(torch.isfinite(chunk).all()):
+                _raise_non_finite(chunk, self.checked)
+            self.checked = done

@@ -1,0 +1,34 @@
+"""``python -m experiments bench [unroll|memory|implicit|maml|all]``: bilevel against the peers.
+
+Answers "is bilevel as fast as what I use now, and how much memory does each mode need?"
+with tables measured on this machine, bilevel and the peer libraries (higher, TorchOpt) on
+identical problems in one run:
+
+``unroll``    learning-rate hypergradient through T steps of SGD (momentum 0.9) and Adam, an
+              MLP 64-128-10 on digits: bilevel ``reverse`` against a hand-written PyTorch loop
+              (the compute floor), higher, TorchOpt (functional API and MetaSGD/MetaAdam).
+``memory``    bilevel's ``reverse``, ``checkpoint``, ``forward`` and ``truncated`` modes: time,
+              bytes saved for backward, peak RSS of a fresh process (CPU), allocator peak (GPU).
+``implicit``  L2-regularised logistic regression (one weight, one per feature), breast cancer
+              and a sparse synthetic design up to p = 1e6: bilevel's linear solvers, TorchOpt's
+              implicit differentiation, the course tutorial's dense Hessian, finite
+              differences; error against the exact hypergradient.
+``maml``      one sinusoid MAML meta-gradient: bilevel batched with ``vmap`` against per-task
+              loops (higher, TorchOpt, plain PyTorch).
+
+Every hypergradient is checked against a reference before any timing is reported; a
+disagreement is printed in the table and makes the command exit with status 1. Timings are
+medians of ``--repeats`` interleaved repeats after a warm-up; ratios are bilevel's time over
+each implementation's, from the same run; threads are pinned with ``torch.set_num_threads``.
+"""
+
+# The modules: core (the measuring harness), settings (the command line), report (rows,
+# targets, tables), one module per problem (unroll, memory, implicit, maml), children (fresh
+# processes for peak RSS), main (the entry point). optim is a separate micro-benchmark of
+# the functional optimizers' kernels: python -m experiments.bench.optim
+
+from __future__ import annotations
+
+from .main import child_main, main
+
+__all__ = ["child_main", "main"]
