@@ -36,7 +36,9 @@ CHECK_EVERY = 10
         ("first_order", {}),
     ],
 )
-def test_unroll_hypergradient_syncs_only_for_the_finiteness_check(device, mode, settings):
+def test_unroll_hypergradient_syncs_only_for_the_finiteness_check(
+    device, mode, settings, record_property
+):
     g = torch.Generator().manual_seed(0)
     X = torch.randn(64, 8, generator=g, dtype=D).to(device)
     y = torch.randn(64, generator=g, dtype=D).to(device)
@@ -65,13 +67,17 @@ def test_unroll_hypergradient_syncs_only_for_the_finiteness_check(device, mode, 
     hypergradient()  # warm-up: first calls may initialise libraries
     with count_syncs(device) as syncs:
         grads = hypergradient()
+    record_property("syncs", syncs.count)  # into the junit XML that .ci/gpu keeps
+    record_property("sync_sites", dict(syncs.sites))
     assert all(torch.isfinite(g_).all() for g_ in grads)
     assert syncs.count == 1, f"{mode}: expected the one end-of-unroll check, got {syncs}"
 
 
 @pytest.mark.device
 @pytest.mark.parametrize("solver_name", ["cg", "minres", "gmres", "neumann"])
-def test_implicit_backward_syncs_once_per_check_plus_the_info_record(device, solver_name):
+def test_implicit_backward_syncs_once_per_check_plus_the_info_record(
+    device, solver_name, record_property
+):
     # An ill-conditioned quadratic, so no solver converges in ITERATIONS iterations.
     n = 200
     eigenvalues = torch.logspace(0, 6, n, dtype=D, device=device)
@@ -94,6 +100,8 @@ def test_implicit_backward_syncs_once_per_check_plus_the_info_record(device, sol
         warnings.filterwarnings("ignore", message=".*did not converge")
         with count_syncs(device) as syncs:
             (grad,) = torch.autograd.grad(outer, shift)
+    record_property("syncs", syncs.count)
+    record_property("sync_sites", dict(syncs.sites))
     info = linear_solver.last_info
     assert info is not None and info.iterations == ITERATIONS and not info.converged
     assert torch.isfinite(grad).all()
