@@ -295,7 +295,7 @@ def projected_argmin(
             (``kind == "fixed_point"``: ``fixed_point_iteration``, ``anderson``) that
             then iterates the projected gradient map itself.
         linear_solver: default :func:`bilevel.linalg.gmres`.
-        diagnostics: an :class:`bilevel.implicit.ImplicitDiagnostics`.
+        diagnostics: an :class:`bilevel.ImplicitDiagnostics`.
 
     Example:
         >>> A = torch.tensor([[2.0, 0.0], [0.0, 1.0]], dtype=torch.float64)

@@ -49,7 +49,7 @@ class ArgMinLayer(nn.Module):
         warm_start: start each solve from the previous solution when shapes match.
         hvp: ``"forward"`` or ``"reverse"`` Hessian-vector products (see :func:`bilevel.argmin`).
 
-    After each forward, ``layer.last_diagnostics`` (an :class:`ImplicitDiagnostics`)
+    After each forward, ``layer.last_diagnostics`` (an :class:`bilevel.ImplicitDiagnostics`)
     holds the inner solver's record and, after a backward, the linear solve's.
 
     Example:

@@ -7,7 +7,9 @@ and is differentiable w.r.t. params, grads, state and every hyperparameter::
     state = opt.init(params)
     params, state = opt.step(params, grads, state, hparams)
 
-See :mod:`bilevel.optim.base` for the kinds of hyperparameter values.
+A hyperparameter value can be a number or a 0-d tensor, a per-step schedule (a 1-D tensor
+or a callable of the step), or a mapping from parameter names to such values or to
+per-element tensors; the full rules are in the docstring of ``bilevel.optim.base``.
 """
 
 from bilevel.optim.adagrad import Adagrad, adagrad

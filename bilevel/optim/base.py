@@ -142,7 +142,7 @@ class Optimizer:
 
     Subclasses declare ``defaults`` (the ``torch.optim`` default of every setting,
     structural flags included), ``flags`` (the settings that must be Python bools),
-    and implement :meth:`init` and :meth:`_update`.
+    and implement :meth:`init` and ``_update``.
 
     ``foreach`` picks the kernels: ``True`` uses ``torch._foreach_*`` ops (one call for
     all parameter tensors), ``False`` a per-tensor loop, ``None`` (default) foreach
@@ -173,8 +173,9 @@ class Optimizer:
 
         Buffers of optional features (momentum, AMSGrad, centering) are allocated when
         the feature is on given the constructor settings and ``hparams``; pass the same
-        ``hparams`` as to :meth:`step` to keep the state's structure fixed across steps
-        (without them such a buffer is created by the first step).
+        ``hparams`` as to :meth:`~bilevel.optim.Optimizer.step` to keep the state's
+        structure fixed across steps (without them such a buffer is created by the first
+        step).
         """
         raise NotImplementedError  # pragma: no cover - abstract
 
