@@ -378,3 +378,106 @@ def test_stateful_maml_meta_gradient_equals_higher(device):
     for ours, theirs in zip(*meta_grads):
         _assert_on(device, ours)
         torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+@pytest.fixture
+def one_process_group(device, tmp_path, monkeypatch):
+    """A real process group of one process (NCCL on CUDA, gloo on the CPU), with bilevel's
+    collectives switched on: they skip communication when the world has one process, so
+    ``is_distributed`` is made to answer True and every collective runs for real."""
+    import datetime
+    import sys
+
+    import torch.distributed as dist
+
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        backend,
+        init_method=f"file://{tmp_path / 'store'}",
+        rank=0,
+        world_size=1,
+        timeout=datetime.timedelta(seconds=120),
+    )
+    for name, module in list(sys.modules.items()):
+        if name.startswith("bilevel.distributed") and hasattr(module, "is_distributed"):
+            monkeypatch.setattr(module, "is_distributed", lambda: True)
+    try:
+        yield backend
+    finally:
+        dist.destroy_process_group()
+
+
+def test_collectives_in_a_one_process_group(device, one_process_group):
+    dist = bilevel.distributed
+    tree = {
+        "a": _randn(3, device=device),
+        "b": _randn(2, 2, device=device, seed=1).float(),
+        "n": torch.arange(4, device=device),
+    }
+    summed = dist.all_reduce_sum(tree)
+    mean = dist.all_reduce_mean({k: v for k, v in tree.items() if k != "n"})
+    sent = dist.broadcast(tree)
+    gathered = dist.all_gather_cat(tree["a"])
+    for k in tree:
+        assert summed[k] is not tree[k], "a real collective returns new tensors"
+        _assert_on(device, summed[k], sent[k])
+        assert summed[k].dtype == tree[k].dtype
+        torch.testing.assert_close(summed[k], tree[k], rtol=0, atol=0)
+        torch.testing.assert_close(sent[k], tree[k], rtol=0, atol=0)
+    torch.testing.assert_close(mean["b"], tree["b"], rtol=0, atol=0)
+    torch.testing.assert_close(gathered, tree["a"], rtol=0, atol=0)
+    assert dist.broadcast_object({"seed": 3}) == {"seed": 3}
+    dist.barrier()
+
+
+def test_differentiable_collectives_in_a_one_process_group(device, one_process_group):
+    dist = bilevel.distributed
+    w = _randn(3, device=device).requires_grad_(True)
+    loss = dist.global_sum((dist.replicated(w) ** 2).sum())
+    (g,) = torch.autograd.grad(loss, w, create_graph=True)
+    torch.testing.assert_close(g, 2 * w, rtol=1e-12, atol=0)
+    (gg,) = torch.autograd.grad(g.sum(), w)  # double backward through the collectives
+    torch.testing.assert_close(gg, torch.full_like(w, 2.0), rtol=1e-12, atol=0)
+    tangent = _randn(3, device=device, seed=1)
+    _, jvp_out = torch.func.jvp(lambda x: dist.global_sum(dist.replicated(x) * 3), (w,), (tangent,))
+    torch.testing.assert_close(jvp_out, 3 * tangent, rtol=1e-12, atol=0)
+    batched = torch.func.vmap(lambda x: dist.global_sum(x.sin()))(_randn(4, 3, device=device))
+    assert batched.shape == (4, 3)
+    _assert_on(device, g, jvp_out, batched)
+
+
+def test_distributed_hypergradients_in_a_one_process_group_equal_single_process(
+    device, one_process_group
+):
+    dist = bilevel.distributed
+    loss, closed_form, data, (X_val, y_val), l2, expected, _ = _ridge(device)
+    l2_leaf = l2.clone().requires_grad_(True)
+    w = dist.data_parallel_argmin(
+        loss,
+        closed_form(l2).detach(),
+        {"l2": l2_leaf},
+        data,
+        linear_solver=linalg.cg(tol=1e-12),
+    )
+    (g,) = torch.autograd.grad(((X_val @ w - y_val) ** 2).sum(), l2_leaf)
+    _assert_on(device, g)
+    torch.testing.assert_close(g, expected, rtol=1e-8, atol=1e-10)
+
+    w0 = _randn(3, device=device, seed=7).requires_grad_(True)
+    tasks = [_randn(3, device=device, seed=20 + i) for i in range(3)]
+
+    def task_loss(p, t):
+        result = bilevel.unroll(
+            lambda q, h: ((q["w"] - t) ** 2).sum(), {"w": p}, {"lr": 0.1}, bilevel.optim.sgd(), 3
+        )
+        return (result.params["w"] ** 2).sum()
+
+    mg = dist.meta_gradient(task_loss, tasks, w0)
+    (reference,) = torch.autograd.grad(torch.stack([task_loss(w0, t) for t in tasks]).mean(), w0)
+    _assert_on(device, mg.grads)
+    torch.testing.assert_close(mg.grads, reference, rtol=1e-12, atol=1e-14)
