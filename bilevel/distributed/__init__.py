@@ -43,12 +43,10 @@ The differentiable collectives follow the usual pair of conjugate operators:
 
 Each is the transpose of the other, so derivatives of any order stay consistent.
 
-The package: :mod:`~bilevel.distributed.process` (process group, rank, device),
-:mod:`~bilevel.distributed.failure` (:func:`fail_fast`), :mod:`~bilevel.distributed.sharding`,
-:mod:`~bilevel.distributed.collectives` (not differentiable),
-:mod:`~bilevel.distributed.differentiable` (:func:`replicated`, :func:`global_sum`),
-:mod:`~bilevel.distributed.task_parallel` (:func:`meta_gradient`) and
-:mod:`~bilevel.distributed.data_parallel`.
+The package's modules: ``process`` (process group, rank, device), ``failure``
+(:func:`fail_fast`), ``sharding``, ``collectives`` (not differentiable), ``differentiable``
+(:func:`replicated`, :func:`global_sum`), ``task_parallel`` (:func:`meta_gradient`) and
+``data_parallel``.
 """
 
 from bilevel.distributed.collectives import (

@@ -45,7 +45,7 @@ def data_parallel_loss(
     Its value is the global loss on every rank and all its derivatives (gradients,
     Hessian-vector products, mixed derivatives w.r.t. hyperparameters, by reverse or
     forward mode) are the global ones, so any engine given it (:func:`bilevel.unroll`,
-    :func:`bilevel.implicit.argmin`, a solver) does the same work on every rank. In a
+    :func:`bilevel.argmin`, a solver) does the same work on every rank. In a
     single process it is ``weight * inner_loss``.
 
     Args:
@@ -95,7 +95,7 @@ def data_parallel_argmin(
     linear_solver: Any = None,
     **kwargs: Any,
 ) -> Tree:
-    """:func:`bilevel.implicit.argmin` of a loss whose data is sharded across ranks.
+    """:func:`bilevel.argmin` of a loss whose data is sharded across ranks.
 
     The inner problem is ``argmin_w sum_r inner_loss(w, hparams, data_r) + regularizer(w,
     hparams)`` (``reduction="sum"``), or the same with the example-weighted mean
@@ -111,8 +111,8 @@ def data_parallel_argmin(
 
     Args:
         inner_loss: ``inner_loss(w, hparams, data) -> scalar`` on the local shard.
-        solution_or_init, hparams, solver, linear_solver, **kwargs: as in
-            :func:`bilevel.implicit.argmin` (``diagnostics=``, ``stationarity_tol=``...).
+        solution_or_init, hparams, solver, linear_solver, kwargs: as in
+            :func:`bilevel.argmin` (``diagnostics=``, ``stationarity_tol=``...).
         data: this rank's shard (e.g. from :func:`shard`); every rank needs a non-empty one.
         reduction: ``"sum"`` or ``"mean"`` (see above).
         num_examples: the local number of examples for ``"mean"``; default: the leading
