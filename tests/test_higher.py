@@ -110,7 +110,9 @@ def test_stateful_per_step_override_and_first_order():
 
     lrs2 = lrs.detach().clone().requires_grad_()
     params = {k: v.detach() for k, v in model.named_parameters()}
-    result = bilevel.unroll(inner, params, {"lr": lrs2}, bilevel.optim.sgd(momentum=0.5), 3, (x, y))
+    # a schedule as long as the 3-class output bias: it says it is a schedule
+    hparams = {"lr": bilevel.optim.schedule(lrs2)}
+    result = bilevel.unroll(inner, params, hparams, bilevel.optim.sgd(momentum=0.5), 3, (x, y))
     F.cross_entropy(functional_call(model, result.params, (xv,)), yv).backward()
     torch.testing.assert_close(lrs.grad, lrs2.grad, rtol=1e-10, atol=1e-14)
     # the module's own parameters are untouched and got no gradient (copied initial weights)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils._pytree import tree_flatten
 
-from bilevel.optim import adagrad, adam, adamw, rmsprop, sgd
+from bilevel.optim import adagrad, adam, adamw, per_element, rmsprop, sgd
 
 DT = torch.float64
 # torch.func's first use scripts helpers and warns about torch.jit.script: not ours.
@@ -141,6 +141,11 @@ def test_matches_torch_optim(name, kwargs, foreach):
 # -- 2. every kind of hyperparameter value gives the same numbers --------------------------
 
 
+def elementwise(v):
+    """Per-element values; a 1-D one could also be a schedule, so it says which."""
+    return per_element(v) if v.ndim == 1 else v
+
+
 def kinds_of(value, problem, steps):
     """The same constant hyperparameter written as every supported kind."""
     p = problem.params
@@ -150,7 +155,7 @@ def kinds_of(value, problem, steps):
         "tensor": t,
         "per_tensor": {n: t.clone() for n in p},
         "per_tensor_numbers": {n: value for n in p},
-        "per_element": {n: torch.full_like(v, value) for n, v in p.items()},
+        "per_element": {n: elementwise(torch.full_like(v, value)) for n, v in p.items()},
         "schedule": t.repeat(steps),
         "function": lambda step: value,
         "per_tensor_schedule": {n: t.repeat(steps) for n in p},
@@ -211,7 +216,7 @@ def test_schedules_and_mappings_pick_the_right_values():
         "per_tensor": (lambda t, n: table[n][0], {n: table[n][0] for n in p}),
         "per_tensor_numbers": (lambda t, n: table[n][0].item(), {n: table[n][0].item() for n in p}),
         "per_tensor_schedule": (lambda t, n: table[n][t], table),
-        "per_element": (lambda t, n: elem[n], elem),
+        "per_element": (lambda t, n: elem[n], {n: elementwise(v) for n, v in elem.items()}),
         "per_element_schedule": (
             lambda t, n: elem[n] * (t + 1),
             {n: torch.stack([elem[n] * (t + 1) for t in range(steps)]) for n in p},
@@ -365,7 +370,7 @@ def _build(kind, theta, problem):
     for n, v in p.items():
         k = v.numel()
         if kind == "per_element":
-            out[n] = theta[offset : offset + k].view(v.shape)
+            out[n] = elementwise(theta[offset : offset + k].view(v.shape))
         else:  # per_element_schedule
             out[n] = theta[:, offset : offset + k].reshape(theta.shape[0], *v.shape)
         offset += k
@@ -448,7 +453,10 @@ def test_foreach_and_loop_give_the_same_hypergradients(config):
                 leaves[k] = [torch.tensor(v, dtype=DT, requires_grad=True)]
                 # per-element for lr: exercises the list paths of the kernels
                 hparams[k] = (
-                    {n: leaves[k][0] * torch.ones_like(p) for n, p in PROBLEM.params.items()}
+                    {
+                        n: elementwise(leaves[k][0] * torch.ones_like(p))
+                        for n, p in PROBLEM.params.items()
+                    }
                     if k == "lr"
                     else leaves[k][0]
                 )
@@ -686,7 +694,7 @@ def test_error_params_grads_key_mismatch():
         opt.step(
             params, {"a": torch.ones(2, dtype=DT), "c": torch.ones(2, dtype=DT)}, opt.init(params)
         )
-    with pytest.raises(ValueError, match="no buffer for parameter 'b'"):
+    with pytest.raises(ValueError, match="no 'exp_avg' buffer for parameter 'b'"):
         adam().step(
             params,
             params,

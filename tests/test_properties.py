@@ -50,8 +50,10 @@ def test_every_form_of_a_constant_hyperparameter_gives_the_same_steps(name, lr, 
         "number": lr,
         "tensor": torch.tensor(lr, dtype=DT),
         "per_tensor": {k: lr for k in params},
-        "per_element": {k: torch.full_like(v, lr) for k, v in params.items()},
-        "schedule": torch.full((steps,), lr, dtype=DT),
+        "per_element": {
+            k: bilevel.optim.per_element(torch.full_like(v, lr)) for k, v in params.items()
+        },
+        "schedule": bilevel.optim.schedule(torch.full((steps,), lr, dtype=DT)),
         "function": lambda t: lr,
     }
     results = {}

@@ -133,6 +133,10 @@ class Loop:
         return [torch.maximum(x, y) for x, y in zip(xs, ys)]
 
     @staticmethod
+    def abs(xs: TensorList) -> TensorList:
+        return [x.abs() for x in xs]
+
+    @staticmethod
     def square(xs: TensorList) -> TensorList:
         return [x * x for x in xs]
 
@@ -238,6 +242,10 @@ class Foreach:
         return list(torch._foreach_maximum(xs, ys))
 
     @staticmethod
+    def abs(xs: TensorList) -> TensorList:
+        return list(torch._foreach_abs(xs))
+
+    @staticmethod
     def square(xs: TensorList) -> TensorList:
         return list(torch._foreach_mul(xs, xs))
 
@@ -246,5 +254,39 @@ class Foreach:
         return Loop.dot(xs, ys)
 
 
+class ExactLoop(Loop):
+    """The per-tensor kernels with a plain ``sqrt``: for steps nothing differentiates, so
+    they round exactly as ``torch.optim``'s for-loop implementations."""
+
+    name = "exact-loop"
+
+    @staticmethod
+    def sqrt(xs: TensorList) -> TensorList:
+        return [x.sqrt() for x in xs]
+
+
+def sqrt(x: Tensor, exact: bool) -> Tensor:
+    """One tensor's ``sqrt``: plain when ``exact``, else with a finite derivative at 0."""
+    return x.sqrt() if exact else x.clamp_min(_TINY[x.dtype]).sqrt()
+
+
+def scalar_dtype() -> torch.dtype:
+    # torch.optim keeps some per-parameter scalars (ASGD's eta and mu, NAdam's mu_product)
+    # in tensors of this dtype, so they are rounded to float32 unless the default dtype is
+    # float64; mirroring that keeps the Python-number path bitwise equal to torch.
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def as_scalar(x: float) -> float:
+    """``x`` rounded as ``torch.optim`` stores it in a scalar state tensor (CPU, no sync)."""
+    return torch.tensor(x, dtype=scalar_dtype()).item()
+
+
+def as_scalar_product(x: float, y: float) -> float:
+    """``x * y`` as torch computes ``scalar_tensor(x) *= y`` (NAdam's ``mu_product``)."""
+    return (torch.tensor(x, dtype=scalar_dtype()) * y).item()
+
+
 LOOP = Loop()
+EXACT_LOOP = ExactLoop()
 FOREACH = Foreach()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from bilevel.optim.base import HParams, HyperParameter, Optimizer, Params, State, hmap
+from bilevel.optim.base import HParams, HyperParameter, Optimizer, Params, State, StepAt, hmap
+from bilevel.optim.validation import NON_NEGATIVE
 
 
 def adagrad(
@@ -65,30 +66,37 @@ class Adagrad(Optimizer):
         "maximize": False,
     }
     flags = ("maximize",)
+    ranges = {
+        "lr": NON_NEGATIVE,
+        "lr_decay": NON_NEGATIVE,
+        "weight_decay": NON_NEGATIVE,
+        "initial_accumulator_value": NON_NEGATIVE,
+        "eps": NON_NEGATIVE,
+    }
 
-    def init(self, params: Params, hparams: HParams | None = None) -> State:
-        return {"step": 0, "sum": {n: p.new_zeros(p.shape) for n, p in params.items()}}
+    def _init_buffers(self, params: Params, hparams: HParams) -> State:
+        # Zeros; the first update adds initial_accumulator_value (so it can come from
+        # hparams and be differentiated), then the squared gradient, as torch does.
+        return {"sum": {n: p.new_zeros(p.shape) for n, p in params.items()}}
 
     def _update(
-        self, params: Params, grads: Params, state: State, hparams: HParams
+        self, params: Params, grads: Params, state: State, hparams: HParams, at: StepAt
     ) -> tuple[Params, State]:
-        t = state["step"]
+        t = at.index
         names, ps, gs = self._lists(params, grads)
-        ops = self.ops()
+        ops = self.ops(ps)
         if self.flag("maximize", hparams):
             gs = ops.neg(gs)
         if self.is_active("weight_decay", hparams):
             gs = ops.axpy(gs, ps, self.resolve("weight_decay", hparams, t, names, ps))
-        if t == 0:
-            s = ops.square(gs)
-            if self.is_active("initial_accumulator_value", hparams):
-                s = ops.add(s, self.resolve("initial_accumulator_value", hparams, t, names, ps))
-        else:
-            s = ops.addcmul(self._buffers(state, "sum", names), gs, gs, 1)
+        s = self._buffers(state, "sum", names, like=ps, fresh=at.count == 0)
+        if at.count == 0 and self.is_active("initial_accumulator_value", hparams):
+            s = ops.add(s, self.resolve("initial_accumulator_value", hparams, t, names, ps))
+        s = ops.addcmul(s, gs, gs, 1)
         std = ops.add(ops.sqrt(s), self.resolve("eps", hparams, t, names, ps))
         clr = self.resolve("lr", hparams, t, names, ps)
-        if t > 0 and self.is_active("lr_decay", hparams):
+        if at.count > 0 and self.is_active("lr_decay", hparams):
             decay = self.resolve("lr_decay", hparams, t, names, ps)
-            clr = hmap(lambda a, d: a / (1 + t * d), clr, decay)
+            clr = hmap(lambda a, d: a / (1 + at.count * d), clr, decay)
         new_ps = ops.addcdiv(ps, gs, std, clr, -1)
-        return dict(zip(names, new_ps)), {"step": t + 1, "sum": dict(zip(names, s))}
+        return dict(zip(names, new_ps)), {"sum": dict(zip(names, s))}

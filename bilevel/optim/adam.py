@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from torch import Tensor
@@ -14,9 +13,19 @@ from bilevel.optim.base import (
     Params,
     Resolved,
     State,
+    StepAt,
     hmap,
-    resolve,
 )
+from bilevel.optim.validation import NON_NEGATIVE, UNIT_OPEN
+
+# torch.optim.Adam / AdamW / Adamax / NAdam / RAdam reject the same values.
+ADAM_RANGES = {
+    "lr": NON_NEGATIVE,
+    "eps": NON_NEGATIVE,
+    "betas[0]": UNIT_OPEN,
+    "betas[1]": UNIT_OPEN,
+    "weight_decay": NON_NEGATIVE,
+}
 
 
 def adam(
@@ -26,6 +35,7 @@ def adam(
     weight_decay: HyperParameter = None,
     amsgrad: bool | None = None,
     maximize: bool | None = None,
+    decoupled_weight_decay: bool | None = None,
     *,
     foreach: bool | None = None,
 ) -> Adam:
@@ -42,7 +52,9 @@ def adam(
     ``betas`` is a pair whose two entries are hyperparameters of any kind (number, 0-d
     tensor, schedule, per-parameter mapping). The bias corrections use the Python-int step
     count. Where ``v`` is exactly 0 (a gradient entry that has always been 0) the
-    derivative of ``sqrt`` is taken as 0, so hypergradients stay finite.
+    derivative of ``sqrt`` is taken as 0, so hypergradients stay finite. With
+    ``decoupled_weight_decay=True`` the weight decay is AdamW's (``p = p * (1 - lr *
+    weight_decay)`` before the update, the gradient left alone).
     Defaults as torch: ``lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0``.
 
     Example:
@@ -66,6 +78,7 @@ def adam(
         weight_decay=weight_decay,
         amsgrad=amsgrad,
         maximize=maximize,
+        decoupled_weight_decay=decoupled_weight_decay,
         foreach=foreach,
     )
 
@@ -112,7 +125,6 @@ class Adam(Optimizer):
     """Functional Adam; build it with :func:`adam`."""
 
     name = "adam"
-    decoupled_weight_decay = False
     defaults: dict[str, Any] = {
         "lr": 1e-3,
         "betas": (0.9, 0.999),
@@ -120,13 +132,15 @@ class Adam(Optimizer):
         "weight_decay": 0.0,
         "amsgrad": False,
         "maximize": False,
+        "decoupled_weight_decay": False,
     }
-    flags = ("amsgrad", "maximize")
+    flags = ("amsgrad", "maximize", "decoupled_weight_decay")
+    pairs = ("betas",)
+    ranges = ADAM_RANGES
 
-    def init(self, params: Params, hparams: HParams | None = None) -> State:
-        amsgrad = self.flag("amsgrad", hparams or {})
+    def _init_buffers(self, params: Params, hparams: HParams) -> State:
+        amsgrad = self.flag("amsgrad", hparams)
         return {
-            "step": 0,
             "exp_avg": {n: p.new_zeros(p.shape) for n, p in params.items()},
             "exp_avg_sq": {n: p.new_zeros(p.shape) for n, p in params.items()},
             "max_exp_avg_sq": {n: p.new_zeros(p.shape) for n, p in params.items()}
@@ -134,47 +148,19 @@ class Adam(Optimizer):
             else None,
         }
 
-    def _number_range(self, setting: str) -> tuple[float, float, bool] | None:
-        if setting == "betas":
-            return (0.0, 1.0, False)
-        return super()._number_range(setting)
-
-    def _check_kind(
-        self, setting: str, value: Any, params: Params, ref: Tensor, steps: int | None
-    ) -> None:
-        if setting == "betas" and not (isinstance(value, (tuple, list)) and len(value) == 2):
-            raise TypeError(
-                f"{self.name}: hyperparameter 'betas' must be a pair (beta1, beta2), got "
-                f"{type(value).__name__}"
-                + (
-                    " (give a mapping per beta, not a mapping of pairs)"
-                    if isinstance(value, Mapping)
-                    else ""
-                )
-            )
-        super()._check_kind(
-            setting, tuple(value) if setting == "betas" else value, params, ref, steps
-        )
-
-    def _betas(
-        self, hparams: HParams, t: int, names: list[str], ps: list[Tensor]
-    ) -> tuple[Resolved, Resolved]:
-        b1, b2 = self.raw("betas", hparams)
-        return resolve(b1, "betas[0]", t, names, ps), resolve(b2, "betas[1]", t, names, ps)
-
     def _moments(
         self,
         ops: Any,
         state: State,
         hparams: HParams,
-        t: int,
+        at: StepAt,
         names: list[str],
         ps: list[Tensor],
         gs: list[Tensor],
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor] | None, list[Tensor], Resolved]:
         """New ``m, v, vmax`` and the update's ``denom`` and first bias correction."""
-        k = t + 1
-        b1, b2 = self._betas(hparams, t, names, ps)
+        t, k = at.index, at.count + 1
+        b1, b2 = self.resolve_pair("betas", hparams, t, names, ps)
         eps = self.resolve("eps", hparams, t, names, ps)
         m = ops.lerp(self._buffers(state, "exp_avg", names), gs, hmap(lambda b: 1 - b, b1))
         v = ops.addcmul(
@@ -186,43 +172,59 @@ class Adam(Optimizer):
         vmax = None
         vv = v
         if self.flag("amsgrad", hparams):
-            vmax = ops.maximum(self._buffers(state, "max_exp_avg_sq", names, like=ps), v)
+            old = self._buffers(state, "max_exp_avg_sq", names, like=ps, fresh=at.count == 0)
+            vmax = ops.maximum(old, v)
             vv = vmax
         bc1 = hmap(lambda b: 1 - b**k, b1)
         bc2_sqrt = hmap(lambda b: (1 - b**k) ** 0.5, b2)
         denom = ops.add(ops.div(ops.sqrt(vv), bc2_sqrt), eps)
         return m, v, vmax, denom, bc1
 
-    def _update(
-        self, params: Params, grads: Params, state: State, hparams: HParams
-    ) -> tuple[Params, State]:
-        t = state["step"]
-        names, ps, gs = self._lists(params, grads)
-        ops = self.ops()
+    def _decay(
+        self,
+        ops: Any,
+        hparams: HParams,
+        at: StepAt,
+        names: list[str],
+        ps: list[Tensor],
+        gs: list[Tensor],
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """``maximize`` and weight decay (L2 on the gradient, or decoupled on the params)."""
         if self.flag("maximize", hparams):
             gs = ops.neg(gs)
-        lr = self.resolve("lr", hparams, t, names, ps)
         if self.is_active("weight_decay", hparams):
-            wd = self.resolve("weight_decay", hparams, t, names, ps)
-            if self.decoupled_weight_decay:
+            wd = self.resolve("weight_decay", hparams, at.index, names, ps)
+            if self.flag("decoupled_weight_decay", hparams):
+                lr = self.resolve("lr", hparams, at.index, names, ps)
                 ps = ops.mul(ps, hmap(lambda a, w: 1 - a * w, lr, wd))
             else:
                 gs = ops.axpy(gs, ps, wd)
-        m, v, vmax, denom, bc1 = self._moments(ops, state, hparams, t, names, ps, gs)
+        return ps, gs
+
+    def _update(
+        self, params: Params, grads: Params, state: State, hparams: HParams, at: StepAt
+    ) -> tuple[Params, State]:
+        names, ps, gs = self._lists(params, grads)
+        ops = self.ops(ps)
+        ps, gs = self._decay(ops, hparams, at, names, ps, gs)
+        m, v, vmax, denom, bc1 = self._moments(ops, state, hparams, at, names, ps, gs)
+        lr = self.resolve("lr", hparams, at.index, names, ps)
         step_size = hmap(lambda a, c: a / c, lr, bc1)
         new_params = dict(zip(names, ops.addcdiv(ps, m, denom, step_size, -1)))
-        new_state: State = {
-            "step": t + 1,
+        buffers: State = {
             "exp_avg": dict(zip(names, m)),
             "exp_avg_sq": dict(zip(names, v)),
             "max_exp_avg_sq": dict(zip(names, vmax)) if vmax is not None else None,
         }
-        return new_params, new_state
+        return new_params, buffers
 
 
 class AdamW(Adam):
     """Functional AdamW; build it with :func:`adamw`."""
 
     name = "adamw"
-    decoupled_weight_decay = True
-    defaults: dict[str, Any] = {**Adam.defaults, "weight_decay": 1e-2}
+    defaults: dict[str, Any] = {
+        **Adam.defaults,
+        "weight_decay": 1e-2,
+        "decoupled_weight_decay": True,
+    }

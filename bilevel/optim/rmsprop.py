@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from bilevel.optim.base import HParams, HyperParameter, Optimizer, Params, State, hmap
+from bilevel.optim.base import HParams, HyperParameter, Optimizer, Params, State, StepAt, hmap
+from bilevel.optim.validation import NON_NEGATIVE
 
 
 def rmsprop(
@@ -67,26 +68,30 @@ class RMSprop(Optimizer):
         "maximize": False,
     }
     flags = ("centered", "maximize")
+    ranges = {
+        "lr": NON_NEGATIVE,
+        "eps": NON_NEGATIVE,
+        "momentum": NON_NEGATIVE,
+        "weight_decay": NON_NEGATIVE,
+        "alpha": NON_NEGATIVE,
+    }
 
-    def init(self, params: Params, hparams: HParams | None = None) -> State:
-        hparams = hparams or {}
-
+    def _init_buffers(self, params: Params, hparams: HParams) -> State:
         def zeros() -> Params:
             return {n: p.new_zeros(p.shape) for n, p in params.items()}
 
         return {
-            "step": 0,
             "square_avg": zeros(),
             "grad_avg": zeros() if self.flag("centered", hparams) else None,
             "momentum_buffer": zeros() if self.is_active("momentum", hparams) else None,
         }
 
     def _update(
-        self, params: Params, grads: Params, state: State, hparams: HParams
+        self, params: Params, grads: Params, state: State, hparams: HParams, at: StepAt
     ) -> tuple[Params, State]:
-        t = state["step"]
+        t, fresh = at.index, at.count == 0
         names, ps, gs = self._lists(params, grads)
-        ops = self.ops()
+        ops = self.ops(ps)
         if self.flag("maximize", hparams):
             gs = ops.neg(gs)
         if self.is_active("weight_decay", hparams):
@@ -97,13 +102,14 @@ class RMSprop(Optimizer):
             ops.mul(self._buffers(state, "square_avg", names), alpha), gs, gs, one_minus
         )
         new_state: State = {
-            "step": t + 1,
             "square_avg": dict(zip(names, sq)),
             "grad_avg": None,
             "momentum_buffer": None,
         }
         if self.flag("centered", hparams):
-            ga = ops.lerp(self._buffers(state, "grad_avg", names, like=ps), gs, one_minus)
+            ga = ops.lerp(
+                self._buffers(state, "grad_avg", names, like=ps, fresh=fresh), gs, one_minus
+            )
             new_state["grad_avg"] = dict(zip(names, ga))
             avg = ops.sqrt(ops.addcmul(sq, ga, ga, 1, -1))
         else:
@@ -112,7 +118,7 @@ class RMSprop(Optimizer):
         lr = self.resolve("lr", hparams, t, names, ps)
         if self.is_active("momentum", hparams):
             mu = self.resolve("momentum", hparams, t, names, ps)
-            old = self._buffers(state, "momentum_buffer", names, like=ps)
+            old = self._buffers(state, "momentum_buffer", names, like=ps, fresh=fresh)
             buf = ops.addcdiv(ops.mul(old, mu), gs, avg, 1)
             new_state["momentum_buffer"] = dict(zip(names, buf))
             new_ps = ops.axpy(ps, buf, lr, -1)

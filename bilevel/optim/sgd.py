@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from bilevel.optim.base import HParams, HyperParameter, Optimizer, Params, State, hmap
+from torch import Tensor
+
+from bilevel.optim.base import HParams, HyperParameter, Optimizer, Params, State, StepAt, hmap
+from bilevel.optim.validation import NON_NEGATIVE
 
 
 def sgd(
@@ -68,13 +71,14 @@ class SGD(Optimizer):
         "maximize": False,
     }
     flags = ("nesterov", "maximize")
+    ranges = {"lr": NON_NEGATIVE, "momentum": NON_NEGATIVE, "weight_decay": NON_NEGATIVE}
 
-    def init(self, params: Params, hparams: HParams | None = None) -> State:
+    def _init_buffers(self, params: Params, hparams: HParams) -> State:
         buf = None
-        if self.is_active("momentum", hparams or {}):
+        if self.is_active("momentum", hparams):
             # Overwritten by the gradient at the first step (torch.optim semantics: buf = g).
             buf = {n: p.new_zeros(p.shape) for n, p in params.items()}
-        return {"step": 0, "momentum_buffer": buf}
+        return {"momentum_buffer": buf}
 
     def _check_combination(self, hparams: HParams) -> None:
         if self.flag("nesterov", hparams):
@@ -84,30 +88,42 @@ class SGD(Optimizer):
             if isinstance(damp, (int, float)) and damp != 0:
                 raise ValueError(f"sgd: nesterov=True needs dampening 0, got dampening={damp}")
 
-    def _update(
-        self, params: Params, grads: Params, state: State, hparams: HParams
-    ) -> tuple[Params, State]:
-        t = state["step"]
-        names, ps, gs = self._lists(params, grads)
-        ops = self.ops()
+    def direction(
+        self,
+        ops: Any,
+        state: State,
+        hparams: HParams,
+        at: StepAt,
+        names: list[str],
+        ps: list[Tensor],
+        gs: list[Tensor],
+    ) -> tuple[list[Tensor], list[Tensor], State]:
+        """The gradient after weight decay, the update direction, and the new buffers."""
+        t = at.index
         if self.flag("maximize", hparams):
             gs = ops.neg(gs)
         if self.is_active("weight_decay", hparams):
             gs = ops.axpy(gs, ps, self.resolve("weight_decay", hparams, t, names, ps))
-        new_state: State = {"step": t + 1, "momentum_buffer": None}
+        buffers: State = {"momentum_buffer": None}
+        d = gs
         if self.is_active("momentum", hparams):
             mu = self.resolve("momentum", hparams, t, names, ps)
-            if t == 0:
+            if at.count == 0:
                 bufs = gs
             else:
                 old = self._buffers(state, "momentum_buffer", names)
-                if self.is_active("dampening", hparams):
-                    scale = hmap(lambda d: 1 - d, self.resolve("dampening", hparams, t, names, ps))
-                    bufs = ops.axpy(ops.mul(old, mu), gs, scale)
-                else:
-                    bufs = ops.axpy(gs, old, mu)
-            new_state["momentum_buffer"] = dict(zip(names, bufs))
-            gs = ops.axpy(gs, bufs, mu) if self.flag("nesterov", hparams) else bufs
-        lr = self.resolve("lr", hparams, t, names, ps)
-        new_params = dict(zip(names, ops.axpy(ps, gs, lr, -1)))
-        return new_params, new_state
+                damp = self.resolve("dampening", hparams, t, names, ps)
+                # buf * momentum + (1 - dampening) * g, in torch's order of operations
+                bufs = ops.axpy(ops.mul(old, mu), gs, hmap(lambda a: 1 - a, damp))
+            buffers["momentum_buffer"] = dict(zip(names, bufs))
+            d = ops.axpy(gs, bufs, mu) if self.flag("nesterov", hparams) else bufs
+        return gs, d, buffers
+
+    def _update(
+        self, params: Params, grads: Params, state: State, hparams: HParams, at: StepAt
+    ) -> tuple[Params, State]:
+        names, ps, gs = self._lists(params, grads)
+        ops = self.ops(ps)
+        _, d, buffers = self.direction(ops, state, hparams, at, names, ps, gs)
+        lr = self.resolve("lr", hparams, at.index, names, ps)
+        return dict(zip(names, ops.axpy(ps, d, lr, -1))), buffers
