@@ -10,6 +10,7 @@ from torch import Tensor
 from bilevel.optim import _ops
 from bilevel.optim.adam import ADAM_RANGES
 from bilevel.optim.base import HParams, HyperParameter, Optimizer, Params, State, StepAt
+from bilevel.optim.hparams import pick
 
 
 def radam(
@@ -117,7 +118,11 @@ class RAdam(Optimizer):
             rho = rho_inf - 2 * k * (b2**k) / bc2
             if isinstance(rho, Tensor):
                 on = rho > 5.0
-                ratio = (rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho)
+                # rho_inf > rho > 5 where the rectification applies; elsewhere evaluate it
+                # at a harmless 6 so that no inf/NaN reaches the backward of the where
+                six = torch.full_like(rho, 6.0)
+                rt, ri = torch.where(on, rho, six), torch.where(on, rho_inf, six)
+                ratio = (rt - 4) * (rt - 2) * ri / ((ri - 4) * (ri - 2) * rt)
                 rect = torch.where(on, ratio, torch.ones_like(ratio)).sqrt()
                 adaptive = (bc2**0.5) / (_ops.sqrt(v, exact) + eps)
                 update = torch.where(on, rect * adaptive, torch.ones_like(adaptive))
@@ -136,6 +141,4 @@ class RAdam(Optimizer):
 
     @staticmethod
     def _beta(betas: Any, j: int, t: int, n: str, p: Tensor) -> Any:
-        from bilevel.optim.hparams import pick
-
         return pick(betas[j], t, n, p, f"betas[{j}]")

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from bilevel.optim.base import HParams, HyperParameter, Optimizer, Params, State, StepAt
+from bilevel.optim.hparams import pick
 from bilevel.optim.validation import NON_NEGATIVE, Range
 
 
@@ -102,6 +103,8 @@ class Rprop(Optimizer):
                 size = sizes[i]
             s = g.mul(prevs[i]).sign()
             factor = torch.where(s > 0, etaplus, torch.where(s < 0, etaminus, torch.ones_like(s)))
+            if isinstance(lo, Tensor) != isinstance(hi, Tensor):  # clamp takes two of a kind
+                lo, hi = (torch.as_tensor(b, dtype=p.dtype, device=p.device) for b in (lo, hi))
             size = size.mul(factor).clamp(lo, hi)
             g = torch.where(s < 0, torch.zeros_like(g), g)
             new_p[n] = torch.addcmul(p, g.sign(), size, value=-1)
@@ -109,6 +112,4 @@ class Rprop(Optimizer):
         return new_p, buffers
 
     def _entry(self, pair: Any, j: int, setting: str, t: int, n: str, p: Tensor) -> Any:
-        from bilevel.optim.hparams import pick
-
         return pick(pair[j], t, n, p, f"{setting}[{j}]")
