@@ -35,6 +35,12 @@ _TORCH_TO_FUNCTIONAL = {
     "AdamW": "adamw",
     "RMSprop": "rmsprop",
     "Adagrad": "adagrad",
+    "Adadelta": "adadelta",
+    "Adamax": "adamax",
+    "ASGD": "asgd",
+    "Rprop": "rprop",
+    "RAdam": "radam",
+    "NAdam": "nadam",
 }
 
 
@@ -154,7 +160,7 @@ def functional_optimizer(
             continue
         values = list(per_param.values())
         same = all(_same(v, values[0]) for v in values)
-        if isinstance(values[0], bool) or key in ("centered", "amsgrad", "nesterov", "maximize"):
+        if isinstance(values[0], bool) or key in probe.flags:
             if not same:
                 raise ValueError(f"setting {key!r} differs between param groups; not supported")
             flags[key] = values[0]
@@ -185,10 +191,13 @@ class DifferentiableOptimizer:
         override: Mapping[str, Any] | None = None,
         track_higher_grads: bool = True,
         group_of: Mapping[str, int] | None = None,
+        trainable: set[str] | None = None,
     ) -> None:
         self.optimizer = optimizer
         self.fmodel = fmodel
         self.group_of = dict(group_of or {})
+        # torch.optim steps only the parameters it holds that require grad
+        self.trainable = set(fmodel.params) if trainable is None else set(trainable)
         self.hparams: dict[str, Any] = dict(hparams)
         if override:
             self.hparams.update(self._expand(override))
@@ -213,7 +222,7 @@ class DifferentiableOptimizer:
         loss: Tensor,
         params: Sequence[Tensor] | Mapping[str, Tensor] | None = None,
         override: Mapping[str, Any] | None = None,
-        grad_callback: Callable[[list[Tensor]], list[Tensor]] | None = None,
+        grad_callback: Callable[[list[Tensor | None]], list[Tensor | None]] | None = None,
     ) -> list[Tensor]:
         """Take one differentiable step on ``loss``; returns the new fast weights.
 
@@ -223,12 +232,17 @@ class DifferentiableOptimizer:
         current = self.fmodel.params if params is None else self.fmodel._as_dict(params)
         if not isinstance(loss, Tensor) or loss.ndim != 0:
             raise ValueError("loss must be a 0-d tensor")
+        names = [n for n, p in current.items() if n in self.trainable and p.requires_grad]
         grads = torch.autograd.grad(
-            loss, list(current.values()), create_graph=self.track_higher_grads, allow_unused=True
+            loss,
+            [current[n] for n in names],
+            create_graph=self.track_higher_grads,
+            allow_unused=True,
         )
-        grad_list = [
-            torch.zeros_like(p) if g is None else g for p, g in zip(current.values(), grads)
-        ]
+        # None where the loss does not use a parameter or it is not trained: the optimizer
+        # leaves it (and its state) alone, as torch.optim does
+        by_name = dict(zip(names, grads))
+        grad_list = [by_name.get(n) for n in current]
         if grad_callback is not None:
             grad_list = list(grad_callback(grad_list))
         hp = dict(self.hparams)
@@ -286,6 +300,7 @@ def innerloop_ctx(
     }
     fopt, hparams = functional_optimizer(opt, names)
     fmodel = FunctionalModel(model, copy_initial_weights=copy_initial_weights)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad and n in group_of}
     diffopt = DifferentiableOptimizer(
         fopt,
         fmodel,
@@ -293,5 +308,6 @@ def innerloop_ctx(
         override=override,
         track_higher_grads=track_higher_grads,
         group_of=group_of,
+        trainable=trainable,
     )
     yield fmodel, diffopt

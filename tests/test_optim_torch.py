@@ -527,3 +527,48 @@ def test_all_none_gradients_change_nothing_but_the_call_count():
                     torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
                     for a, b in zip(value.values(), s[key].values())
                 ), (name, key)
+
+
+def test_stateful_steps_only_trainable_parameters_the_optimizer_holds():
+    from bilevel import stateful
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    model.double()
+    model[2].bias.requires_grad_(False)  # frozen
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    head = torch.optim.SGD(model[2].parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    with stateful.innerloop_ctx(model, head) as (fmodel, diffopt):
+        for _ in range(3):
+            diffopt.step(torch.nn.functional.mse_loss(fmodel(x), y))
+        fast = dict(fmodel.named_parameters())
+    # torch.optim itself, on a copy
+    ref = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    ref.double().load_state_dict(model.state_dict())
+    ref[2].bias.requires_grad_(False)
+    opt = torch.optim.SGD(ref[2].parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(ref(x), y).backward()
+        opt.step()
+    for n, p in ref.named_parameters():
+        torch.testing.assert_close(fast[n].detach(), p.detach(), rtol=1e-12, atol=1e-12, msg=n)
+    for n in ("0.weight", "0.bias", "2.bias"):
+        assert torch.equal(fast[n].detach(), before[n]), n
+
+
+def test_stateful_translates_the_new_optimizers():
+    from bilevel import stateful
+
+    model = torch.nn.Linear(3, 1).double()
+    for name, cfg in [(n, c) for n, c in CASES if n not in ("SGD", "Adam", "AdamW")][
+        ::PER_OPTIMIZER
+    ]:
+        opt = getattr(torch.optim, name)(model.parameters(), **cfg)
+        fopt, hparams = stateful.functional_optimizer(
+            opt, {id(p): n for n, p in model.named_parameters()}
+        )
+        assert type(fopt) is type(FACTORY[name]())
+        for k, v in cfg.items():
+            assert (fopt.settings.get(k) if k in fopt.flags else hparams[k]) == v, (name, k)
