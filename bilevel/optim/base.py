@@ -55,7 +55,14 @@ from torch import Tensor
 
 from bilevel.optim import _ops
 from bilevel.optim.hparams import Resolved, hmap, pick, resolve
-from bilevel.optim.validation import Checker, Range, _Where, check_number, numbers_in
+from bilevel.optim.validation import (
+    Checker,
+    Range,
+    _Where,
+    check_given_twice,
+    check_numbers,
+    check_params,
+)
 
 Params = dict[str, Tensor]
 State = dict[str, Any]
@@ -298,33 +305,10 @@ class Optimizer:
     # -- validation --------------------------------------------------------------
     def _check_numbers(self, setting: str, value: Any) -> None:
         """Range checks of the Python numbers of one raw value (at construction)."""
-        if setting in self.pairs:
-            if not (isinstance(value, (tuple, list)) and len(value) == 2):
-                raise TypeError(
-                    f"{self.name}: hyperparameter {setting!r} must be a pair, got "
-                    f"{type(value).__name__}"
-                    + (
-                        " (give a mapping per entry, not a mapping of pairs)"
-                        if isinstance(value, Mapping)
-                        else ""
-                    )
-                )
-            for i, v in enumerate(value):
-                label = f"{setting}[{i}]"
-                for where, x in numbers_in(v):
-                    check_number(self.name, label, x, self.ranges.get(label), where)
-            return
-        for where, x in numbers_in(value):
-            check_number(self.name, setting, x, self.ranges.get(setting), where)
+        check_numbers(self, setting, value)
 
     def _check_given_twice(self, hparams: HParams) -> None:
-        for setting, value in self.settings.items():
-            if value is not None and hparams.get(setting) is not None:
-                raise ValueError(
-                    f"{self.name}: setting {setting!r} is given both to the constructor "
-                    f"({value!r}) and in hparams; give it in one place (the constructor's "
-                    "value would win silently)"
-                )
+        check_given_twice(self, hparams)
 
     def validate(
         self, params: Params, hparams: HParams | None = None, steps: int | None = None
@@ -339,20 +323,7 @@ class Optimizer:
         and in ``hparams``.
         """
         hparams = hparams if hparams is not None else {}
-        if not isinstance(params, Mapping) or not params:
-            raise ValueError(f"{self.name}: params must be a non-empty dict of tensors")
-        for name, p in params.items():
-            if not isinstance(p, Tensor):
-                raise TypeError(
-                    f"{self.name}: params[{name!r}] is a {type(p).__name__}, expected a tensor"
-                )
-            if not p.is_floating_point():
-                raise TypeError(
-                    f"{self.name}: params[{name!r}] has dtype {p.dtype}; expected a real "
-                    "floating-point tensor"
-                )
-        if steps is not None and (not isinstance(steps, int) or steps <= 0):
-            raise ValueError(f"{self.name}: steps must be a positive int, got {steps!r}")
+        check_params(self.name, params, steps)
         self._check_given_twice(hparams)
         checker = Checker(self, params, steps)
         for setting in self.defaults:
@@ -363,14 +334,12 @@ class Optimizer:
                         f"{self.name}: setting {setting!r} must be a Python bool (it changes "
                         f"the structure of the update), got {value!r}"
                     )
-                continue
-            if setting in self.pairs:
+            elif setting in self.pairs:
                 self._check_numbers(setting, value)  # the pair's shape
                 for i, v in enumerate(value):
-                    label = f"{setting}[{i}]"
-                    checker.check_value(_Where(self.name, label, setting), v)
-                continue
-            checker.check_value(_Where(self.name, setting, setting), value)
+                    checker.check_value(_Where(self.name, f"{setting}[{i}]", setting), v)
+            else:
+                checker.check_value(_Where(self.name, setting, setting), value)
         self._check_combination(hparams)
 
     def _check_combination(self, hparams: HParams) -> None:

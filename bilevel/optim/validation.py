@@ -85,6 +85,22 @@ def numbers_in(value: Any) -> list[tuple[str, Any]]:
     return []
 
 
+def check_params(name: str, params: Any, steps: int | None) -> None:
+    """A non-empty dict of real floating-point tensors, and a positive number of steps."""
+    if not isinstance(params, Mapping) or not params:
+        raise ValueError(f"{name}: params must be a non-empty dict of tensors")
+    for key, p in params.items():
+        if not isinstance(p, Tensor):
+            raise TypeError(f"{name}: params[{key!r}] is a {type(p).__name__}, expected a tensor")
+        if not p.is_floating_point():
+            raise TypeError(
+                f"{name}: params[{key!r}] has dtype {p.dtype}; expected a real floating-point "
+                "tensor"
+            )
+    if steps is not None and (not isinstance(steps, int) or steps <= 0):
+        raise ValueError(f"{name}: steps must be a positive int, got {steps!r}")
+
+
 @dataclass(frozen=True)
 class _Where:
     """Where a value being checked sits: label, setting, optimizer name, its parameter."""
@@ -243,4 +259,37 @@ class Checker:
             raise ValueError(
                 f"{name}: hyperparameter {label!r}{where} is a schedule of length "
                 f"{t.shape[0]} but {self.steps} steps are run; give at least {self.steps} values"
+            )
+
+
+def check_numbers(opt: Any, setting: str, value: Any) -> None:
+    """Range checks of the Python numbers of one raw value of ``opt`` (at construction)."""
+    if setting in opt.pairs:
+        if not (isinstance(value, (tuple, list)) and len(value) == 2):
+            raise TypeError(
+                f"{opt.name}: hyperparameter {setting!r} must be a pair, got "
+                f"{type(value).__name__}"
+                + (
+                    " (give a mapping per entry, not a mapping of pairs)"
+                    if isinstance(value, Mapping)
+                    else ""
+                )
+            )
+        for i, v in enumerate(value):
+            label = f"{setting}[{i}]"
+            for where, x in numbers_in(v):
+                check_number(opt.name, label, x, opt.ranges.get(label), where)
+        return
+    for where, x in numbers_in(value):
+        check_number(opt.name, setting, x, opt.ranges.get(setting), where)
+
+
+def check_given_twice(opt: Any, hparams: Mapping[str, Any]) -> None:
+    """Raise when a setting is given both to ``opt``'s constructor and in ``hparams``."""
+    for setting, value in opt.settings.items():
+        if value is not None and hparams.get(setting) is not None:
+            raise ValueError(
+                f"{opt.name}: setting {setting!r} is given both to the constructor "
+                f"({value!r}) and in hparams; give it in one place (the constructor's "
+                "value would win silently)"
             )
