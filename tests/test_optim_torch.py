@@ -165,6 +165,17 @@ def test_grid_covers_every_value():
             assert all(v in seen for v in values), (name, option)
 
 
+@pytest.fixture
+def default_float64():
+    # torch.optim rounds ASGD's eta/mu and NAdam's mu_product to the default dtype's scalar
+    # type and bilevel mirrors it for numbers; tensors keep the parameters' dtype. With a
+    # float64 default both are float64, so every kind gives the same numbers.
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
 # -- the problem ------------------------------------------------------------------------
 
 
@@ -225,18 +236,39 @@ def _torch_run(name, cfg, dtype):
     return history
 
 
-def _ours_run(name, cfg, dtype, graph: bool):
+def _as_tensors(cfg, dtype):
+    """The numeric settings as 0-d tensors that require grad (in hparams), flags apart.
+
+    A number 0 stays a number: it switches a feature off (torch.optim's ``momentum=0``);
+    a tensor never does (no device sync), and a 0-d tensor momentum of 0 with dampening
+    is the limit momentum -> 0, ``(1 - dampening) * g`` after the first step, not ``g``.
+    """
+    flags = {k: v for k, v in cfg.items() if isinstance(v, bool) or v == 0}
+
+    def t(v):
+        return torch.tensor(v, dtype=dtype, requires_grad=True)
+
+    hparams = {
+        k: tuple(t(x) for x in v) if isinstance(v, tuple) else t(v)
+        for k, v in cfg.items()
+        if k not in flags
+    }
+    return flags, hparams
+
+
+def _ours_run(name, cfg, dtype, graph: bool, tensors: bool = False):
     params, x, y = _problem(dtype)
     p = _leaves(params, graph)
     if not graph:  # requires_grad marks what is trained (a frozen tensor has no gradient)
         p = {n: v if n == "frozen" else v.requires_grad_() for n, v in p.items()}
-    opt = FACTORY[name](**cfg)
-    state = opt.init(p)
+    settings, hparams = _as_tensors(cfg, dtype) if tensors else (cfg, {})
+    opt = FACTORY[name](**settings)
+    state = opt.init(p, hparams)
     history = []
     for step in range(STEPS):
         grads = _grads(p, x, y, step, graph)
         if graph:
-            p, state = opt.step(p, grads, state)
+            p, state = opt.step(p, grads, state, hparams)
         else:
             with torch.no_grad():
                 p, state = opt.step(p, grads, state)
@@ -270,6 +302,17 @@ def test_no_graph_steps_are_bitwise_torch_optim(name, cfg, dtype):
 def test_steps_with_a_graph_match_torch_optim(name, cfg):
     ref = _torch_run(name, cfg, torch.float64)
     ours, _ = _ours_run(name, cfg, torch.float64, graph=True)
+    for step, (a, b) in enumerate(zip(ours, ref)):
+        for n in a:
+            torch.testing.assert_close(a[n], b[n], rtol=1e-12, atol=1e-12, msg=f"{step} {n}")
+
+
+@pytest.mark.parametrize("name,cfg", CASES, ids=IDS)
+def test_tensor_settings_match_torch_optim_numbers(name, cfg, default_float64):
+    """Every numeric setting a 0-d tensor that requires grad (the code paths that keep the
+    graph to the hyperparameters) against torch.optim with the numbers."""
+    ref = _torch_run(name, cfg, torch.float64)
+    ours, _ = _ours_run(name, cfg, torch.float64, graph=True, tensors=True)
     for step, (a, b) in enumerate(zip(ours, ref)):
         for n in a:
             torch.testing.assert_close(a[n], b[n], rtol=1e-12, atol=1e-12, msg=f"{step} {n}")
@@ -370,17 +413,6 @@ KIND_SETTINGS = [
     ("RAdam", "eps"),
     ("NAdam", "momentum_decay"),
 ]
-
-
-@pytest.fixture
-def default_float64():
-    # torch.optim rounds ASGD's eta/mu and NAdam's mu_product to the default dtype's scalar
-    # type and bilevel mirrors it for numbers; tensors keep the parameters' dtype. With a
-    # float64 default both are float64, so every kind gives the same numbers.
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
 
 
 @pytest.mark.parametrize("name,setting", KIND_SETTINGS)
