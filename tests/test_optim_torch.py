@@ -604,3 +604,101 @@ def test_stateful_translates_the_new_optimizers():
         assert type(fopt) is type(FACTORY[name]())
         for k, v in cfg.items():
             assert (fopt.settings.get(k) if k in fopt.flags else hparams[k]) == v, (name, k)
+
+
+# -- bilevel.unroll: parameters without a gradient, in every mode ----------------------------
+
+MODES = [
+    ("reverse", {}),
+    ("truncated", {"truncate": 3}),
+    ("checkpoint", {"segments": 2}),
+    ("forward", {}),
+    ("first_order", {}),
+]
+
+
+@pytest.mark.parametrize("mode,kw", MODES, ids=[m for m, _ in MODES])
+def test_unroll_leaves_an_unused_parameter_alone(mode, kw):
+    """The issue's case: sgd(lr=0.1, weight_decay=0.1, momentum=0.9), 5 steps."""
+    import bilevel
+
+    def loss(p, h):
+        return ((p["used"] - 2.0) ** 2).sum()
+
+    dt = torch.float64
+    params = {"used": torch.ones(3, dtype=dt), "unused": torch.ones(3, dtype=dt)}
+    lr = torch.tensor(0.1, dtype=dt, requires_grad=True)
+    opt = bo.sgd(weight_decay=0.1, momentum=0.9)
+    r = bilevel.unroll(loss, params, {"lr": lr}, opt, 5, mode=mode, **kw)
+    assert torch.equal(r.params["unused"], torch.ones(3, dtype=dt))
+    assert r.state["param_steps"] == {"used": 5, "unused": 0}
+    # torch.optim on the same problem
+    used = torch.ones(3, dtype=dt, requires_grad=True)
+    unused = torch.ones(3, dtype=dt, requires_grad=True)
+    ref = torch.optim.SGD([used, unused], lr=0.1, weight_decay=0.1, momentum=0.9)
+    for _ in range(5):
+        ref.zero_grad()
+        loss({"used": used}, None).backward()
+        ref.step()
+    torch.testing.assert_close(r.params["used"].detach(), used.detach(), rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("mode,kw", MODES, ids=[m for m, _ in MODES])
+def test_unroll_with_a_late_parameter_matches_torch_and_finite_differences(mode, kw):
+    """Adam's per-parameter bias corrections: ``late`` joins the loss at step 3."""
+    import bilevel
+
+    dt = torch.float64
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(6, 2, generator=g, dtype=dt), torch.randn(6, generator=g, dtype=dt)
+
+    def loss(p, h, batch):
+        t, xb, yb = batch
+        out = xb @ p["w"] + (p["late"] if t >= 3 else 0.0)
+        return ((out - yb) ** 2).mean()
+
+    steps = 6
+    data = [(t, x, y) for t in range(steps)]
+    init = {"w": torch.zeros(2, dtype=dt), "late": torch.zeros((), dtype=dt)}
+
+    def run(lr):
+        r = bilevel.unroll(loss, init, {"lr": lr}, bo.adam(), steps, data=data, mode=mode, **kw)
+        return r, (r.params["w"] ** 2).sum() + r.params["late"] ** 2
+
+    lr = torch.tensor(0.05, dtype=dt, requires_grad=True)
+    r, out = run(lr)
+    assert r.state["param_steps"] == {"w": steps, "late": steps - 3}
+    w = torch.zeros(2, dtype=dt, requires_grad=True)
+    late = torch.zeros((), dtype=dt, requires_grad=True)
+    ref = torch.optim.Adam([w, late], lr=0.05)
+    for t in range(steps):
+        ref.zero_grad()
+        loss({"w": w, "late": late}, None, data[t]).backward()
+        ref.step()
+    torch.testing.assert_close(r.params["w"].detach(), w.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(r.params["late"].detach(), late.detach(), rtol=1e-12, atol=1e-14)
+    if mode in ("truncated", "first_order"):
+        return  # biased by design: only the exact modes meet finite differences
+    (grad,) = torch.autograd.grad(out, lr)
+    eps = 1e-6
+    hi, lo = (run(torch.tensor(0.05 + d, dtype=dt, requires_grad=True))[1] for d in (eps, -eps))
+    fd = (hi - lo).detach() / (2 * eps)
+    assert abs(grad - fd) <= 1e-6 * max(1.0, abs(fd.item()))
+
+
+def test_unroll_under_vmap_leaves_an_unused_parameter_alone():
+    import bilevel
+
+    def loss(p, h, batch):
+        return ((p["used"] - batch) ** 2).sum()
+
+    def adapt(target):
+        params = {"used": torch.ones(3), "unused": torch.ones(3)}
+        opt = bo.sgd(lr=0.1, weight_decay=0.1, momentum=0.9)
+        return bilevel.unroll(loss, params, {}, opt, 5, data=target).params
+
+    targets = torch.randn(4, 3)
+    out = torch.func.vmap(adapt)(targets)
+    assert torch.equal(out["unused"], torch.ones(4, 3))
+    for i in range(4):
+        torch.testing.assert_close(out["used"][i], adapt(targets[i])["used"])

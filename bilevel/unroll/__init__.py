@@ -78,7 +78,9 @@ def unroll(
         params: the initial parameters, a dict of tensors (``dict(model.named_parameters())``).
             If they require grad, gradients flow to them too (MAML) in the ``"reverse"``,
             ``"checkpoint"`` and ``"first_order"`` modes; ``"truncated"`` and ``"forward"``
-            treat them as constants.
+            treat them as constants. A parameter the inner loss does not use at a step (no
+            gradient) is left as it is and its optimizer state does not advance, as
+            ``torch.optim`` does, in every mode and under ``vmap``.
         hparams: a dict of hyperparameters: read by the optimizer by name (settings the
             optimizer was not given) and passed to ``inner_loss``. Any tensor in it that
             requires grad receives a hypergradient.

@@ -21,7 +21,13 @@ from bilevel.optim.base import Params, State
 from bilevel.unroll.explicit import Explicit, join_state, split_state
 from bilevel.unroll.loop import Run
 from bilevel.unroll.result import UnrollResult
-from bilevel.unroll.step import Carry, call_loss, check_loss, suspended_saved_tensors_hooks
+from bilevel.unroll.step import (
+    Carry,
+    call_loss,
+    check_loss,
+    suspended_saved_tensors_hooks,
+    used_inputs,
+)
 
 
 @dataclass(frozen=True)
@@ -115,9 +121,7 @@ def dual_step(
             loss = call_loss(fwd.run.inner.inner_loss, live, hparams, batch, bufs)
             check_loss(loss, step)
             grads = torch.autograd.grad(loss, list(live.values()), allow_unused=True)
-        grad_dict = {
-            k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(live.items(), grads)
-        }
+        grad_dict = dict(zip(live, grads))  # None: not used, left alone (torch.optim)
         with torch.no_grad():
             new_params, new_state = optimizer.step(live, grad_dict, state, hparams)
         new_s, *skeleton = split_state(new_state)
@@ -226,9 +230,12 @@ class _ForwardUnroll(torch.autograd.Function):
                         bufs.update({k: v.clone() for k, v in other_buf.items()})
                     loss = call_loss(fwd.run.inner.inner_loss, p, hp, batch, bufs)
                     check_loss(loss, t)
+                    used.update(used_inputs(loss, p))
                     return loss, (loss, {} if bufs is None else bufs)
 
+                used: set[str] = set()
                 grads, (loss, bufs) = torch.func.grad(loss_fn, argnums=0, has_aux=True)(p, fb)
+                grads = {k: g if k in used else None for k, g in grads.items()}
                 new_p, new_s = opt.step(p, grads, st, hp)
                 new_s_t, idx, sspec, sleaves = split_state(new_s)
                 # the state's non-tensor skeleton (step counter, None buffers) leaves the

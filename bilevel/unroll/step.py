@@ -81,6 +81,29 @@ def suspended_saved_tensors_hooks() -> Iterator[None]:
             torch._C._autograd._push_saved_tensors_default_hooks(pack, unpack)
 
 
+def used_inputs(loss: Tensor, inputs: Params) -> set[str]:
+    """The names of the ``inputs`` that ``loss``'s graph reaches.
+
+    ``torch.func.grad`` returns zeros for an input the loss does not use where
+    ``torch.autograd.grad`` says ``None``; this walk of the graph (Python, no device work)
+    recovers the difference, so unused parameters are skipped under ``vmap`` too.
+    """
+    wanted = {id(v): k for k, v in inputs.items()}
+    found: set[str] = set()
+    seen: set[Any] = set()
+    stack = [loss.grad_fn]
+    while stack and len(found) < len(wanted):
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        variable = getattr(fn, "variable", None)  # an AccumulateGrad node: a leaf
+        if variable is not None and id(variable) in wanted:
+            found.add(wanted[id(variable)])
+        stack.extend(f for f, _ in fn.next_functions)
+    return found
+
+
 def autograd_step(
     inner: InnerStep, carry: Carry, batch: Any, step: int, create_graph: bool
 ) -> tuple[Carry, Tensor]:
@@ -102,9 +125,9 @@ def autograd_step(
         grads = torch.autograd.grad(
             loss, list(live.values()), create_graph=create_graph, allow_unused=True
         )
-    grad_dict = {
-        k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(live.items(), grads)
-    }
+    # None for a parameter the loss does not use: the optimizer leaves it and its state alone
+    # (torch.optim's semantics), where zeros would decay it and give it momentum
+    grad_dict = dict(zip(live, grads))
     if not create_graph:
         # first-order: the step still depends on params and hparams, not through the gradient
         live = params
@@ -120,13 +143,17 @@ def functional_step(
     buffers = carry.buffers
     new_buffers = None if buffers is None else {k: v.clone() for k, v in buffers.items()}
 
+    used: set[str] = set()
+
     def loss_fn(p: Params) -> tuple[Tensor, Tensor]:
         loss = call_loss(inner.inner_loss, p, inner.hparams, batch, new_buffers)
         check_loss(loss, step)
+        used.update(used_inputs(loss, p))
         return loss, loss
 
     grads, loss = torch.func.grad(loss_fn, has_aux=True)(carry.params)
     if not create_graph:
         grads = tree_detach(grads)
+    grads = {k: g if k in used else None for k, g in grads.items()}
     new_params, new_state = inner.optimizer.step(carry.params, grads, carry.state, inner.hparams)
     return Carry(new_params, new_state, new_buffers), loss.detach()
