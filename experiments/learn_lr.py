@@ -252,6 +252,8 @@ class Learner:
         lr = state["log_lr"].exp()
         if self.method == "per-layer":
             lr = {name: lr[i] for i, name in enumerate(self.p.names)}
+        elif self.method == "per-step":  # explicit: T may equal a bias's length (--quick: 10)
+            lr = bilevel.optim.schedule(lr)
         return {"lr": lr, "momentum": torch.sigmoid(state["mom"])}
 
     def step(self, state: dict[str, Any], k: int, phase: str) -> dict[str, Any]:
