@@ -20,13 +20,14 @@ def adagrad(
 ) -> Adagrad:
     """Differentiable Adagrad with the semantics of :class:`torch.optim.Adagrad`.
 
-    Each step ``t = 0, 1, ...`` (``g`` the gradient, negated when ``maximize``)::
+    Each update ``t = 0, 1, ...`` of a parameter (``g`` the gradient, negated when
+    ``maximize``)::
 
         g = g + weight_decay * p
-        s = initial_accumulator_value (first step) | s;   s = s + g * g
+        s = initial_accumulator_value (t = 0) | s;   s = s + g * g
         p = p - lr / (1 + t * lr_decay) * g / (sqrt(s) + eps)
 
-    The accumulator is seeded from ``initial_accumulator_value`` by the first step (so it
+    The accumulator is seeded from ``initial_accumulator_value`` by the first update (so it
     can come from ``hparams`` and be differentiated). Defaults as torch: ``lr=1e-2,
     eps=1e-10``, the rest 0.
 

@@ -41,7 +41,8 @@ def adam(
 ) -> Adam:
     """Differentiable Adam with the semantics of :class:`torch.optim.Adam`.
 
-    Each step ``k = step + 1`` (``g`` the gradient, negated when ``maximize``)::
+    Each update ``k = 1, 2, ...`` of a parameter (``g`` the gradient, negated when
+    ``maximize``)::
 
         g = g + weight_decay * p
         m = beta1 * m + (1 - beta1) * g

@@ -131,6 +131,10 @@ class Optimizer:
         for setting, value in self.settings.items():
             if value is not None and setting not in self.flags:
                 self._check_numbers(setting, value)
+        self._check_constructed()
+
+    def _check_constructed(self) -> None:
+        """Subclass hook: constraints between constructor settings ``torch.optim`` checks."""
 
     # -- public protocol ---------------------------------------------------------
     def init(self, params: Params, hparams: HParams | None = None) -> State:

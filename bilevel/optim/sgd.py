@@ -25,7 +25,7 @@ def sgd(
     Each step (``g`` the gradient, negated when ``maximize``)::
 
         g = g + weight_decay * p
-        buf = g (first step) | momentum * buf + (1 - dampening) * g
+        buf = g (the parameter's first update) | momentum * buf + (1 - dampening) * g
         g = g + momentum * buf (nesterov) | buf
         p = p - lr * g
 
@@ -79,6 +79,15 @@ class SGD(Optimizer):
             # Overwritten by the gradient at the first step (torch.optim semantics: buf = g).
             buf = {n: p.new_zeros(p.shape) for n, p in params.items()}
         return {"momentum_buffer": buf}
+
+    def _check_constructed(self) -> None:
+        # torch.optim.SGD rejects these when built; a setting left to hparams waits for step 1
+        if self.settings.get("nesterov"):
+            momentum, damp = self.settings.get("momentum"), self.settings.get("dampening")
+            if isinstance(momentum, (int, float)) and momentum == 0:
+                raise ValueError("sgd: nesterov=True needs a momentum (momentum is 0)")
+            if isinstance(damp, (int, float)) and damp != 0:
+                raise ValueError(f"sgd: nesterov=True needs dampening 0, got dampening={damp}")
 
     def _check_combination(self, hparams: HParams) -> None:
         if self.flag("nesterov", hparams):
