@@ -8,9 +8,9 @@ and is differentiable w.r.t. params, grads, state and every hyperparameter::
     state = opt.init(params)
     params, state = opt.step(params, grads, state, hparams)
 
-The protocol is described in :mod:`bilevel.optim.base`, the kinds of hyperparameter
-values (and :func:`schedule` / :func:`per_element`) in :mod:`bilevel.optim.hparams`,
-the valid ranges (each optimizer's ``ranges``) in :mod:`bilevel.optim.validation`.
+The protocol is described in ``bilevel.optim.base``, the kinds of hyperparameter
+values (and :func:`schedule` / :func:`per_element`) in ``bilevel.optim.hparams``,
+the valid ranges (each optimizer's ``ranges``) in ``bilevel.optim.validation``.
 """
 
 from bilevel.optim.adadelta import Adadelta, adadelta

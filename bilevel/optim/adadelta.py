@@ -27,7 +27,7 @@ def adadelta(
         u = rho * u + (1 - rho) * d * d
         p = p - lr * d
 
-    Every setting is a hyperparameter of any kind (see :mod:`bilevel.optim.hparams`).
+    Every setting is a hyperparameter of any kind (see ``bilevel.optim.hparams``).
     Defaults as torch: ``lr=1.0, rho=0.9, eps=1e-6, weight_decay=0``.
 
     Example:

@@ -30,8 +30,8 @@ seeded by each parameter's first update.
 A setting given to the constructor wins over the torch default; a setting left as
 ``None`` is read from ``hparams`` by name, else it takes the ``torch.optim`` default;
 a setting given both to the constructor and in ``hparams`` raises (which one was
-meant?). Kinds of values: see :mod:`bilevel.optim.hparams`. Valid ranges: each
-optimizer's ``ranges`` (:mod:`bilevel.optim.validation`). A Python number equal to
+meant?). Kinds of values: see ``bilevel.optim.hparams``. Valid ranges: each
+optimizer's ``ranges`` (``bilevel.optim.validation``). A Python number equal to
 zero switches a feature off structurally (no buffer, no work); a tensor never does,
 whatever its value, so the code path never depends on a tensor's value (no device
 synchronisation).
@@ -105,7 +105,7 @@ class Optimizer:
     Subclasses declare ``defaults`` (the ``torch.optim`` default of every setting,
     structural flags included), ``flags`` (the settings that must be Python bools),
     ``pairs`` (settings given as a pair, such as ``betas``), ``ranges`` (valid values),
-    and implement :meth:`init` and :meth:`_update`.
+    and implement ``_init_buffers`` and ``_update``.
     """
 
     name: str = "optimizer"

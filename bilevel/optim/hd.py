@@ -134,7 +134,7 @@ class SGDHDFunctional(_HDMixin, SGD):
     ) -> tuple[Params, State]:
         names, ps, gs = self._lists(params, grads)
         ops = self.ops(ps)
-        gs, d, buffers = self.direction(ops, state, hparams, at, names, ps, gs)
+        gs, d, buffers = self._direction(ops, state, hparams, at, names, ps, gs)
         prev = self._buffers(state, "prev_direction", names, like=ps, fresh=True)
         lr = self._adapted_lr(ops, state, hparams, gs, prev)
         buffers["lr"] = lr

@@ -97,7 +97,7 @@ class SGD(Optimizer):
             if isinstance(damp, (int, float)) and damp != 0:
                 raise ValueError(f"sgd: nesterov=True needs dampening 0, got dampening={damp}")
 
-    def direction(
+    def _direction(
         self,
         ops: Any,
         state: State,
@@ -133,6 +133,6 @@ class SGD(Optimizer):
     ) -> tuple[Params, State]:
         names, ps, gs = self._lists(params, grads)
         ops = self.ops(ps)
-        _, d, buffers = self.direction(ops, state, hparams, at, names, ps, gs)
+        _, d, buffers = self._direction(ops, state, hparams, at, names, ps, gs)
         lr = self.resolve("lr", hparams, at.index, names, ps)
         return dict(zip(names, ops.axpy(ps, d, lr, -1))), buffers
