@@ -744,3 +744,24 @@ def test_every_optimizer_gives_one_hypergradient_in_every_exact_mode(name):
         torch.testing.assert_close(out, results[0][0], rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(grad, results[0][1], rtol=1e-10, atol=1e-13)
     assert results[0][1].abs() > 0
+
+
+@pytest.mark.parametrize("name", ["ASGD", "NAdam"])
+def test_number_or_tensor_state_scalars_keep_their_kind(name):
+    """eta / mu_product are numbers or tensors from init on, as the settings are."""
+    params = {"w": torch.ones(2, dtype=torch.float64)}
+    grads = {"w": torch.ones(2, dtype=torch.float64)}
+    key = "eta" if name == "ASGD" else "mu_product"
+    setting = "lr" if name == "ASGD" else "momentum_decay"
+    value = HG_BASE[name][setting]
+    for hp, is_tensor in (
+        ({setting: value}, False),
+        ({setting: lambda t: value}, False),
+        ({setting: torch.tensor(value, dtype=torch.float64)}, True),
+        ({setting: lambda t: torch.tensor(value, dtype=torch.float64)}, True),
+    ):
+        opt = FACTORY[name]()
+        state = opt.init(params, hp)
+        for _ in range(2):
+            assert isinstance(state[key]["w"], torch.Tensor) == is_tensor
+            params, state = opt.step(params, grads, state, hp)

@@ -221,8 +221,10 @@ def hmap(fn: Callable[..., Any], *values: Resolved) -> Resolved:
 
 
 def contains_tensor(value: Any) -> bool:
-    """Whether a raw value holds a tensor anywhere (a function of the step counts as one)."""
-    if isinstance(value, (Tensor, Schedule, PerElement)) or is_fn(value):
+    """Whether a raw value holds a tensor anywhere (a function of the step: at step 0)."""
+    if is_fn(value):
+        value = value(0)
+    if isinstance(value, (Tensor, Schedule, PerElement)):
         return True
     if isinstance(value, Mapping):
         return any(contains_tensor(v) for v in value.values())
