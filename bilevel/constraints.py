@@ -273,6 +273,7 @@ def projected_argmin(
     solver: Any = None,
     linear_solver: Any = None,
     diagnostics: Any = None,
+    strict: bool = False,
 ) -> Tree:
     """``argmin_{w in C} inner_loss(w, hparams[, data])``, differentiable by the IFT.
 
@@ -296,6 +297,8 @@ def projected_argmin(
             then iterates the projected gradient map itself.
         linear_solver: default :func:`bilevel.linalg.gmres`.
         diagnostics: an :class:`bilevel.ImplicitDiagnostics`.
+        strict: a solver reporting ``converged=False`` raises
+            :class:`bilevel.solvers.NotStationaryError` instead of warning.
 
     Example:
         >>> A = torch.tensor([[2.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
@@ -348,6 +351,7 @@ def projected_argmin(
                 solver=solver,
                 linear_solver=linear_solver,
                 diagnostics=diagnostics,
+                strict=strict,
             )
         return implicit.fixed_point(
             lambda w, h: step_map(w, h, None),
@@ -356,6 +360,7 @@ def projected_argmin(
             solver=solver,
             linear_solver=linear_solver,
             diagnostics=diagnostics,
+            strict=strict,
         )
     if not callable(solver):
         raise TypeError(f"solver must be a solver(objective, init), got {type(solver).__name__}")
@@ -368,4 +373,5 @@ def projected_argmin(
         solver=solver,
         linear_solver=linear_solver,
         diagnostics=diagnostics,
+        strict=strict,
     )

@@ -21,6 +21,9 @@ def custom_root(
     linear_solver: Any = None,
     symmetric: bool | None = None,
     diagnostics: ImplicitDiagnostics | None = None,
+    *,
+    stationarity_tol: float | None = None,
+    strict: bool = False,
 ) -> Callable[[Callable[..., Tree]], Callable[..., Tree]]:
     """Decorator: make ``solver_fn(init, hparams, *args) -> solution`` differentiable.
 
@@ -30,12 +33,21 @@ def custom_root(
     anything (closed form, scipy, a loop with early stopping). Under ``torch.func.vmap``
     the solver is called once per batch element.
 
+    The solver may return ``(solution, info)`` where ``info`` has a ``converged``
+    attribute (e.g. a :class:`bilevel.solvers.SolverInfo`): a solve that did not
+    converge then warns (raises when ``strict``), as in :func:`argmin`. For solvers
+    that report nothing, ``stationarity_tol`` checks ``||F(solution)||`` instead (one
+    evaluation of ``optimality_fn`` and one host sync per call).
+
     Args:
         optimality_fn: ``F(solution, hparams, *args)``, a tree shaped like the solution.
         linear_solver: the linear solver for backward/jvp passes (default ``gmres``, or
             ``cg`` when ``symmetric=True``).
         symmetric: whether ``dF/dw`` is symmetric (e.g. ``F`` is a gradient); see :func:`root`.
         diagnostics: an :class:`ImplicitDiagnostics` shared by every call.
+        stationarity_tol: if given, warn (raise when ``strict``) when
+            ``||optimality_fn(solution, ...)|| > stationarity_tol``.
+        strict: raise :class:`bilevel.solvers.NotStationaryError` instead of warning.
 
     Example:
         >>> import torch
@@ -52,6 +64,12 @@ def custom_root(
     """
     if not callable(optimality_fn):
         raise TypeError(f"optimality_fn must be callable, got {type(optimality_fn).__name__}")
+    if stationarity_tol is not None and not (
+        isinstance(stationarity_tol, (int, float)) and stationarity_tol >= 0
+    ):
+        raise ValueError(
+            f"stationarity_tol must be a number >= 0 or None, got {stationarity_tol!r}"
+        )
     lin, sym = _check_linear_solver(linear_solver, symmetric, "custom_root")
 
     def decorator(solver_fn: Callable[..., Tree]) -> Callable[..., Tree]:
@@ -73,6 +91,8 @@ def custom_root(
                 linear_solver=lin,
                 symmetric=sym,
                 diagnostics=diagnostics,
+                stationarity_tol=stationarity_tol,
+                strict=strict,
                 returns_info=False,
             )
             return solve_layer(layer, init_leaves, spec, hparams, tuple(args))

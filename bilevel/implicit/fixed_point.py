@@ -32,6 +32,7 @@ def fixed_point(
     linear_solver: Any = None,
     symmetric: bool | None = None,
     diagnostics: ImplicitDiagnostics | None = None,
+    strict: bool = False,
 ) -> Tree:
     """A fixed point ``w = map_fn(w, hparams[, data])``, differentiable by the IFT.
 
@@ -43,7 +44,7 @@ def fixed_point(
         solution_or_init: the fixed point (``solver=None``) or the starting point.
         solver: ``solver(map, init) -> (solution, info)``, e.g.
             :func:`bilevel.solvers.fixed_point_iteration` or :func:`bilevel.solvers.anderson`.
-        linear_solver, symmetric, diagnostics: as in :func:`root`.
+        linear_solver, symmetric, diagnostics, strict: as in :func:`root`.
 
     Example:
         >>> import torch
@@ -75,6 +76,7 @@ def fixed_point(
         linear_solver=linear_solver,
         symmetric=symmetric,
         diagnostics=diagnostics,
+        strict=strict,
     )
     return solve_layer(layer, init_leaves, spec, hparams, data)
 
@@ -100,6 +102,7 @@ def _constrained_argmin(
     solver: Callable[..., Any],
     linear_solver: Any,
     diagnostics: ImplicitDiagnostics | None,
+    strict: bool = False,
 ) -> Tree:
     """The fixed point of ``step_map`` found by minimizing ``loss3`` (constraints.projected_argmin)."""
     _check_hparams(hparams)
@@ -119,5 +122,6 @@ def _constrained_argmin(
         linear_solver=linear_solver,
         symmetric=symmetric,
         diagnostics=diagnostics,
+        strict=strict,
     )
     return solve_layer(layer, init_leaves, spec, hparams, data)

@@ -70,6 +70,28 @@ class _LinearProblem(_Problem):
         op = self._op(self.transpose)
         return (lambda v: op(psol, pth, list(v))), c
 
+    def _not_a_minimum(self, info: Any) -> None:
+        from bilevel.solvers import NotMinimumError, NotMinimumWarning
+
+        lo, hi = info.min_curvature, info.max_curvature
+        if info.negative_curvature:
+            found = f"a direction with p^T H p / p^T p = {lo:.3e} <= 0"
+        else:
+            found = (
+                f"its Lanczos matrix is not positive definite (smallest diagonal entry v^T H v "
+                f"or LDL^T pivot {lo:.3e}, largest v^T H v {hi:.3e})"
+            )
+        msg = (
+            f"{self.name}: the solution is not a minimum: the {info.method} solve of the backward "
+            f"pass met negative curvature of the inner loss's Hessian, {found}. The point is a "
+            "saddle or a maximum, and the hypergradient is that of this stationary point, not of "
+            "a minimiser: start the inner solver elsewhere, or make the inner loss convex there "
+            "(regularisation)"
+        )
+        if self.strict:
+            raise NotMinimumError(msg)
+        warnings.warn(msg, NotMinimumWarning, stacklevel=2)
+
     def run(self, target: Any, init: Sequence[Tensor]) -> list[Tensor]:
         matvec, c = target
         b = [-x for x in c]
@@ -83,6 +105,8 @@ class _LinearProblem(_Problem):
                 "inner problem strongly convex there?)"
             ) from err
         _record(self.diagnostics, kind, info)
+        if self.minimum and getattr(info, "checked", True) and _indefinite(info):
+            self._not_a_minimum(info)
         if _should_warn(info):
             warnings.warn(
                 f"{self.name}: the {'backward' if self.transpose else 'forward-mode'} linear solve "
@@ -94,6 +118,11 @@ class _LinearProblem(_Problem):
                 stacklevel=2,
             )
         return [t.detach() for t in tree_leaves(x)]
+
+
+def _indefinite(info: Any) -> bool:
+    indefinite = getattr(info, "indefinite", None)
+    return bool(indefinite()) if callable(indefinite) else False
 
 
 def _should_warn(info: Any) -> bool:

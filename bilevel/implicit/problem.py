@@ -31,6 +31,8 @@ class _Problem:
     n_sol: int
     n_theta: int
     name: str = "implicit"
+    minimum: bool = False  # F is the gradient of a loss to minimise (argmin): curvature matters
+    strict: bool = False  # raise instead of warning when a solve is not what the theorem assumes
 
     def residual(self, sol: Sequence[Tensor], theta: Sequence[Tensor]) -> list[Tensor]:
         raise NotImplementedError  # pragma: no cover - abstract: every subclass defines it
@@ -107,6 +109,8 @@ class _Problem:
         self.n_sol = parent.n_sol
         self.n_theta = parent.n_theta
         self.name = parent.name
+        self.minimum = parent.minimum
+        self.strict = parent.strict
 
     def reused_operator(
         self, sol: Sequence[Tensor], theta: Sequence[Tensor]

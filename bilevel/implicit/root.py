@@ -28,6 +28,7 @@ def root(
     linear_solver: Any = None,
     symmetric: bool | None = None,
     diagnostics: ImplicitDiagnostics | None = None,
+    strict: bool = False,
 ) -> Tree:
     """A root ``w`` of ``optimality_fn(w, hparams[, data]) = 0``, differentiable by the IFT.
 
@@ -41,6 +42,9 @@ def root(
             solver (with a warning for a symmetric-only one); ``False`` with ``cg``/
             ``minres`` is an error.
         diagnostics: an :class:`ImplicitDiagnostics`.
+        strict: when the solver reports ``converged=False``, raise
+            :class:`bilevel.solvers.NotStationaryError` instead of warning
+            (:class:`bilevel.solvers.NotStationaryWarning`), as :func:`argmin` does.
 
     Example:
         >>> import torch
@@ -72,5 +76,6 @@ def root(
         linear_solver=linear_solver,
         symmetric=symmetric,
         diagnostics=diagnostics,
+        strict=strict,
     )
     return solve_layer(layer, init_leaves, spec, hparams, data)

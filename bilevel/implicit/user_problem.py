@@ -75,6 +75,7 @@ class _UserProblem(_Problem):
         self.strict = layer.strict
         self.returns_info = layer.returns_info
         self.switch = _ForwardModeSwitch(forward=layer.hvp == "forward")
+        self.minimum = layer.objective is not None
         self.n_sol = len(sol_like)
         self.n_theta = len(packer.tensors)
 
@@ -150,8 +151,11 @@ class _UserProblem(_Problem):
             w0 = tree_unflatten(list(init), self.sol_spec)
             h, d = self.packer.unpack(theta)
             assert self.solver is not None
-            out = self.solver(w0, h, *d)
-            return self._finish(out, init, None, None)
+            out, info = _solution_and_info(self.solver(w0, h, *d))
+            sol = self._finish(out, init, None, info)
+            if self.stationarity_tol is not None:
+                self._check_residual(sol, theta)
+            return sol
         return self.run(self.target(theta), init)
 
     def run(self, target: Any, init: Sequence[Tensor]) -> list[Tensor]:
@@ -186,18 +190,16 @@ class _UserProblem(_Problem):
             sol.append(x)
         if info is not None:
             _record(self.diagnostics, "forward", info)
-        if self.kind == "objective" and target is not None:
-            self._check_stationary(target, sol, info)
+        self._check_solved(target, sol, info)
         return sol
 
-    def _check_stationary(
-        self, objective: Callable[[Any], Tensor], sol: list[Tensor], info: Any
-    ) -> None:
+    def _check_solved(self, target: Any, sol: list[Tensor], info: Any) -> None:
+        """Warn (raise when strict) if the forward solve is not what the theorem assumes."""
         from bilevel.solvers import NotStationaryError, NotStationaryWarning, check_stationarity
 
-        if self.stationarity_tol is not None:
+        if self.stationarity_tol is not None and self.kind == "objective" and target is not None:
             check_stationarity(
-                objective,
+                target,
                 tree_unflatten(list(sol), self.sol_spec),
                 self.stationarity_tol,
                 strict=self.strict,
@@ -205,12 +207,48 @@ class _UserProblem(_Problem):
             return
         if info is None or getattr(info, "converged", True):
             return
+        norm = float(getattr(info, "grad_norm", math.nan))
+        if self.kind == "objective":
+            what, point = "gradient norm", "a stationary point"
+        else:
+            what, point = "residual", "an exact solution of its optimality condition"
         msg = (
-            f"{self.name}: the inner solver did not converge: gradient norm "
-            f"{float(getattr(info, 'grad_norm', math.nan)):.3e} at the returned point ({info}). "
-            "The implicit hypergradient assumes a stationary point: raise the solver's maxiter "
-            "or loosen its tol"
+            f"{self.name}: the inner solver did not converge: {what} {norm:.3e} at the returned "
+            f"point ({info}). The implicit hypergradient assumes {point}: raise the solver's "
+            "maxiter or loosen its tol"
         )
         if self.strict:
             raise NotStationaryError(msg)
         warnings.warn(msg, NotStationaryWarning, stacklevel=2)
+
+    def _check_residual(self, sol: list[Tensor], theta: Sequence[Tensor]) -> None:
+        """``||F(solution)|| <= stationarity_tol`` for a solver that reports nothing (custom_root)."""
+        from bilevel.solvers import NotStationaryError, NotStationaryWarning
+
+        assert self.stationarity_tol is not None
+        res = self.residual(sol, theta)
+        norm = float(
+            torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(r) for r in res]))
+        )
+        if norm <= self.stationarity_tol:
+            return
+        msg = (
+            f"{self.name}: the solution is not a root of the optimality function: ||F|| "
+            f"{norm:.3e} > stationarity_tol {self.stationarity_tol:.1e}. The implicit "
+            "hypergradient assumes an exact root: solve more accurately"
+        )
+        if self.strict:
+            raise NotStationaryError(msg)
+        warnings.warn(msg, NotStationaryWarning, stacklevel=2)
+
+
+def _solution_and_info(out: Any) -> tuple[Any, Any]:
+    """A custom_root solver returns the solution, or ``(solution, info)`` with ``info.converged``."""
+    if (
+        isinstance(out, tuple)
+        and len(out) == 2
+        and not isinstance(out[1], (Tensor, dict, list, tuple))
+        and hasattr(out[1], "converged")
+    ):
+        return out[0], out[1]
+    return out, None

@@ -39,6 +39,13 @@ class LinearSolveInfo:
         checked: False when the values could not be read from the device (the solve
             ran under ``torch.func.vmap``); then ``maxiter`` iterations were run and
             the numbers are not meaningful.
+        min_curvature, max_curvature: curvature met by the solve. cg: the smallest and
+            largest Rayleigh quotient ``p^T A p / p^T p`` of its search directions.
+            minres: the largest diagonal entry of the Lanczos matrix ``T_k`` (Rayleigh
+            quotients of the Lanczos vectors) and the smallest of those entries and of
+            the pivots of ``T_k = L D L^T``, so ``min_curvature < 0`` exactly when
+            ``T_k`` (hence ``A``) is not positive definite. ``nan`` for solvers that do
+            not track them. See :meth:`indefinite`.
 
     Example:
         >>> info = LinearSolveInfo("cg", 3, 1e-12, True, False, "", threshold=1e-10)
@@ -54,6 +61,27 @@ class LinearSolveInfo:
     message: str
     threshold: float = math.nan
     checked: bool = True
+    min_curvature: float = math.nan
+    max_curvature: float = math.nan
+
+    def indefinite(self) -> bool:
+        """Whether the solve met a direction of negative curvature (beyond rounding).
+
+        True when cg stopped on ``p^T A p <= 0``, or when the smallest Rayleigh quotient
+        is below ``-1e-6`` times the largest in magnitude: the operator (a Hessian) is then
+        not positive semi-definite, so the point it was taken at is not a minimum.
+
+        Example:
+            >>> LinearSolveInfo("minres", 2, 0.0, True, False, "", min_curvature=-1.0,
+            ...                 max_curvature=3.0).indefinite()
+            True
+        """
+        if self.negative_curvature:
+            return True
+        lo, hi = self.min_curvature, self.max_curvature
+        if math.isnan(lo) or math.isnan(hi):
+            return False
+        return lo < -1e-6 * max(abs(lo), abs(hi))
 
     def __str__(self) -> str:
         if not self.checked:
@@ -281,13 +309,18 @@ class _Iterative(LinearSolver):
         negative_curvature: Tensor,
         maxiter: int,
         extra: Tensor | None = None,
+        curvature: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[LinearSolveInfo, list[float]]:
         """One host sync gathering every scalar the info record needs."""
+        nan = torch.full_like(rnorm, math.nan)
+        lo, hi = (nan, nan) if curvature is None else curvature
         parts = [
             iterations.to(rnorm.dtype),
             rnorm,
             threshold.to(rnorm.dtype),
             negative_curvature.to(rnorm.dtype),
+            lo.to(rnorm.dtype),
+            hi.to(rnorm.dtype),
         ]
         if extra is not None:
             parts.append(extra.to(rnorm.dtype).reshape(-1))
@@ -306,6 +339,8 @@ class _Iterative(LinearSolver):
             return info, []
         vals = _to_host(gathered)
         it, rn, th, neg = int(vals[0]), vals[1], vals[2], bool(vals[3])
+        # +-inf: no direction was met (b = 0, or converged at x0)
+        c_lo, c_hi = (v if math.isfinite(v) else math.nan for v in vals[4:6])
         converged = (rn <= th) and not neg and math.isfinite(rn)
         if converged:
             message = ""
@@ -322,5 +357,15 @@ class _Iterative(LinearSolver):
                 f"reached maxiter={maxiter}; raise maxiter, loosen tol/atol, or add damping "
                 "to improve the conditioning"
             )
-        info = LinearSolveInfo(self.name, it, rn, converged, neg, message, threshold=th)
-        return info, vals[4:]
+        info = LinearSolveInfo(
+            self.name,
+            it,
+            rn,
+            converged,
+            neg,
+            message,
+            threshold=th,
+            min_curvature=c_lo,
+            max_curvature=c_hi,
+        )
+        return info, vals[6:]

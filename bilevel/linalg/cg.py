@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -29,10 +30,16 @@ class CG(_Iterative):
         done = rs.sqrt() <= threshold
         negative = torch.zeros_like(done)
         iterations = torch.zeros((), dtype=torch.int64, device=bnorm.device)
+        lo = torch.full_like(bnorm, math.inf)  # extreme Rayleigh quotients of the directions
+        hi = torch.full_like(bnorm, -math.inf)
 
         for k in range(maxiter):
             Ap = A(p)
             pAp = _dot(p, Ap)
+            live = ~done
+            q = pAp / _safe(_dot(p, p), live)
+            lo = torch.where(live, torch.minimum(lo, q), lo)
+            hi = torch.where(live, torch.maximum(hi, q), hi)
             bad = (pAp <= 0) & ~done
             active = ~done & ~bad
             alpha = rs / _safe(pAp, active)
@@ -59,6 +66,7 @@ class CG(_Iterative):
             threshold=threshold,
             negative_curvature=negative,
             maxiter=maxiter,
+            curvature=(lo, hi),
         )
         return x, info
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -46,6 +47,13 @@ class MINRES(_Iterative):
         singular = torch.zeros_like(done)
         iterations = torch.zeros((), dtype=torch.int64, device=beta.device)
 
+        # Curvature of the Lanczos matrix T_k: its diagonal (Rayleigh quotients v^T A v) and
+        # the pivots of T_k = L D L^T. T_k is positive definite iff every pivot is positive,
+        # and by interlacing a T_k that is not means an A that is not (a saddle, a maximum).
+        lo = torch.full_like(beta, math.inf)
+        hi = torch.full_like(beta, -math.inf)
+        pivot = torch.ones_like(beta)
+
         for k in range(maxiter):
             active = ~done & (beta > 0)
             v = _div(r2, _safe(beta, active))
@@ -54,6 +62,16 @@ class MINRES(_Iterative):
             has_prev = oldb > 0
             y = _axpy(-torch.where(has_prev, beta / _safe(oldb, has_prev), zero), r1, y)
             alfa = _dot(v, y)
+            # v has unit norm and is orthogonal to r1, so alfa = v^T A v: a Rayleigh quotient;
+            # beta (the norm that normalised v) is T_k's off-diagonal entry
+            # a pivot at rounding level followed by a coupling beta > 0 means T_k is
+            # indefinite (a PSD matrix with a zero pivot has a zero column below it)
+            floor = math.sqrt(eps) * torch.sqrt(tnorm2 + alfa * alfa + beta * beta)
+            kept = torch.maximum(pivot, floor)
+            pivot_new = alfa - torch.where(has_prev, beta * beta / _safe(kept, kept > 0), zero)
+            pivot = torch.where(active, pivot_new, pivot)
+            lo = torch.where(active, torch.minimum(lo, torch.minimum(alfa, pivot_new)), lo)
+            hi = torch.where(active, torch.maximum(hi, alfa), hi)
             y = _axpy(-alfa / _safe(beta, active), r2, y)
             beta_new = _norm(y)
             tnorm2_new = tnorm2 + alfa * alfa + beta * beta + beta_new * beta_new
@@ -105,6 +123,7 @@ class MINRES(_Iterative):
             negative_curvature=torch.zeros_like(done),
             maxiter=maxiter,
             extra=singular,
+            curvature=(lo, hi),
         )
         if info.checked and not info.converged and extra and extra[0]:
             info.message = (

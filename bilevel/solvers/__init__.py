@@ -29,7 +29,14 @@ on function values; the scipy bridge runs on the host by design.
 
 from bilevel.solvers.anderson import Anderson, anderson
 from bilevel.solvers.base import MapFn as MapFn
-from bilevel.solvers.base import NotStationaryError, NotStationaryWarning, Solver, SolverInfo
+from bilevel.solvers.base import (
+    NotMinimumError,
+    NotMinimumWarning,
+    NotStationaryError,
+    NotStationaryWarning,
+    Solver,
+    SolverInfo,
+)
 from bilevel.solvers.base import Objective as Objective
 from bilevel.solvers.fixed_point_iteration import FixedPointIteration, fixed_point_iteration
 from bilevel.solvers.gradient_descent import GradientDescent, gradient_descent
@@ -40,6 +47,8 @@ from bilevel.solvers.stationarity import check_stationarity, fixed_point_residua
 
 __all__ = [
     "SolverInfo",
+    "NotMinimumError",
+    "NotMinimumWarning",
     "NotStationaryError",
     "NotStationaryWarning",
     "Solver",

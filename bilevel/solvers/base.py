@@ -75,6 +75,14 @@ class NotStationaryError(RuntimeError):
     """Raised instead of :class:`NotStationaryWarning` in strict mode."""
 
 
+class NotMinimumWarning(RuntimeWarning):
+    """The inner solution of an argmin is a saddle point or a maximum (negative curvature)."""
+
+
+class NotMinimumError(RuntimeError):
+    """Raised instead of :class:`NotMinimumWarning` in strict mode."""
+
+
 def _check_tol(tol: Any, name: str = "tol") -> float:
     if isinstance(tol, bool) or not isinstance(tol, (int, float)):
         raise TypeError(f"{name} must be a non-negative number; got {type(tol).__name__}")

@@ -1,0 +1,167 @@
+"""Every implicit layer says when its solve is not what the implicit function theorem assumes."""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+import bilevel
+from bilevel import constraints, linalg, solvers
+from bilevel.solvers import (
+    NotMinimumError,
+    NotMinimumWarning,
+    NotStationaryError,
+    NotStationaryWarning,
+    SolverInfo,
+)
+
+D = torch.float64
+
+
+def _unconverged(fn, init):
+    """A root solver that gives up at once and says so."""
+    return init.clone(), SolverInfo("give_up", 1, False, 0.5, math.nan, "stopped early")
+
+
+def test_root_warns_and_raises_when_its_solver_did_not_converge():
+    h = torch.tensor(4.0, dtype=D, requires_grad=True)
+    start = torch.tensor(2.5, dtype=D)
+    with pytest.warns(
+        NotStationaryWarning, match=r"root: the inner solver did not converge: residual 5\.000e-01"
+    ):
+        bilevel.root(lambda w, h: w**2 - h, start, h, solver=_unconverged)
+    with pytest.raises(NotStationaryError, match="root"):
+        bilevel.root(lambda w, h: w**2 - h, start, h, solver=_unconverged, strict=True)
+
+
+def test_fixed_point_warns_and_raises_when_truncated():
+    h = torch.tensor(1.0, dtype=D, requires_grad=True)
+    solver = solvers.fixed_point_iteration(tol=1e-12, maxiter=3, check_every=1)
+    map_fn = lambda w, h: 0.99 * w + h  # noqa: E731  - fixed point 100 h, slow contraction
+    with pytest.warns(NotStationaryWarning, match="fixed_point: the inner solver did not converge"):
+        w = bilevel.fixed_point(map_fn, torch.zeros((), dtype=D), h, solver=solver)
+    assert float(w.detach()) < 5  # the truncated answer (far from 100) is what was flagged
+    with pytest.raises(NotStationaryError, match="fixed_point"):
+        bilevel.fixed_point(map_fn, torch.zeros((), dtype=D), h, solver=solver, strict=True)
+
+
+def test_fixed_point_converged_is_silent():
+    h = torch.tensor(1.0, dtype=D, requires_grad=True)
+    solver = solvers.anderson(tol=1e-12, maxiter=100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        w = bilevel.fixed_point(
+            lambda w, h: 0.5 * w + h, torch.zeros((), dtype=D), h, solver=solver
+        )
+    torch.testing.assert_close(w.detach(), torch.tensor(2.0, dtype=D))
+
+
+def _ridge_optimality(w, h, X, y):
+    return X.T @ (X @ w - y) + h * w
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(8, 3, generator=g, dtype=D), torch.randn(8, generator=g, dtype=D)
+
+
+def test_custom_root_uses_the_info_its_solver_returns():
+    X, y = _data()
+    h = torch.tensor(1.0, dtype=D, requires_grad=True)
+
+    @bilevel.custom_root(_ridge_optimality, symmetric=True)
+    def weak(init, h, X, y):
+        return init, SolverInfo("weak", 2, False, 3.0, math.nan, "maxiter reached")
+
+    with pytest.warns(NotStationaryWarning, match="weak: the inner solver did not converge"):
+        weak(torch.zeros(3, dtype=D), h, X, y)
+
+    @bilevel.custom_root(_ridge_optimality, symmetric=True, strict=True)
+    def weak_strict(init, h, X, y):
+        return init, SolverInfo("weak", 2, False, 3.0, math.nan, "maxiter reached")
+
+    with pytest.raises(NotStationaryError):
+        weak_strict(torch.zeros(3, dtype=D), h, X, y)
+
+
+def test_custom_root_stationarity_tol_checks_the_residual():
+    X, y = _data()
+    h = torch.tensor(1.0, dtype=D, requires_grad=True)
+
+    def exact(init, h, X, y):
+        return torch.linalg.solve(X.T @ X + h * torch.eye(3, dtype=D), X.T @ y)
+
+    good = bilevel.custom_root(_ridge_optimality, symmetric=True, stationarity_tol=1e-9)(exact)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        good(torch.zeros(3, dtype=D), h, X, y)
+    bad = bilevel.custom_root(_ridge_optimality, symmetric=True, stationarity_tol=1e-9)(
+        lambda init, h, X, y: 0.5 * exact(init, h, X, y)
+    )
+    with pytest.warns(NotStationaryWarning, match=r"\|\|F\|\| .* > stationarity_tol"):
+        bad(torch.zeros(3, dtype=D), h, X, y)
+
+
+def test_projected_argmin_with_a_truncated_fixed_point_solver():
+    A = torch.tensor([[2.0, 0.0], [0.0, 1.0]], dtype=D)
+    h = torch.tensor([1.0, -1.0], dtype=D, requires_grad=True)
+    loss = lambda w, h: 0.5 * w @ A @ w - h @ w  # noqa: E731
+    kw = dict(projection=constraints.project_nonnegative, step_size=0.05)
+    weak = solvers.fixed_point_iteration(tol=1e-12, maxiter=2, check_every=1)
+    with pytest.warns(NotStationaryWarning, match="did not converge"):
+        constraints.projected_argmin(loss, torch.zeros(2, dtype=D), h, solver=weak, **kw)
+    with pytest.raises(NotStationaryError):
+        constraints.projected_argmin(
+            loss, torch.zeros(2, dtype=D), h, solver=weak, strict=True, **kw
+        )
+
+
+def test_argmin_layer_strict_raises_on_a_truncated_solve():
+    layer = bilevel.nn.ArgMinLayer(
+        lambda w, x, p: ((w - x) ** 2).sum() + p["l2"] * (w**2).sum(),
+        torch.zeros(3, dtype=D),
+        {"l2": torch.tensor(0.1, dtype=D)},
+        solver=solvers.lbfgs(tol=1e-14, maxiter=1),
+        strict=True,
+    )
+    with pytest.raises(NotStationaryError):
+        layer(torch.randn(3, dtype=D))
+
+
+def _double_well(w, h):
+    return (w**4 - w**2 + h * w**2).sum()
+
+
+@pytest.mark.parametrize("name", ["minres", "cg"])
+def test_argmin_at_a_maximum_warns_naming_the_curvature(name):
+    h = torch.tensor(0.5, dtype=D, requires_grad=True)  # Hessian at 0: 2 (h - 1) = -1
+    solver = getattr(linalg, name)()
+    w = bilevel.argmin(_double_well, torch.zeros(2, dtype=D), h, linear_solver=solver)
+    with pytest.warns(NotMinimumWarning, match=r"not a minimum.*-1\.000e\+00"):
+        w.sum().backward()
+    w = bilevel.argmin(_double_well, torch.zeros(2, dtype=D), h, linear_solver=solver, strict=True)
+    with pytest.raises(NotMinimumError, match=name):
+        w.sum().backward()
+
+
+def test_argmin_at_a_minimum_is_silent_with_minres():
+    h = torch.tensor(0.5, dtype=D, requires_grad=True)
+    w_min = torch.full((2,), math.sqrt((1 - 0.5) / 2), dtype=D)  # 4 w^3 = 2 (1 - h) w
+    w = bilevel.argmin(_double_well, w_min, h, linear_solver=linalg.minres())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        w.sum().backward()
+    # d w / d h = -2 w / (12 w^2 - 2 (1 - h)) per element
+    expected = 2 * (-2 * w_min[0] / (12 * w_min[0] ** 2 - 2 * (1 - 0.5)))
+    torch.testing.assert_close(h.grad, expected)
+
+
+def test_minres_reports_the_lanczos_curvature():
+    A = torch.diag(torch.tensor([3.0, -2.0, 1.0], dtype=D))
+    _, info = linalg.minres()(lambda v: A @ v, torch.ones(3, dtype=D))
+    assert info.converged and info.indefinite()
+    assert info.min_curvature < 0 < info.max_curvature <= 3.0  # a pivot of T_k is negative
+    _, info = linalg.minres()(lambda v: A.abs() @ v, torch.ones(3, dtype=D))
+    assert info.converged and not info.indefinite()
+    assert 1.0 <= info.min_curvature <= info.max_curvature <= 3.0
