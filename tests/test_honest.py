@@ -165,3 +165,55 @@ def test_minres_reports_the_lanczos_curvature():
     _, info = linalg.minres()(lambda v: A.abs() @ v, torch.ones(3, dtype=D))
     assert info.converged and not info.indefinite()
     assert 1.0 <= info.min_curvature <= info.max_curvature <= 3.0
+
+
+# --------------------------------------------------------------------------- Neumann for fixed points
+
+
+def _linear_map_case(rho):
+    """w = A w + B h with a non-symmetric A of spectral radius rho; w* = (I - A)^-1 B h."""
+    g = torch.Generator().manual_seed(3)
+    Q, _ = torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=D))
+    T = torch.triu(torch.randn(4, 4, generator=g, dtype=D), 1) * 0.3
+    A = Q @ (torch.diag(torch.tensor([rho, -0.5 * rho, 0.3 * rho, 0.1], dtype=D)) + T) @ Q.T
+    B = torch.randn(4, 2, generator=g, dtype=D)
+    h = torch.randn(2, generator=g, dtype=D, requires_grad=True)
+    w_star = torch.linalg.solve(torch.eye(4, dtype=D) - A, B @ h.detach())
+    grad_ref = torch.linalg.solve(torch.eye(4, dtype=D) - A, B).sum(0)  # d sum(w*) / d h
+    return A, B, h, w_star, grad_ref
+
+
+def test_fixed_point_neumann_is_the_series_of_the_jacobian():
+    A, B, h, w_star, grad_ref = _linear_map_case(0.8)
+    w = bilevel.fixed_point(
+        lambda w, h: A @ w + B @ h, w_star, h, linear_solver=linalg.neumann(maxiter=500)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        w.sum().backward()
+    torch.testing.assert_close(h.grad, grad_ref, rtol=1e-9, atol=1e-12)
+    info = bilevel.implicit.last_backward_info()
+    assert info.method == "neumann" and info.converged
+
+
+def test_fixed_point_neumann_truncated_warns_with_its_residual():
+    A, B, h, w_star, grad_ref = _linear_map_case(0.95)
+    w = bilevel.fixed_point(
+        lambda w, h: A @ w + B @ h, w_star, h, linear_solver=linalg.neumann(maxiter=5)
+    )
+    with pytest.warns(RuntimeWarning, match=r"fixed_point: the backward linear solve .*residual"):
+        w.sum().backward()
+
+
+def test_fixed_point_neumann_divergent_warns_the_map_is_not_a_contraction():
+    A, B, h, w_star, grad_ref = _linear_map_case(1.6)  # I - A is invertible, the series is not
+    w = bilevel.fixed_point(
+        lambda w, h: A @ w + B @ h, w_star, h, linear_solver=linalg.neumann(maxiter=300)
+    )
+    with pytest.warns(RuntimeWarning, match="diverges.*not a contraction"):
+        w.sum().backward()
+    # gmres has no such limit
+    h.grad = None
+    w = bilevel.fixed_point(lambda w, h: A @ w + B @ h, w_star, h)
+    w.sum().backward()
+    torch.testing.assert_close(h.grad, grad_ref, rtol=1e-9, atol=1e-12)

@@ -13,7 +13,7 @@ a matrix unless the user picks :func:`bilevel.linalg.dense`.
 Public entry points:
 
 * :func:`argmin` -- ``F = grad_w inner_loss`` (symmetric Hessian; CG by default);
-* :func:`root` -- any ``F``; :func:`fixed_point` -- ``F(w) = map_fn(w) - w``
+* :func:`root` -- any ``F``; :func:`fixed_point` -- ``F(w) = w - map_fn(w)``
   (GMRES by default);
 * :func:`custom_root` -- a decorator making any solver function differentiable;
 * :class:`ImplicitDiagnostics`, :func:`last_backward_info` -- what the linear solves did;

@@ -36,8 +36,14 @@ def fixed_point(
 ) -> Tree:
     """A fixed point ``w = map_fn(w, hparams[, data])``, differentiable by the IFT.
 
-    The optimality function is ``F(w) = map_fn(w) - w``; ``dF/dw = J - I`` is in general
-    not symmetric, so the default linear solver is :func:`bilevel.linalg.gmres`.
+    The optimality function is ``F(w) = w - map_fn(w)``; ``dF/dw = I - J`` (``J`` the
+    map's Jacobian) is in general not symmetric, so the default linear solver is
+    :func:`bilevel.linalg.gmres`. With ``linear_solver=bilevel.linalg.neumann()`` (its
+    default ``alpha=1``) the backward solve is the Neumann series of the map's own
+    Jacobian, ``sum_k (J^T)^k g``: no step size to choose, convergent when the map is a
+    contraction at the fixed point (spectral radius of ``J`` below 1; the rate is that
+    radius). A series that diverges or is truncated before ``tol`` warns with its
+    residual.
 
     Args:
         map_fn: returns a tree shaped like ``w``.
@@ -82,12 +88,16 @@ def fixed_point(
 
 
 def _map_residual(map3: Callable[[Any, Any, Any], Any]) -> Callable[[Any, Any, Any], Any]:
-    """The optimality function ``F(w) = map(w) - w`` of a fixed point of ``map3``."""
+    """The optimality function ``F(w) = w - map(w)`` of a fixed point of ``map3``.
+
+    This sign makes ``dF/dw = I - J``, whose Neumann series with ``alpha = 1`` is the
+    series of the map's Jacobian ``J`` (the hypergradient does not depend on the sign).
+    """
 
     def residual(w: Any, h: Any, d: Any) -> Any:
         mapped, mspec = tree_flatten(map3(w, h, d))
         wl, _ = tree_flatten(w)
-        return tree_unflatten([m - x for m, x in zip(mapped, wl)], mspec)
+        return tree_unflatten([x - m for m, x in zip(mapped, wl)], mspec)
 
     return residual
 

@@ -87,7 +87,9 @@ class Neumann(_Iterative):
                 f"the series diverges: the residual grew from {extra[0]:.1e} to "
                 f"{info.residual_norm:.1e}; it converges only when ||I - alpha A|| < 1 "
                 f"(for symmetric A: 0 < alpha < 2 / lambda_max and A positive definite); "
-                f"decrease alpha={self.alpha!r}, add damping, or use cg/minres/gmres"
+                f"decrease alpha={self.alpha!r}, add damping, or use cg/minres/gmres. For a "
+                "fixed point (operator I - J, alpha=1: the series of the map's Jacobian J) it "
+                "means the map is not a contraction there; use gmres"
             )
         elif info.checked and not info.converged:
             info.message += (
@@ -113,12 +115,19 @@ def neumann(
     ``||I - alpha A||^K``: the series converges if and only if the spectral radius
     of ``I - alpha A`` is below 1; for symmetric ``A`` that means ``A`` positive
     definite and ``0 < alpha < 2 / lambda_max(A)``, and the rate is
-    ``max |1 - alpha lambda_i|``. Choose ``alpha`` about ``1 / lambda_max`` (the inner
-    learning rate, for a Hessian). The method does not need ``A`` symmetric.
-    It stops early when ``||r|| <= max(tol ||b||, atol)``; a truncated series is
-    an approximation by design, reported with ``converged=False``. A diverging
-    series (residual above ``1e6`` times the initial one) stops there and says so
-    in ``info.message``.
+    ``max |1 - alpha lambda_i|``. The method does not need ``A`` symmetric.
+
+    Choosing ``alpha``: for a Hessian ``H`` (``argmin``), ``alpha = 1 / lambda_max(H)``
+    gives the rate ``1 - lambda_min / lambda_max``, so about ``kappa ln(1/tol)`` terms
+    (``kappa`` the condition number); an inner learning rate ``lr`` converges only if
+    ``lr < 2 / lambda_max`` and then needs about ``ln(1/tol) / (lr lambda_min)`` terms
+    (iMAML's proximal weight ``lam`` gives ``lambda_min >= lam``). For
+    :func:`bilevel.fixed_point` keep ``alpha = 1``: the operator there is ``I - J`` and
+    the series is that of the map's Jacobian ``J``, convergent when the map is a
+    contraction. It stops early when ``||r|| <= max(tol ||b||, atol)``; a series
+    truncated at ``maxiter`` reports ``converged=False`` (the implicit layers then warn
+    with its residual). A diverging series (residual above ``1e6`` times the initial
+    one) stops there and says so in ``info.message``.
 
     Args:
         alpha: step size (a number or a 0-d tensor).
