@@ -20,10 +20,10 @@ Under ``torchrun --nproc_per_node=N -m experiments maml ...`` every meta-batch (
 validation and test tasks) is split across the N processes (:mod:`bilevel.distributed`):
 each computes the meta-gradient of its block of tasks and one all-reduce combines them,
 weighted by task counts, so MAML, first-order MAML and the pretrained baseline follow the
-single-process run (to rounding). iMAML solves the tasks of one process jointly (one L-BFGS
-and one CG run on the block-diagonal problem, stopped after a fixed number of iterations),
-so its result depends on how tasks are grouped, and with N processes it matches the
-single-process run only to the accuracy of those truncated solves.
+single-process run (to rounding). iMAML solves each task on its own under ``vmap`` (its own
+L-BFGS run and CG solve, stopped after a fixed number of iterations), so its result does not
+depend on how tasks are grouped, and with N processes it matches the single-process run to
+rounding too.
 
 :func:`task_loss` (one task, a function of (params, task)) and :func:`meta_gradient`
 (the mean over a batch of tasks) are pure functions, so the meta-batch can be split across
@@ -167,7 +167,7 @@ def imaml_adapt(
 ) -> dict[str, Tensor]:
     """argmin_w support loss + lam/2 ||w - w0||^2 by L-BFGS from w0; implicit gradient.
 
-    Under ``vmap`` the tasks form one block-diagonal problem, solved jointly. L-BFGS's line
+    Under ``vmap`` each task is solved on its own (as in a loop). L-BFGS's line
     search keeps the solve stable whatever the curvature (plain gradient descent with a fixed
     step diverges on some tasks once the meta-parameters sharpen the support loss).
     """

@@ -21,9 +21,9 @@ Public entry points:
 
 How it composes with autograd and ``torch.func``: every solution is the output of one
 ``torch.autograd.Function`` (``setup_context`` style) whose forward runs the solver,
-whose ``backward`` and ``jvp`` apply the theorem, and whose ``vmap`` rule turns a batch
-of problems into one block-diagonal problem (solved by the same solver on the batched
-tensors, so data-dependent loops in solvers stay legal under ``vmap``). The linear solve
+whose ``backward`` and ``jvp`` apply the theorem, and whose ``vmap`` rule solves each
+problem of a batch on its own (linear solves vectorised with per-problem scalars and
+stopping, inner solvers once per problem), so ``vmap(f)`` equals a loop of ``f``. The linear solve
 of a backward or jvp is itself an instance of the same Function (the root of a linear
 system), so hypergradients are differentiable again (double backward, ``jacfwd`` of
 ``jacrev``) and batch under ``vmap`` (``jacrev``, ``jacfwd``, batched tasks).

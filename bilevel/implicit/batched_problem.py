@@ -1,4 +1,4 @@
-"""A stack of independent problems as one joint problem: the ``vmap`` rule."""
+"""A stack of independent problems, each solved on its own: the ``vmap`` rule."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bilevel._tree import tree_leaves, tree_unflatten
 from bilevel.implicit.problem import _Problem
-from bilevel.implicit.user_problem import _UserProblem
 
 
 def _vmap_over(fn: Callable[..., Any], in_dims: tuple[Any, ...]) -> Callable[..., Any]:
@@ -18,12 +16,15 @@ def _vmap_over(fn: Callable[..., Any], in_dims: tuple[Any, ...]) -> Callable[...
 
 
 class _BatchedProblem(_Problem):
-    """A stack of independent instances of ``base`` (the ``vmap`` rule): one joint problem.
+    """A stack of independent instances of ``base`` (the ``vmap`` rule).
 
     Solutions carry the batch in dimension 0; parameters carry it in dimension 0 or are
-    shared (``None``). The joint optimality function is block diagonal, so the joint
-    solve (one L-BFGS run on the summed objective, one CG on the block-diagonal system,
-    ...) returns every instance's solution.
+    shared (``None``). ``vmap(f)`` means ``f`` on each element, so every instance is
+    solved on its own: the linear solves of backward and jvp passes run vectorised under
+    ``torch.func.vmap``, each problem with its own step sizes, masks and stopping decision
+    (the loop ends when every problem is done); inner solvers, whose line searches and
+    stopping tests branch on values, run once per instance. Either way element ``i``'s
+    answer does not depend on the other elements.
     """
 
     def __init__(self, base: _Problem, theta_dims: Sequence[int | None], batch_size: int) -> None:
@@ -50,41 +51,20 @@ class _BatchedProblem(_Problem):
             _vmap_over(self.base.rmatvec, (0, self.dims, 0))(list(sol), list(theta), list(v))
         )
 
-    def target(self, theta: Sequence[Tensor]) -> Any:
-        base, dims, theta = self.base, self.dims, list(theta)
-        if self.kind == "linear":
-            # the plain operator: the reused-graph one cannot run under vmap
-            plain = getattr(base, "plain_target", base.target)
-            mv = _vmap_over(lambda v, th: plain(th)[0](v), (0, dims))
-            c = _vmap_over(lambda th: list(plain(th)[1]), (dims,))(theta)
-            return (lambda v: list(mv(list(v), theta))), list(c)
-        if isinstance(base, _UserProblem) and base._target is None:
-            return None
-        spec = getattr(base, "sol_spec", None)
-        if spec is None:
-            return None
-
-        def one(w_leaves: list[Tensor], th: list[Tensor]) -> Any:
-            return base.target(th)(tree_unflatten(list(w_leaves), spec))
-
-        joint = _vmap_over(one, (0, dims))
-        if self.kind == "objective":
-            return lambda W: joint(tree_leaves(W), theta).sum()
-        return lambda W: tree_unflatten(tree_leaves(joint(tree_leaves(W), theta)), spec)
-
     @property
     def sol_spec(self) -> Any:
         return getattr(self.base, "sol_spec", None)
 
-    def run(self, target: Any, init: Sequence[Tensor]) -> list[Tensor]:
-        return self.base.run(target, init)
-
     def solve(self, init: Sequence[Tensor], theta: Sequence[Tensor]) -> list[Tensor]:
-        if self.kind != "opaque":
-            return self.run(self.target(theta), init)
-        # an arbitrary solver function cannot be batched: solve instance by instance
+        if self.kind == "linear":
+            base = self.base
+            out = _vmap_over(base.solve_plain, (0, self.dims))(list(init), list(theta))
+            return list(out)
         outs = []
         for i in range(self.batch_size):
             th = [t[i] if d is not None else t for t, d in zip(theta, self.dims)]
             outs.append(self.base.solve([x[i] for x in init], th))
         return [torch.stack(col) for col in zip(*outs)]
+
+    def solve_plain(self, init: Sequence[Tensor], theta: Sequence[Tensor]) -> list[Tensor]:
+        return self.solve(init, theta)

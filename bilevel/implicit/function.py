@@ -1,6 +1,6 @@
 """The ``torch.autograd.Function`` of every implicit solution: the forward runs the solver,
-``backward`` and ``jvp`` apply the implicit function theorem, and ``vmap`` batches
-problems into one joint problem.
+``backward`` and ``jvp`` apply the implicit function theorem, and ``vmap`` solves each
+problem of a batch on its own.
 """
 
 from __future__ import annotations
@@ -14,6 +14,19 @@ from bilevel.implicit._leaves import _zeros_like_leaves
 from bilevel.implicit.batched_problem import _BatchedProblem
 from bilevel.implicit.linear_problem import _LinearProblem
 from bilevel.implicit.problem import _Problem
+
+
+def _linear_of(problem: _Problem, transpose: bool) -> _Problem:
+    """The linear system of a backward (``transpose``) or jvp pass through ``problem``.
+
+    For a batch (the vmap rule) it is the batch of each instance's own system, so that
+    every problem's linear solve keeps its own scalars and stopping decision.
+    """
+    if isinstance(problem, _BatchedProblem):
+        base = _linear_of(problem.base, transpose)
+        dims = [*problem.dims, *([0] * (2 * problem.n_sol))]  # [*theta, *sol, *rhs]
+        return _BatchedProblem(base, dims, problem.batch_size)
+    return _LinearProblem(problem, transpose)
 
 
 class _Implicit(torch.autograd.Function):
@@ -52,7 +65,7 @@ class _Implicit(torch.autograd.Function):
             return tuple(out)
         g = [torch.zeros_like(s) if x is None else x for x, s in zip(grads, sol)]
         # u solves (dF/dw)^T u = -g; it is itself an implicit solution, so differentiable
-        lin = _LinearProblem(problem, transpose=True)
+        lin = _linear_of(problem, transpose=True)
         u = _Implicit.apply(lin, n_sol, *_zeros_like_leaves(sol), *theta, *sol, *g)
         gtheta = problem.vjp_theta(sol, theta, list(u), which)
         for i, gt in zip(which, gtheta):
@@ -73,7 +86,7 @@ class _Implicit(torch.autograd.Function):
         if all(t is None for t in dtheta):
             return tuple(_zeros_like_leaves(sol))
         c = problem.jvp_theta(sol, theta, dtheta)
-        lin = _LinearProblem(problem, transpose=False)
+        lin = _linear_of(problem, transpose=False)
         x = _Implicit.apply(lin, n_sol, *_zeros_like_leaves(sol), *theta, *sol, *c)
         return tuple(x)
 

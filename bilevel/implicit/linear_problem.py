@@ -64,6 +64,9 @@ class _LinearProblem(_Problem):
                 return fast, c
         return self.plain_target(theta)
 
+    def solve_plain(self, init: Sequence[Tensor], theta: Sequence[Tensor]) -> list[Tensor]:
+        return self.run(self.plain_target(theta), init)
+
     def plain_target(self, theta: Sequence[Tensor]) -> Any:
         pth, psol, c = self._split(theta)
         op = self._op(self.transpose)

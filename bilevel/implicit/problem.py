@@ -61,6 +61,10 @@ class _Problem:
     def solve(self, init: Sequence[Tensor], theta: Sequence[Tensor]) -> list[Tensor]:
         return self.run(self.target(theta), init)
 
+    def solve_plain(self, init: Sequence[Tensor], theta: Sequence[Tensor]) -> list[Tensor]:
+        """:meth:`solve` with operations ``torch.func.vmap`` can batch (no reused graphs)."""
+        return self.solve(init, theta)
+
     # the theta-side of the theorem -------------------------------------------------
     def vjp_theta(
         self,

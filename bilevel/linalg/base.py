@@ -119,6 +119,19 @@ def _is_batched(t: Tensor) -> bool:
     return False
 
 
+def _peel(t: Tensor) -> Tensor:
+    """The plain tensor under functorch wrappers (``vmap``, ``grad``): every element's value.
+
+    Under ``vmap`` a 0-d flag is one value per problem; peeled, it holds all of them (in
+    some layout), so reductions over it (``all``, ``max``) are per-batch answers that a
+    convergence check may read without branching on any single problem.
+    """
+    fz = torch._C._functorch
+    while fz.is_functorch_wrapped_tensor(t):
+        t = fz.get_unwrapped(t)
+    return t
+
+
 def _check_tree(b: Tree, name: str) -> tuple[list[Tensor], Any]:
     leaves, spec = tree_flatten(b)
     if not leaves:
@@ -293,9 +306,8 @@ class _Iterative(LinearSolver):
         """The periodic convergence check: the loop's only host synchronisation."""
         if iterations % self.check_every != 0 or iterations >= maxiter:
             return False
-        if _is_batched(done):  # under vmap: run all iterations, masked per problem
-            return False
-        return bool(_to_host(done)[0])
+        # under vmap: every problem keeps its own scalars and mask; stop when all are done
+        return bool(_to_host(_peel(done).all())[0])
 
     def _threshold(self, bnorm: Tensor) -> Tensor:
         return torch.clamp(self.tol * bnorm, min=self.atol)
@@ -326,17 +338,7 @@ class _Iterative(LinearSolver):
             parts.append(extra.to(rnorm.dtype).reshape(-1))
         gathered = torch.cat([p.reshape(-1) for p in parts])
         if _is_batched(gathered):
-            info = LinearSolveInfo(
-                self.name,
-                maxiter,
-                math.nan,
-                False,
-                False,
-                "ran under torch.func.vmap: iterations were masked per problem on the "
-                "device but values cannot be read back, so convergence was not checked",
-                checked=False,
-            )
-            return info, []
+            return self._finish_batched(parts, maxiter)
         vals = _to_host(gathered)
         it, rn, th, neg = int(vals[0]), vals[1], vals[2], bool(vals[3])
         # +-inf: no direction was met (b = 0, or converged at x0)
@@ -369,3 +371,52 @@ class _Iterative(LinearSolver):
             max_curvature=c_hi,
         )
         return info, vals[6:]
+
+    def _finish_batched(
+        self, parts: list[Tensor], maxiter: int
+    ) -> tuple[LinearSolveInfo, list[float]]:
+        """The record of a solve under ``vmap``: each problem ran on its own; one summary.
+
+        Per-problem values are reduced on the device (one host sync): the most iterations,
+        the largest residual and threshold, converged when every problem converged.
+        """
+        it, rn, th, neg, lo, hi = parts[:6]
+        ok = (rn <= th) & (neg == 0) & torch.isfinite(rn)
+        p_it, p_rn, p_ok, p_neg = _peel(it), _peel(rn), _peel(ok), _peel(neg)
+        p_lo, p_hi = _peel(lo), _peel(hi)
+        summary = torch.stack(
+            [
+                p_it.max(),
+                p_rn.max(),
+                _peel(th).max(),
+                p_ok.all().to(p_rn.dtype),
+                p_neg.max(),
+                p_lo.min(),
+                p_hi.max(),
+                torch.full_like(p_rn.max(), float(max(p_ok.numel(), p_rn.numel()))),
+            ]
+        )
+        vals = _to_host(summary)
+        c_lo, c_hi = (v if math.isfinite(v) else math.nan for v in vals[5:7])
+        converged, neg_any = bool(vals[3]), bool(vals[4])
+        message = (
+            f"under torch.func.vmap: {int(vals[7])} problems, each with its own step sizes and "
+            "stopping decision; the record summarises them (most iterations, largest residual, "
+            "converged when all did)"
+        )
+        if not converged:
+            message += (
+                "; some problem did not converge: raise maxiter, loosen tol/atol, or add damping"
+            )
+        info = LinearSolveInfo(
+            self.name,
+            int(vals[0]),
+            vals[1],
+            converged,
+            neg_any,
+            message,
+            threshold=vals[2],
+            min_curvature=c_lo,
+            max_curvature=c_hi,
+        )
+        return info, []

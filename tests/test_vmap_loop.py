@@ -1,0 +1,150 @@
+"""``vmap(f)`` is ``f`` on each element: every inner and linear solver, converged or truncated."""
+
+import warnings
+
+import pytest
+import torch
+
+import bilevel
+from bilevel import constraints, linalg, solvers
+
+D = torch.float64
+B, N = 3, 4
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    # truncated solves warn (by design); the comparison is what these tests check
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
+def _tasks():
+    """Quadratics whose conditioning differs per task, so solvers need different iterations."""
+    g = torch.Generator().manual_seed(7)
+    As, bs = [], []
+    for i, spread in enumerate((1.5, 20.0, 300.0)):
+        Q, _ = torch.linalg.qr(torch.randn(N, N, generator=g, dtype=D))
+        ev = torch.logspace(0, torch.log10(torch.tensor(spread)).item(), N, dtype=D)
+        As.append(Q @ torch.diag(ev) @ Q.T + 0.1 * i * torch.eye(N, dtype=D))
+        bs.append(torch.randn(N, generator=g, dtype=D))
+    h = torch.tensor([0.3, 0.7, 1.1], dtype=D)
+    return torch.stack(As), torch.stack(bs), h
+
+
+def _loss(w, h, d):
+    A, b = d
+    return 0.5 * w @ A @ w - b @ w + 0.5 * h * (w @ w) + 0.05 * (w**4).sum()
+
+
+def _compare(layer):
+    """layer(A, b, h) -> w; solutions and per-task hypergradients, vmap against a loop."""
+    A, b, h = _tasks()
+    hv = h.clone().requires_grad_(True)
+    wv = torch.func.vmap(layer)(A, b, hv)
+    (gv,) = torch.autograd.grad((wv**2).sum(), hv)
+    ws, gs = [], []
+    for i in range(B):
+        hi = h[i].clone().requires_grad_(True)
+        wi = layer(A[i], b[i], hi)
+        (gi,) = torch.autograd.grad((wi**2).sum(), hi)
+        ws.append(wi.detach())
+        gs.append(gi)
+    wl, gl = torch.stack(ws), torch.stack(gs)
+    torch.testing.assert_close(wv.detach(), wl, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(gv, gl, rtol=1e-12, atol=1e-13)
+    return wl
+
+
+INNER = {
+    "gradient_descent": lambda full: solvers.gradient_descent(
+        bilevel.optim.sgd(lr=0.002), tol=1e-10, maxiter=20000 if full else 7, check_every=1
+    ),
+    "lbfgs": lambda full: solvers.lbfgs(tol=1e-11, maxiter=200 if full else 3),
+    "newton_cg": lambda full: solvers.newton_cg(tol=1e-11, maxiter=50 if full else 1),
+    "scipy_minimize": lambda full: solvers.scipy_minimize(tol=1e-9, maxiter=None if full else 2),
+}
+
+
+@pytest.mark.parametrize("full", [True, False], ids=["converged", "truncated"])
+@pytest.mark.parametrize("name", list(INNER))
+def test_argmin_inner_solvers(name, full):
+    solver = INNER[name](full)
+
+    def layer(A, b, h):
+        return bilevel.argmin(_loss, torch.zeros(N, dtype=D), h, (A, b), solver=solver)
+
+    _compare(layer)
+
+
+@pytest.mark.parametrize("full", [True, False], ids=["converged", "truncated"])
+@pytest.mark.parametrize("name", ["fixed_point_iteration", "anderson"])
+def test_fixed_point_solvers(name, full):
+    maxiter = 3000 if full else 4
+    solver = getattr(solvers, name)(tol=1e-12, maxiter=maxiter)
+    eta = 0.003
+
+    def step(w, h, d):
+        A, b = d
+        return w - eta * (A @ w - b + h * w + 0.2 * w**3)
+
+    def layer(A, b, h):
+        return bilevel.fixed_point(step, torch.zeros(N, dtype=D), h, (A, b), solver=solver)
+
+    _compare(layer)
+
+
+@pytest.mark.parametrize("full", [True, False], ids=["converged", "truncated"])
+def test_projected_gradient(full):
+    solver = constraints.projected_gradient(
+        constraints.project_nonnegative, 0.003, tol=1e-11, maxiter=20000 if full else 5
+    )
+
+    def layer(A, b, h):
+        return constraints.projected_argmin(
+            _loss,
+            torch.zeros(N, dtype=D),
+            h,
+            (A, b),
+            projection=constraints.project_nonnegative,
+            step_size=0.003,
+            solver=solver,
+        )
+
+    _compare(layer)
+
+
+LINEAR = {
+    "cg": lambda full: linalg.cg(tol=1e-13, maxiter=None if full else 2),
+    "minres": lambda full: linalg.minres(tol=1e-13, maxiter=None if full else 2),
+    "gmres": lambda full: linalg.gmres(tol=1e-13, maxiter=None if full else 2, restart=3),
+    "neumann": lambda full: linalg.neumann(alpha=0.003, maxiter=20000 if full else 3, tol=1e-13),
+    "dense": lambda full: linalg.dense(),
+}
+
+
+CASES = [(n, f) for n in LINEAR for f in (True, False) if n != "dense" or f]  # dense: exact
+
+
+@pytest.mark.parametrize(("name", "full"), CASES)
+def test_linear_solvers_in_the_backward_pass(name, full):
+    lin = LINEAR[name](full)
+    inner = solvers.lbfgs(tol=1e-12, maxiter=200)
+
+    def layer(A, b, h):
+        return bilevel.argmin(
+            _loss, torch.zeros(N, dtype=D), h, (A, b), solver=inner, linear_solver=lin
+        )
+
+    _compare(layer)
+
+
+def test_iteration_counts_differ_across_the_batch():
+    """The batch must be a real test: the tasks need different numbers of CG steps."""
+    A, b, h = _tasks()
+    counts = []
+    for i in range(B):
+        _, info = linalg.cg(tol=1e-13, check_every=1)(lambda v, M=A[i]: M @ v, b[i])
+        counts.append(info.iterations)
+    assert len(set(counts)) > 1, counts
