@@ -295,7 +295,7 @@ def projected_argmin(
             ``bilevel.solvers.scipy_minimize(bounds=...)``); or a fixed-point solver
             (``kind == "fixed_point"``: ``fixed_point_iteration``, ``anderson``) that
             then iterates the projected gradient map itself.
-        linear_solver: default :func:`bilevel.linalg.gmres`.
+        linear_solver: default ``bilevel.linalg.auto(bilevel.linalg.gmres())``.
         diagnostics: an :class:`bilevel.ImplicitDiagnostics`.
         strict: a solver reporting ``converged=False`` raises
             :class:`bilevel.solvers.NotStationaryError` instead of warning.

@@ -42,7 +42,7 @@ class ArgMinLayer(nn.Module):
             (pass an ``nn.Parameter(..., requires_grad=False)`` to freeze one).
         solver: the inner solver, ``solver(objective, init) -> (solution, info)``
             (default :func:`bilevel.solvers.lbfgs` with ``tol=1e-9``).
-        linear_solver: the backward's linear solver (default :func:`bilevel.linalg.cg`;
+        linear_solver: the backward's linear solver (default :func:`bilevel.linalg.auto`;
             use ``minres`` for non-convex objectives, ``dense()`` for the tutorial's
             dense Hessian method).
         stationarity_tol, strict: as in :func:`bilevel.argmin`.

@@ -40,7 +40,7 @@ def test_quick_run_environment(quick):
     env = data["environment"]
     assert env["torch"] == torch.__version__
     assert env["threads"] == 1
-    assert set(env["peers"]) == {"higher", "torchopt"}
+    assert set(env["peers"]) == {"higher", "torchopt", "jaxopt"}
     for name, info in env["peers"].items():
         assert info["available"] == bench_core.peer(name).available
 

@@ -41,7 +41,8 @@ def argmin(
         data: anything (e.g. a batch ``(x, y)``); its tensors are differentiable too.
         solver: ``solver(objective, init) -> (solution, info)`` minimizing ``objective(w)``,
             e.g. :func:`bilevel.solvers.lbfgs`; run without gradient tracking.
-        linear_solver: the backward's linear solver (default :func:`bilevel.linalg.cg`);
+        linear_solver: the backward's linear solver (default :func:`bilevel.linalg.auto`: dense
+            LU up to 64 unknowns, else :func:`bilevel.linalg.cg`);
             the operator is the Hessian ``d^2 inner_loss / dw^2`` by Hessian-vector products.
         stationarity_tol: if given, the gradient norm at the solution is checked against it
             (a ``RuntimeWarning`` naming the norm, or ``RuntimeError`` when ``strict``). Without
@@ -86,7 +87,7 @@ def argmin(
     from bilevel import linalg
 
     if linear_solver is None:
-        linear_solver = linalg.cg()
+        linear_solver = linalg.auto()
     elif not callable(linear_solver):
         raise TypeError(
             f"linear_solver must be a bilevel.linalg solver, got {type(linear_solver).__name__}"

@@ -41,8 +41,9 @@ def custom_root(
 
     Args:
         optimality_fn: ``F(solution, hparams, *args)``, a tree shaped like the solution.
-        linear_solver: the linear solver for backward/jvp passes (default ``gmres``, or
-            ``cg`` when ``symmetric=True``).
+        linear_solver: the linear solver for backward/jvp passes (default
+            ``auto(gmres())``, or ``auto(cg())`` when ``symmetric=True``: dense LU up to 64
+            unknowns).
         symmetric: whether ``dF/dw`` is symmetric (e.g. ``F`` is a gradient); see :func:`root`.
         diagnostics: an :class:`ImplicitDiagnostics` shared by every call.
         stationarity_tol: if given, warn (raise when ``strict``) when

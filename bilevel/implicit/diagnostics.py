@@ -70,8 +70,8 @@ def last_backward_info() -> Any:
         >>> h = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
         >>> w = argmin(lambda w, h: ((w - h) ** 2).sum(), torch.ones(2, dtype=torch.float64), h)
         >>> w.sum().backward()
-        >>> last_backward_info().method
-        'cg'
+        >>> last_backward_info().method, last_backward_info().message  # the default: auto
+        ('dense', 'auto: dense LU for n=2 <= 64')
     """
     with _GLOBAL_LOCK:
         return _LAST["backward"]

@@ -50,7 +50,7 @@ def _check_linear_solver(linear_solver: Any, symmetric: bool | None, name: str) 
     sname = getattr(linear_solver, "name", type(linear_solver).__name__)
     if symmetric is None:
         if linear_solver is None:
-            return linalg.gmres(), False
+            return linalg.auto(linalg.gmres()), False
         if solver_sym:
             warnings.warn(
                 f"{name}: linear_solver={sname} assumes a symmetric dF/dw; treating the "
@@ -61,7 +61,7 @@ def _check_linear_solver(linear_solver: Any, symmetric: bool | None, name: str) 
             )
         return linear_solver, solver_sym
     if linear_solver is None:
-        return (linalg.cg() if symmetric else linalg.gmres()), bool(symmetric)
+        return linalg.auto(linalg.cg() if symmetric else linalg.gmres()), bool(symmetric)
     if solver_sym and not symmetric:
         raise ValueError(
             f"{name}: linear_solver={sname} only handles symmetric operators but symmetric=False; "

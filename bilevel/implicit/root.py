@@ -37,7 +37,8 @@ def root(
         solution_or_init: the root (``solver=None``) or the solver's starting point.
         hparams, data: as in :func:`argmin`.
         solver: ``solver(fn, init) -> (solution, info)`` finding a root of ``fn(w)``.
-        linear_solver: default :func:`bilevel.linalg.gmres` (``cg`` when ``symmetric``).
+        linear_solver: default :func:`bilevel.linalg.auto` of :func:`bilevel.linalg.gmres`
+            (of ``cg`` when ``symmetric``): dense LU up to 64 unknowns.
         symmetric: whether ``dF/dw`` is symmetric. ``None`` infers it from the linear
             solver (with a warning for a symmetric-only one); ``False`` with ``cg``/
             ``minres`` is an error.

@@ -17,6 +17,8 @@ Solvers:
 * :func:`gmres` -- restarted GMRES, any non-singular ``A`` (fixed points).
 * :func:`neumann` -- truncated Neumann series (Lorraine et al. 2020), converges
   when ``||I - alpha A|| < 1``.
+* :func:`auto` -- :func:`dense` for few unknowns, an iterative solver otherwise (the
+  implicit layers' default).
 * :func:`dense` -- forms the matrix (small problems only): LU solve, or least
   squares with a singular-value cutoff.
 
@@ -32,6 +34,8 @@ Every solver accepts ``damping``: it then solves ``(A + damping I) x = b``.
 Iterative solvers stop when ``||b - A x|| <= max(tol * ||b||, atol)``.
 """
 
+from bilevel.linalg.auto import Auto as Auto
+from bilevel.linalg.auto import auto
 from bilevel.linalg.base import LinearSolveInfo, LinearSolver, MatVec
 from bilevel.linalg.cg import CG as CG
 from bilevel.linalg.cg import cg
@@ -48,6 +52,7 @@ __all__ = [
     "LinearSolveInfo",
     "LinearSolver",
     "MatVec",
+    "auto",
     "cg",
     "dense",
     "gmres",

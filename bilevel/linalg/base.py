@@ -279,14 +279,14 @@ class _Iterative(LinearSolver):
         atol: float,
         maxiter: int | None,
         damping: float | Tensor,
-        check_every: int,
+        check_every: int | None,
     ) -> None:
         super().__init__()
         _check_nonneg(tol, "tol")
         _check_nonneg(atol, "atol")
         _check_positive_int(maxiter, "maxiter", allow_none=True)
         _check_nonneg(damping, "damping")
-        _check_positive_int(check_every, "check_every")
+        _check_positive_int(check_every, "check_every", allow_none=True)
         self.tol = float(tol)
         self.atol = float(atol)
         self.maxiter = maxiter
@@ -302,9 +302,20 @@ class _Iterative(LinearSolver):
             check_every=self.check_every,
         )
 
-    def _should_stop(self, done: Tensor, iterations: int, maxiter: int) -> bool:
+    # Krylov methods end in at most n steps (exact arithmetic): a default period of
+    # min(10, n) lets a small solve stop there instead of running masked to the next check
+    finite_termination: bool = True
+
+    def _period(self, b: Vec) -> int:
+        """Iterations between convergence checks for this right-hand side."""
+        if self.check_every is not None:
+            return self.check_every
+        n = sum(t.numel() for t in b)
+        return max(min(10, n), 1) if self.finite_termination else 10
+
+    def _should_stop(self, done: Tensor, iterations: int, maxiter: int, period: int) -> bool:
         """The periodic convergence check: the loop's only host synchronisation."""
-        if iterations % self.check_every != 0 or iterations >= maxiter:
+        if iterations % period != 0 or iterations >= maxiter:
             return False
         # under vmap: every problem keeps its own scalars and mask; stop when all are done
         return bool(_to_host(_peel(done).all())[0])

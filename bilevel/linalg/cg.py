@@ -22,6 +22,7 @@ class CG(_Iterative):
         self, A: Callable[[Vec], Vec], b: Vec, x0: Vec | None
     ) -> tuple[Vec, LinearSolveInfo]:
         maxiter = self.maxiter or _default_maxiter(sum(t.numel() for t in b))
+        period = self._period(b)
         x, r = _start(A, b, x0)
         bnorm = _norm(b)
         threshold = self._threshold(bnorm)
@@ -57,7 +58,7 @@ class CG(_Iterative):
             negative = negative | bad
             # a NaN from the operator stops the loop instead of running to maxiter
             done = done | bad | (rs.sqrt() <= threshold) | ~torch.isfinite(rs)
-            if self._should_stop(done, k + 1, maxiter):
+            if self._should_stop(done, k + 1, maxiter, period):
                 break
 
         info, _ = self._finish(
@@ -76,7 +77,7 @@ def cg(
     atol: float = 0.0,
     maxiter: int | None = None,
     damping: float | Tensor = 0.0,
-    check_every: int = 10,
+    check_every: int | None = None,
 ) -> CG:
     """Conjugate gradients for a symmetric positive definite operator.
 
@@ -90,7 +91,9 @@ def cg(
         atol: absolute tolerance on the residual norm.
         maxiter: maximum iterations; None means ``min(10 n, 1000)`` for ``n`` unknowns.
         damping: ``lambda`` in ``A + lambda I`` (a number or a 0-d tensor).
-        check_every: read the convergence flag on the host every this many iterations.
+        check_every: read the convergence flag on the host every this many iterations;
+            None: every ``min(10, n)`` (CG ends in at most ``n`` steps in exact arithmetic, so
+            a solve with 3 unknowns stops after 3 operator applications and one check).
 
     Example:
         >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)

@@ -35,7 +35,7 @@ class GMRES(_Iterative):
         maxiter: int | None,
         restart: int,
         damping: float | Tensor,
-        check_every: int,
+        check_every: int | None,
     ) -> None:
         super().__init__(tol, atol, maxiter, damping, check_every)
         _check_positive_int(restart, "restart")
@@ -48,6 +48,7 @@ class GMRES(_Iterative):
         self, A: Callable[[Vec], Vec], b: Vec, x0: Vec | None
     ) -> tuple[Vec, LinearSolveInfo]:
         maxiter = self.maxiter or _default_maxiter(sum(t.numel() for t in b))
+        period = self._period(b)
         x = _zeros(b) if x0 is None else x0
         bnorm = _norm(b)
         threshold = self._threshold(bnorm)
@@ -106,7 +107,7 @@ class GMRES(_Iterative):
                 iterations = iterations + active.to(iterations.dtype)
                 done = done | (rres <= threshold) | ~torch.isfinite(rres)
                 total += 1
-                if self._should_stop(done, total, maxiter):
+                if self._should_stop(done, total, maxiter, period):
                     stop = True
                     break
             k = len(cols)
@@ -133,7 +134,7 @@ def gmres(
     maxiter: int | None = None,
     restart: int = 20,
     damping: float | Tensor = 0.0,
-    check_every: int = 10,
+    check_every: int | None = None,
 ) -> GMRES:
     """Restarted GMRES(``restart``) for a general (non-symmetric) operator.
 

@@ -27,6 +27,7 @@ class MINRES(_Iterative):
         self, A: Callable[[Vec], Vec], b: Vec, x0: Vec | None
     ) -> tuple[Vec, LinearSolveInfo]:
         maxiter = self.maxiter or _default_maxiter(sum(t.numel() for t in b))
+        period = self._period(b)
         x, r1 = _start(A, b, x0)
         bnorm = _norm(b)
         threshold = self._threshold(bnorm)
@@ -113,7 +114,7 @@ class MINRES(_Iterative):
             iterations = iterations + active.to(iterations.dtype)
             singular = singular | stuck | (active & (beta <= 0) & (phibar > threshold))
             done = done | stuck | (phibar <= threshold) | (beta <= 0) | ~torch.isfinite(phibar)
-            if self._should_stop(done, k + 1, maxiter):
+            if self._should_stop(done, k + 1, maxiter, period):
                 break
 
         info, extra = self._finish(
@@ -139,7 +140,7 @@ def minres(
     atol: float = 0.0,
     maxiter: int | None = None,
     damping: float | Tensor = 0.0,
-    check_every: int = 10,
+    check_every: int | None = None,
 ) -> MINRES:
     """MINRES (Paige & Saunders 1975) for a symmetric, possibly indefinite operator.
 

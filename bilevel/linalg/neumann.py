@@ -18,6 +18,7 @@ class Neumann(_Iterative):
     """Truncated Neumann series (see :func:`neumann`)."""
 
     name = "neumann"
+    finite_termination = False
     symmetric = False
 
     def __init__(
@@ -27,7 +28,7 @@ class Neumann(_Iterative):
         atol: float,
         maxiter: int,
         damping: float | Tensor,
-        check_every: int,
+        check_every: int | None,
     ) -> None:
         super().__init__(tol, atol, maxiter, damping, check_every)
         if maxiter is None:
@@ -48,6 +49,7 @@ class Neumann(_Iterative):
         self, A: Callable[[Vec], Vec], b: Vec, x0: Vec | None
     ) -> tuple[Vec, LinearSolveInfo]:
         maxiter = self.maxiter
+        period = self._period(b)
         assert maxiter is not None
         alpha = self.alpha
         x, r = _start(A, b, x0)
@@ -71,7 +73,7 @@ class Neumann(_Iterative):
             rnorm = torch.where(active, rnorm_new, rnorm)
             iterations = iterations + active.to(iterations.dtype)
             done = done | ~active | (rnorm <= threshold)
-            if self._should_stop(done, k + 1, maxiter):
+            if self._should_stop(done, k + 1, maxiter, period):
                 break
 
         info, extra = self._finish(

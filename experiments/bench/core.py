@@ -386,7 +386,7 @@ def _version(dist: str) -> str:
 
 
 def peer(name: str) -> Peer:
-    """Detect the peer ``higher`` or ``torchopt`` once (import errors become a note)."""
+    """Detect a peer (``higher``, ``torchopt``, ``jaxopt``) once (import errors become a note)."""
     if name in _PEERS:
         return _PEERS[name]
     try:

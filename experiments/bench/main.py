@@ -28,7 +28,7 @@ def child_main(spec: dict[str, Any]) -> int:
 def environment(s: Settings) -> dict[str, Any]:
     import bilevel
 
-    peers = [core.peer(n) for n in ("higher", "torchopt")]
+    peers = [core.peer(n) for n in ("higher", "torchopt", "jaxopt")]
     return {
         "torch": torch.__version__,
         "python": platform.python_version(),
