@@ -82,3 +82,38 @@ def test_exact_path_equals_the_iterative_path():
         (grads[name],) = torch.autograd.grad((w**2).sum(), h)
         assert diag.last_backward.method == ("dense" if name == "auto" else "cg")
     torch.testing.assert_close(grads["auto"], grads["cg"], rtol=1e-10, atol=0)
+
+
+def test_warm_started_backward_equals_cold_and_saves_iterations():
+    g = torch.Generator().manual_seed(2)
+    X, y = torch.randn(300, 120, generator=g, dtype=D), torch.randn(300, generator=g, dtype=D)
+
+    def loss(w, h):
+        return 0.5 * ((X @ w - y) ** 2).sum() + 0.5 * h * (w**2).sum()
+
+    def hypergrad(lam, warm):
+        h = torch.tensor(lam, dtype=D, requires_grad=True)
+        w_star = torch.linalg.solve(X.T @ X + lam * torch.eye(120, dtype=D), X.T @ y)
+        diag = bilevel.ImplicitDiagnostics()
+        w = bilevel.argmin(
+            loss, w_star, h, linear_solver=linalg.cg(tol=1e-10), warm_start=warm, diagnostics=diag
+        )
+        (gh,) = torch.autograd.grad((w**2).sum(), h)
+        return gh, diag.last_backward.iterations
+
+    ws = bilevel.implicit.WarmStart()
+    hypergrad(1.0, ws)
+    warm, it_warm = hypergrad(1.001, ws)
+    cold, it_cold = hypergrad(1.001, None)
+    torch.testing.assert_close(warm, cold, rtol=1e-8, atol=0)
+    assert it_warm < it_cold, (it_warm, it_cold)
+    # under vmap nothing leaks into the state: those solves start cold
+    ws.clear()
+
+    def outer(lam):
+        w = bilevel.argmin(loss, torch.zeros(120, dtype=D), lam, warm_start=ws)
+        return (w**2).sum()
+
+    grads = torch.func.vmap(torch.func.grad(outer))(torch.tensor([1.0, 2.0], dtype=D))
+    assert grads.shape == (2,) and torch.isfinite(grads).all()
+    assert ws.solutions == {}

@@ -35,9 +35,11 @@ from bilevel.implicit.diagnostics import ImplicitDiagnostics, last_backward_info
 from bilevel.implicit.fixed_point import fixed_point
 from bilevel.implicit.hypergrad import hypergrad
 from bilevel.implicit.root import root
+from bilevel.implicit.warm_start import WarmStart
 
 __all__ = [
     "ImplicitDiagnostics",
+    "WarmStart",
     "argmin",
     "custom_root",
     "fixed_point",

@@ -13,6 +13,7 @@ from bilevel.implicit._leaves import _scalar_loss
 from bilevel.implicit.diagnostics import ImplicitDiagnostics
 from bilevel.implicit.layer import _check_hparams, _check_solution, _with_data, solve_layer
 from bilevel.implicit.user_problem import LayerSpec
+from bilevel.implicit.warm_start import WarmStart
 
 
 def argmin(
@@ -27,6 +28,7 @@ def argmin(
     strict: bool = False,
     diagnostics: ImplicitDiagnostics | None = None,
     hvp: str = "reverse",
+    warm_start: WarmStart | None = None,
 ) -> Tree:
     """``argmin_w inner_loss(w, hparams[, data])``, differentiable w.r.t. hparams and data.
 
@@ -58,6 +60,8 @@ def argmin(
             matrix); ``"forward"``: forward-over-reverse (``torch.func.jvp`` of
             ``torch.func.grad``, no double backward; falls back to reverse-over-reverse,
             once, when an op has no forward-mode formula).
+        warm_start: a :class:`bilevel.implicit.WarmStart` carried across outer steps: the
+            backward linear solve starts from the previous step's solution.
 
     Returns:
         The solution, shaped like ``solution_or_init``, attached to the autograd graph:
@@ -120,5 +124,6 @@ def argmin(
         stationarity_tol=stationarity_tol,
         strict=strict,
         hvp=hvp,
+        warm_start=warm_start,
     )
     return solve_layer(layer, init_leaves, spec, hparams, data)

@@ -20,6 +20,7 @@ from bilevel.implicit.layer import (
     solve_layer,
 )
 from bilevel.implicit.user_problem import LayerSpec
+from bilevel.implicit.warm_start import WarmStart
 
 
 def fixed_point(
@@ -33,6 +34,7 @@ def fixed_point(
     symmetric: bool | None = None,
     diagnostics: ImplicitDiagnostics | None = None,
     strict: bool = False,
+    warm_start: WarmStart | None = None,
 ) -> Tree:
     """A fixed point ``w = map_fn(w, hparams[, data])``, differentiable by the IFT.
 
@@ -51,6 +53,8 @@ def fixed_point(
         solver: ``solver(map, init) -> (solution, info)``, e.g.
             :func:`bilevel.solvers.fixed_point_iteration` or :func:`bilevel.solvers.anderson`.
         linear_solver, symmetric, diagnostics, strict: as in :func:`root`.
+        warm_start: a :class:`bilevel.implicit.WarmStart` carried across outer steps: the
+            backward linear solve starts from the previous step's solution.
 
     Example:
         >>> import torch
@@ -83,6 +87,7 @@ def fixed_point(
         symmetric=symmetric,
         diagnostics=diagnostics,
         strict=strict,
+        warm_start=warm_start,
     )
     return solve_layer(layer, init_leaves, spec, hparams, data)
 

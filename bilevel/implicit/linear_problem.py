@@ -15,6 +15,7 @@ from bilevel._tree import tree_leaves
 from bilevel.implicit._leaves import _add_leaves
 from bilevel.implicit.diagnostics import _record
 from bilevel.implicit.problem import _Problem
+from bilevel.implicit.warm_start import is_wrapped
 
 
 class _LinearProblem(_Problem):
@@ -31,6 +32,8 @@ class _LinearProblem(_Problem):
         self.transpose = transpose
         self._share(parent)
         self.n_theta = parent.n_theta + 2 * parent.n_sol
+        if isinstance(parent, _LinearProblem):  # second order: its own system, start cold
+            self.warm_start = None
 
     def _split(self, theta: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         p, s = self.parent.n_theta, self.parent.n_sol
@@ -98,8 +101,13 @@ class _LinearProblem(_Problem):
         matvec, c = target
         b = [-x for x in c]
         kind = "vjp" if self.transpose else "jvp"
+        ws = None if self.warm_start is None or is_wrapped(b) else self.warm_start
+        x0 = None if ws is None else ws.start(kind, b)
         try:
-            x, info = self.linear_solver(matvec, b)
+            if x0 is None:
+                x, info = self.linear_solver(matvec, b)
+            else:
+                x, info = self.linear_solver(matvec, b, x0)
         except torch.linalg.LinAlgError as err:
             raise torch.linalg.LinAlgError(
                 f"{self.name}: the linear solve of implicit differentiation failed: {err}. "
@@ -119,7 +127,10 @@ class _LinearProblem(_Problem):
                 RuntimeWarning,
                 stacklevel=2,
             )
-        return [t.detach() for t in tree_leaves(x)]
+        out = [t.detach() for t in tree_leaves(x)]
+        if ws is not None:
+            ws.store(kind, out)
+        return out
 
 
 def _indefinite(info: Any) -> bool:

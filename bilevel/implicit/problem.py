@@ -33,6 +33,7 @@ class _Problem:
     name: str = "implicit"
     minimum: bool = False  # F is the gradient of a loss to minimise (argmin): curvature matters
     strict: bool = False  # raise instead of warning when a solve is not what the theorem assumes
+    warm_start: Any = None  # a WarmStart for the backward / jvp linear solves, or None
 
     def residual(self, sol: Sequence[Tensor], theta: Sequence[Tensor]) -> list[Tensor]:
         raise NotImplementedError  # pragma: no cover - abstract: every subclass defines it
@@ -115,6 +116,7 @@ class _Problem:
         self.name = parent.name
         self.minimum = parent.minimum
         self.strict = parent.strict
+        self.warm_start = parent.warm_start
 
     def reused_operator(
         self, sol: Sequence[Tensor], theta: Sequence[Tensor]

@@ -16,6 +16,7 @@ from bilevel.implicit.layer import (
     solve_layer,
 )
 from bilevel.implicit.user_problem import LayerSpec
+from bilevel.implicit.warm_start import WarmStart
 
 
 def root(
@@ -29,6 +30,7 @@ def root(
     symmetric: bool | None = None,
     diagnostics: ImplicitDiagnostics | None = None,
     strict: bool = False,
+    warm_start: WarmStart | None = None,
 ) -> Tree:
     """A root ``w`` of ``optimality_fn(w, hparams[, data]) = 0``, differentiable by the IFT.
 
@@ -46,6 +48,8 @@ def root(
         strict: when the solver reports ``converged=False``, raise
             :class:`bilevel.solvers.NotStationaryError` instead of warning
             (:class:`bilevel.solvers.NotStationaryWarning`), as :func:`argmin` does.
+        warm_start: a :class:`bilevel.implicit.WarmStart` carried across outer steps: the
+            backward linear solve starts from the previous step's solution.
 
     Example:
         >>> import torch
@@ -78,5 +82,6 @@ def root(
         symmetric=symmetric,
         diagnostics=diagnostics,
         strict=strict,
+        warm_start=warm_start,
     )
     return solve_layer(layer, init_leaves, spec, hparams, data)

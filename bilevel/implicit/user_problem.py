@@ -37,6 +37,7 @@ class LayerSpec:
         stationarity_tol, strict: the stationarity check at the solution (argmin).
         returns_info: whether the solver returns ``(solution, info)``.
         hvp: ``"forward"`` or ``"reverse"`` products.
+        warm_start: a :class:`bilevel.implicit.WarmStart` for the linear solves, or None.
     """
 
     name: str
@@ -52,6 +53,7 @@ class LayerSpec:
     strict: bool = False
     returns_info: bool = True
     hvp: str = "forward"
+    warm_start: Any = None
 
 
 class _UserProblem(_Problem):
@@ -76,6 +78,7 @@ class _UserProblem(_Problem):
         self.returns_info = layer.returns_info
         self.switch = _ForwardModeSwitch(forward=layer.hvp == "forward")
         self.minimum = layer.objective is not None
+        self.warm_start = layer.warm_start
         self.n_sol = len(sol_like)
         self.n_theta = len(packer.tensors)
 

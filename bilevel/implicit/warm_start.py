@@ -1,0 +1,63 @@
+"""Warm starts of the backward linear solve across outer steps: a small state the user carries."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+class WarmStart:
+    """The latest solution of each implicit layer's linear solve, to start the next one from.
+
+    In an outer loop the hyperparameters move a little per step, and so does the solution
+    ``u`` of the backward system ``(dF/dw)^T u = -g``: starting the next solve from the
+    previous ``u`` saves iterations (the answer is the same to the solver's tolerance).
+    Pass one object per layer (``warm_start=``) and keep it across steps. A stored
+    solution is used only when the new right-hand side has the same shapes, dtypes and
+    devices; solves under ``torch.func.vmap`` and second-order solves start cold.
+
+    Example:
+        >>> import torch
+        >>> from bilevel import argmin
+        >>> ws = WarmStart()
+        >>> for lam in (1.0, 1.01):
+        ...     h = torch.tensor(lam, dtype=torch.float64, requires_grad=True)
+        ...     w = argmin(lambda w, h: ((w - 1) ** 2).sum() + h * (w**2).sum(),
+        ...                torch.full((3,), 1 / (1 + lam), dtype=torch.float64), h, warm_start=ws)
+        ...     w.sum().backward()
+        >>> sorted(ws.solutions)
+        ['vjp']
+    """
+
+    def __init__(self) -> None:
+        self.solutions: dict[str, list[Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def start(self, kind: str, b: Sequence[Tensor]) -> list[Tensor] | None:
+        """The stored solution for ``kind`` if it matches ``b``, else None."""
+        with self._lock:
+            x = self.solutions.get(kind)
+        if x is None or len(x) != len(b):
+            return None
+        for xi, bi in zip(x, b):
+            if xi.shape != bi.shape or xi.dtype != bi.dtype or xi.device != bi.device:
+                return None
+        return x
+
+    def store(self, kind: str, x: Sequence[Tensor]) -> None:
+        with self._lock:
+            self.solutions[kind] = [xi.detach().clone() for xi in x]
+
+    def clear(self) -> None:
+        """Forget every stored solution (the next solves start from zero)."""
+        with self._lock:
+            self.solutions.clear()
+
+
+def is_wrapped(tensors: Sequence[Tensor]) -> bool:
+    """True under functorch transforms (vmap, grad), where a stored value would leak."""
+    fz = torch._C._functorch
+    return any(fz.is_functorch_wrapped_tensor(t) for t in tensors)
