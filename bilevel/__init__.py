@@ -9,6 +9,7 @@ from bilevel import constraints, distributed, linalg, nn, optim, solvers, statef
 from bilevel.check import HypergradCheckError, HypergradReport, hypergradcheck
 from bilevel.implicit import (
     ImplicitDiagnostics,
+    WarmStart,
     argmin,
     custom_root,
     fixed_point,
@@ -24,6 +25,7 @@ __all__ = [
     "ImplicitDiagnostics",
     "NonFiniteLossError",
     "UnrollResult",
+    "WarmStart",
     "argmin",
     "constraints",
     "custom_root",

@@ -60,7 +60,7 @@ def argmin(
             matrix); ``"forward"``: forward-over-reverse (``torch.func.jvp`` of
             ``torch.func.grad``, no double backward; falls back to reverse-over-reverse,
             once, when an op has no forward-mode formula).
-        warm_start: a :class:`bilevel.implicit.WarmStart` carried across outer steps: the
+        warm_start: a :class:`bilevel.WarmStart` carried across outer steps: the
             backward linear solve starts from the previous step's solution.
 
     Returns:

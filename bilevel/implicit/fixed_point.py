@@ -53,7 +53,7 @@ def fixed_point(
         solver: ``solver(map, init) -> (solution, info)``, e.g.
             :func:`bilevel.solvers.fixed_point_iteration` or :func:`bilevel.solvers.anderson`.
         linear_solver, symmetric, diagnostics, strict: as in :func:`root`.
-        warm_start: a :class:`bilevel.implicit.WarmStart` carried across outer steps: the
+        warm_start: a :class:`bilevel.WarmStart` carried across outer steps: the
             backward linear solve starts from the previous step's solution.
 
     Example:

@@ -48,7 +48,7 @@ def root(
         strict: when the solver reports ``converged=False``, raise
             :class:`bilevel.solvers.NotStationaryError` instead of warning
             (:class:`bilevel.solvers.NotStationaryWarning`), as :func:`argmin` does.
-        warm_start: a :class:`bilevel.implicit.WarmStart` carried across outer steps: the
+        warm_start: a :class:`bilevel.WarmStart` carried across outer steps: the
             backward linear solve starts from the previous step's solution.
 
     Example:

@@ -37,7 +37,7 @@ class LayerSpec:
         stationarity_tol, strict: the stationarity check at the solution (argmin).
         returns_info: whether the solver returns ``(solution, info)``.
         hvp: ``"forward"`` or ``"reverse"`` products.
-        warm_start: a :class:`bilevel.implicit.WarmStart` for the linear solves, or None.
+        warm_start: a :class:`bilevel.WarmStart` for the linear solves, or None.
     """
 
     name: str
