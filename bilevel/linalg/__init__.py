@@ -36,13 +36,14 @@ Iterative solvers stop when ``||b - A x|| <= max(tol * ||b||, atol)``.
 
 from bilevel.linalg.auto import Auto as Auto
 from bilevel.linalg.auto import auto
-from bilevel.linalg.base import LinearSolveInfo, LinearSolver, MatVec
+from bilevel.linalg.base import LinearSolver, MatVec
 from bilevel.linalg.cg import CG as CG
 from bilevel.linalg.cg import cg
 from bilevel.linalg.dense import Dense as Dense
 from bilevel.linalg.dense import dense
 from bilevel.linalg.gmres import GMRES as GMRES
 from bilevel.linalg.gmres import gmres
+from bilevel.linalg.info import LinearSolveInfo
 from bilevel.linalg.minres import MINRES as MINRES
 from bilevel.linalg.minres import minres
 from bilevel.linalg.neumann import Neumann as Neumann

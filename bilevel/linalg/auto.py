@@ -8,8 +8,9 @@ from typing import Any
 import torch
 
 from bilevel.linalg._vec import Vec
-from bilevel.linalg.base import LinearSolveInfo, LinearSolver, _check_positive_int
+from bilevel.linalg.base import LinearSolver, _check_positive_int
 from bilevel.linalg.dense import Dense
+from bilevel.linalg.info import LinearSolveInfo
 
 
 class Auto(LinearSolver):

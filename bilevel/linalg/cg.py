@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from bilevel.linalg._vec import Vec, _axpy, _dot, _norm, _safe
-from bilevel.linalg.base import LinearSolveInfo, _default_maxiter, _Iterative, _start
+from bilevel.linalg.base import _default_maxiter, _Iterative, _start
+from bilevel.linalg.info import LinearSolveInfo
 
 
 class CG(_Iterative):

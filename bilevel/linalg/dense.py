@@ -15,7 +15,8 @@ from bilevel._tree import (
     tree_unravel,
 )
 from bilevel.linalg._vec import Vec, _safe
-from bilevel.linalg.base import LinearSolveInfo, LinearSolver, _check_nonneg, _is_batched, _to_host
+from bilevel.linalg.base import LinearSolver, _check_nonneg, _is_batched, _to_host
+from bilevel.linalg.info import LinearSolveInfo
 
 
 def _materialize(A: Callable[[Vec], Vec], b: Vec, vectorize: bool) -> Tensor:

@@ -19,7 +19,8 @@ from bilevel.linalg._vec import (
     _sub,
     _zeros,
 )
-from bilevel.linalg.base import LinearSolveInfo, _check_positive_int, _default_maxiter, _Iterative
+from bilevel.linalg.base import _check_positive_int, _default_maxiter, _Iterative
+from bilevel.linalg.info import LinearSolveInfo
 
 
 class GMRES(_Iterative):

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from bilevel.linalg._vec import Vec, _axpy, _div, _dot, _norm, _safe, _where, _zeros
-from bilevel.linalg.base import LinearSolveInfo, _default_maxiter, _Iterative, _start
+from bilevel.linalg.base import _default_maxiter, _Iterative, _start
+from bilevel.linalg.info import LinearSolveInfo
 
 
 def _minres_direction(v: Vec, w1: Vec, w2: Vec, eps: Tensor, delta: Tensor, gamma: Tensor) -> Vec:

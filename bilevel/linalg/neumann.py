@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from bilevel.linalg._vec import Vec, _norm, _where
-from bilevel.linalg.base import LinearSolveInfo, _Iterative, _start
+from bilevel.linalg.base import _Iterative, _start
+from bilevel.linalg.info import LinearSolveInfo
 
 _DIVERGED = 1e6  # Neumann: residual growth over the initial one taken as divergence
 
