@@ -11,6 +11,8 @@ One function, :func:`unroll`, and five ways to differentiate through it (``mode`
                    exact; memory O(P·H) whatever T; cost grows with the number H of
                    hyperparameter elements. Exposed as an ordinary autograd node.
 ``"first_order"``  the inner gradients are constants (first-order MAML); cheap and biased.
+``"auto"``         with ``memory_budget=`` bytes: the fastest of reverse, checkpoint and
+                   forward whose memory, estimated from two measured steps, fits.
 
 Whatever the mode, the result's ``params`` are attached to the autograd graph, so
 ``outer_loss.backward()`` fills ``.grad`` on the hyperparameter leaves.
@@ -28,12 +30,14 @@ existed; import the modules with ``from bilevel.unroll.forward import ...``.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from bilevel.optim.base import HParams, Optimizer, State
+from bilevel.unroll.auto import choose
 from bilevel.unroll.checkpoint import run_checkpoint
 from bilevel.unroll.data import batch_source
 from bilevel.unroll.finite import FiniteChecker
@@ -66,6 +70,7 @@ def unroll(
     state: State | None = None,
     check_finite: bool | int = True,
     vectorize: bool | None = None,
+    memory_budget: int | None = None,
 ) -> UnrollResult:
     """Run ``steps`` optimizer steps on ``inner_loss``; the result is differentiable w.r.t.
     the hyperparameters.
@@ -100,6 +105,10 @@ def unroll(
             every N steps; False: never). Each check synchronises with the device; skipped
             under ``torch.func.vmap``, where ``unroll`` (modes reverse, truncated, first_order)
             takes its inner gradients with ``torch.func.grad`` so tasks can be batched.
+        memory_budget: with ``mode="auto"``, the bytes autograd may save for the backward
+            pass: the fastest of ``"reverse"``, ``"checkpoint"`` (with the segment count that
+            fits) and ``"forward"`` whose estimate, from two measured trial steps, fits is
+            run; ``result.auto`` reports the choice (see :mod:`bilevel.unroll.auto`).
         vectorize: in ``"forward"`` mode, batch the H tangent directions with ``vmap`` (True),
             or loop over them with core forward-mode AD (False: also for inner losses that
             ``vmap`` cannot batch). Default: batch when H > 2.
@@ -120,10 +129,10 @@ def unroll(
         True
     """
     validate_problem(inner_loss, params, hparams, optimizer, steps)
-    validate_mode(mode, steps, truncate, segments)
+    validate_mode(mode, steps, truncate, segments, memory_budget)
     validate_placement(params, hparams, buffers)
     optimizer.validate(dict(params), hparams, steps)
-    if mode in ("checkpoint", "forward") and in_functorch_transform():
+    if mode in ("checkpoint", "forward", "auto") and in_functorch_transform():
         raise ValueError(
             f"mode={mode!r} cannot run inside torch.func transforms (vmap, grad); use "
             "mode='reverse', 'truncated' or 'first_order' there"
@@ -137,11 +146,32 @@ def unroll(
     run = Run(InnerStep(inner_loss, optimizer, hparams), steps, batch_at, checker)
     carry = Carry(params, state, own_buffers)
     if torch.is_grad_enabled():
-        if mode == "forward":
-            return forward_mode(run, carry, vectorize)
-        if mode == "checkpoint":
-            return run_checkpoint(run, carry, segments)
+        if mode == "auto":
+            assert memory_budget is not None
+            choice, run = choose(run, carry, memory_budget)
+            options = _ModeOptions(None, choice.segments, vectorize)
+            result = _run_mode(run, carry, choice.mode, options)
+            result.auto = choice
+            return result
+        return _run_mode(run, carry, mode, _ModeOptions(truncate, segments, vectorize))
     # without grad mode every mode is the same loop without graphs
     return run_autograd(
         run, carry, mode if mode in ("truncated", "first_order") else "reverse", truncate
     )
+
+
+@dataclass(frozen=True)
+class _ModeOptions:
+    """The options that belong to one mode each."""
+
+    truncate: int | None
+    segments: int | None
+    vectorize: bool | None
+
+
+def _run_mode(run: Run, carry: Carry, mode: str, options: _ModeOptions) -> UnrollResult:
+    if mode == "forward":
+        return forward_mode(run, carry, options.vectorize)
+    if mode == "checkpoint":
+        return run_checkpoint(run, carry, options.segments)
+    return run_autograd(run, carry, mode, options.truncate)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor
 
@@ -20,6 +21,8 @@ class UnrollResult:
         losses: the inner loss at each step, detached, shape ``(steps,)``, on the params' device.
         buffers: the final buffers (e.g. BatchNorm running statistics) when ``buffers`` was
             given, else ``None``; the caller's buffers are never written to.
+        auto: with ``mode="auto"``, the :class:`~bilevel.unroll.auto.AutoChoice` (the mode
+            run and the memory estimates behind it); else ``None``.
 
     Example:
         >>> import torch
@@ -32,6 +35,7 @@ class UnrollResult:
     state: State
     losses: Tensor
     buffers: dict[str, Tensor] | None = None
+    auto: Any = None
 
 
 class NonFiniteLossError(FloatingPointError):

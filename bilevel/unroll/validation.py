@@ -10,7 +10,7 @@ from torch import Tensor
 from bilevel._tree import tree_flatten
 from bilevel.optim.base import Optimizer
 
-MODES = ("reverse", "truncated", "checkpoint", "forward", "first_order")
+MODES = ("reverse", "truncated", "checkpoint", "forward", "first_order", "auto")
 
 
 def validate_problem(
@@ -39,10 +39,22 @@ def validate_problem(
         raise ValueError(f"steps must be a positive int, got {steps!r}")
 
 
-def validate_mode(mode: Any, steps: int, truncate: Any, segments: Any) -> None:
+def validate_mode(mode: Any, steps: int, truncate: Any, segments: Any, memory_budget: Any) -> None:
     """The mode and the options that belong to it (each only with its own mode)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "auto":
+        if (
+            isinstance(memory_budget, bool)
+            or not isinstance(memory_budget, int)
+            or memory_budget <= 0
+        ):
+            raise ValueError(
+                "mode='auto' needs memory_budget=, the bytes autograd may keep for the "
+                f"backward pass, a positive int; got {memory_budget!r}"
+            )
+    elif memory_budget is not None:
+        raise ValueError(f"memory_budget is only used with mode='auto' (mode={mode!r})")
     if mode == "truncated":
         if (
             isinstance(truncate, bool)
