@@ -9,6 +9,8 @@ gradient.
 
 from __future__ import annotations
 
+import copy
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +19,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from bilevel._tree import tree_detach
-from bilevel.optim.base import Params, State
+from bilevel.optim.base import Optimizer, Params, State
 from bilevel.unroll.explicit import Explicit, join_state, split_state
 from bilevel.unroll.loop import Run
 from bilevel.unroll.result import UnrollResult
@@ -38,6 +40,7 @@ class ForwardInputs:
     start: Carry  # detached: the tangents, not autograd, carry the dependence on h
     explicit: Explicit
     vectorize: bool | None
+    compiled: bool = False
 
 
 @dataclass
@@ -69,7 +72,9 @@ class Tangent:
     hyper: list[Tensor]
 
 
-def forward_mode(run: Run, carry: Carry, vectorize: bool | None) -> UnrollResult:
+def forward_mode(
+    run: Run, carry: Carry, vectorize: bool | None, compiled: bool = False
+) -> UnrollResult:
     """The forward-mode unroll (grad mode on); see the module docstring."""
     # The differentiable inputs are every tensor requiring grad in hparams and in the
     # optimizer's own settings: explicit inputs that a jvp can see.
@@ -85,9 +90,13 @@ def forward_mode(run: Run, carry: Carry, vectorize: bool | None) -> UnrollResult
         None if carry.buffers is None else {k: v.detach() for k, v in carry.buffers.items()},
     )
     side = ForwardOutputs()
-    out = _ForwardUnroll.apply(
-        ForwardInputs(run, start, explicit, vectorize), side, *explicit.hyper
-    )
+    if compiled and carry.buffers is not None:
+        raise ValueError(
+            "compiled=True supports models without buffers; pass compiled=False (the "
+            "default) for models with BatchNorm statistics"
+        )
+    fwd = ForwardInputs(run, start, explicit, vectorize, compiled)
+    out = _ForwardUnroll.apply(fwd, side, *explicit.hyper)
     final_params = dict(zip(carry.params, out))
     return UnrollResult(final_params, side.state, side.losses, side.buffers)
 
@@ -139,6 +148,80 @@ def dual_step(
         )
         primal_loss = fwAD.unpack_dual(loss).primal
     return (p_out, s_out, tuple(skeleton)), (p_out_t, s_out_t), primal_loss, new_buffers
+
+
+def _per_tensor(optimizer: Optimizer) -> Optimizer:
+    """The optimizer with its per-tensor kernels: the foreach kernels' dispatch check reads
+    the functorch stack, which torch.compile cannot trace (a graph break per step)."""
+    per_tensor = copy.copy(optimizer)
+    per_tensor.foreach = False
+    return per_tensor
+
+
+def _stripped(idx: list[int], spec: Any, leaves: list[Any]) -> tuple[Any, ...]:
+    """A state skeleton without its tensors (``join_state`` puts tensors at ``idx``)."""
+    kept = set(idx)
+    return idx, spec, [None if i in kept else x for i, x in enumerate(leaves)]
+
+
+def _tangent_step(
+    fwd: ForwardInputs,
+    primal: Primal,
+    tangent: Tangent,
+    at: tuple[Any, int, tuple[Any, ...]],
+    skeleton_out: list[Any],
+) -> Any:
+    """One step pushing one tangent direction (``torch.func.jvp`` of the step): the
+    function ``compiled=True`` hands to ``torch.compile``. (Under ``vmap`` over directions
+    inductor fails on functorch's wrapped tensors, so directions are looped over.)"""
+    # the state's skeleton comes as a plain tuple of Python values (its tensors stripped),
+    # not inside the frozen ``primal``: dynamo must guard on the step counter in it
+    batch, step, s_meta = at
+
+    def step_fn(p: Params, s_t: list[Tensor], h: list[Tensor]) -> Any:
+        hp, opt = fwd.explicit.substitute(h)
+        st = join_state(s_t, *s_meta)
+
+        def loss_fn(q: Params) -> tuple[Tensor, Tensor]:
+            loss = call_loss(fwd.run.inner.inner_loss, q, hp, batch, None)
+            check_loss(loss, step)
+            return loss, loss
+
+        grads, loss = torch.func.grad(loss_fn, has_aux=True)(p)
+        new_p, new_s = _per_tensor(opt).step(p, grads, st, hp)
+        new_s_t, *skeleton = split_state(new_s)
+        # the non-tensor skeleton leaves by a side channel, without the tensors (functorch
+        # wrappers must not escape the transform, nor become outputs of a compiled graph)
+        skeleton_out[:] = _stripped(*skeleton)
+        return (new_p, new_s_t), loss
+
+    return torch.func.jvp(  # type: ignore[misc]
+        step_fn,
+        (primal.params, primal.s_tensors, list(primal.hyper)),
+        (tangent.params, tangent.state, tangent.hyper),
+        has_aux=True,
+    )
+
+
+@functools.cache
+def _compiled() -> Any:
+    # built on first use (importing dynamo costs seconds), then shared by every call:
+    # dynamo caches compiled graphs by code object and guards; see the README for the
+    # warm-up cost and when it pays
+    # backend "aot_eager": AOTAutograd's traced graph run by eager kernels. Inductor
+    # (the default backend) gave wrong tangents from the second step on (torch 2.13, CPU;
+    # aot_eager and eager agree with the uncompiled loop to rounding), so it is not used.
+    return torch.compile(_tangent_step, backend="aot_eager")
+
+
+def _compiled_tangent_step(
+    fwd: ForwardInputs,
+    primal: Primal,
+    tangent: Tangent,
+    at: tuple[Any, int, tuple[Any, ...]],
+    skeleton: list,
+) -> Any:
+    return _compiled()(fwd, primal, tangent, at, skeleton)
 
 
 def _zeros_with_directions(tensors: Any, n_dirs: int) -> Any:
@@ -265,7 +348,31 @@ class _ForwardUnroll(torch.autograd.Function):
             # Several directions share one primal computation under vmap; for one or two, a
             # loop of core forward-mode AD steps is cheaper (no functorch dispatch overhead).
             vectorize = fwd.vectorize if fwd.vectorize is not None else n_dirs > 2
-            if vectorize and n_dirs > 1:
+            if fwd.compiled:
+                primal = Primal(params, s_tensors, (s_idx, s_spec, s_leaves), hyper_d, None)
+                per_direction = [
+                    _compiled_tangent_step(
+                        fwd,
+                        primal,
+                        Tangent(
+                            {k: v[j] for k, v in p_tan.items()},
+                            [x[j] for x in s_tan],
+                            [x[j] for x in hyper_tangents],
+                        ),
+                        (batch, t, _stripped(s_idx, s_spec, s_leaves)),
+                        skeleton,
+                    )
+                    for j in range(n_dirs)
+                ]
+                (new_p, new_s), _, loss = per_direction[0]
+                out = (new_p, new_s, None)
+                out_t = (
+                    {k: torch.stack([r[1][0][k] for r in per_direction]) for k in new_p},
+                    [torch.stack([r[1][1][i] for r in per_direction]) for i in range(len(new_s))],
+                    None,
+                )
+                aux: Any = (loss, {})
+            elif vectorize and n_dirs > 1:
                 out, out_t, aux = torch.func.vmap(
                     tangent_step,
                     in_dims=(0, 0, 0),
