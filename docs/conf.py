@@ -18,6 +18,9 @@ sys.path.insert(0, str(HERE.parent))  # document this checkout's bilevel, instal
 API_MODULES = [
     "bilevel",
     "bilevel.optim",
+    "bilevel.unroll.auto",
+    "bilevel.unroll.es",
+    "bilevel.unroll.online",
     "bilevel.linalg",
     "bilevel.solvers",
     "bilevel.constraints",

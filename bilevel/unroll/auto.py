@@ -34,6 +34,8 @@ from bilevel.unroll.explicit import Explicit, split_state
 from bilevel.unroll.loop import Run
 from bilevel.unroll.step import Carry, autograd_step
 
+__all__ = ["AutoChoice"]
+
 
 @dataclass(frozen=True)
 class AutoChoice:

@@ -52,6 +52,8 @@ from bilevel.unroll.step import Carry, InnerLoss, InnerStep, autograd_step
 
 OuterLoss = Callable[[Params, HParams], Tensor]
 
+__all__ = ["ESEstimate", "PersistentES"]
+
 
 @dataclass(frozen=True)
 class ESEstimate:
@@ -119,8 +121,8 @@ class PersistentES:
 
     def __init__(
         self,
-        inner_loss: InnerLoss,
-        outer_loss: OuterLoss,
+        inner_loss: Callable[..., Tensor],
+        outer_loss: Callable[..., Tensor],
         params: Mapping[str, Tensor],
         optimizer: Optimizer,
         *,

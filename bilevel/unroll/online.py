@@ -44,6 +44,8 @@ from bilevel.unroll.step import Carry, InnerStep, autograd_step, call_loss
 
 ONLINE_MODES = ("forward", "truncated")
 
+__all__ = ["OnlineHyperOptimizer"]
+
 
 class OnlineHyperOptimizer:
     """Hyperparameter updates every ``every`` inner steps during one training run.
