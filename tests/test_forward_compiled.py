@@ -13,6 +13,7 @@ def problem():
     params = {
         "w1": torch.randn(6, 8, generator=g, dtype=DT) * 0.3,
         "w2": torch.randn(8, 3, generator=g, dtype=DT) * 0.3,
+        "unused": torch.ones(2, dtype=DT),  # no gradient: left alone, as torch.optim does
     }
     batches = [
         (torch.randn(16, 6, generator=g, dtype=DT), torch.randint(0, 3, (16,), generator=g))
@@ -62,6 +63,8 @@ def test_compiled_equals_uncompiled():
         r_compiled.state["momentum_buffer"]["w1"], r_eager.state["momentum_buffer"]["w1"]
     )
     assert r_compiled.state["step"] == r_eager.state["step"] == 6
+    assert torch.equal(r_compiled.params["unused"], torch.ones(2, dtype=DT))
+    assert torch.equal(r_eager.params["unused"], torch.ones(2, dtype=DT))
 
 
 def test_compiled_is_only_for_forward():

@@ -40,7 +40,7 @@ from torch import Tensor
 from bilevel._tree import tree_detach
 from bilevel.optim.base import Optimizer, Params
 from bilevel.unroll.explicit import Explicit, join_state, split_state
-from bilevel.unroll.step import Carry, InnerStep, autograd_step, call_loss
+from bilevel.unroll.step import Carry, InnerStep, autograd_step, call_loss, used_inputs
 
 ONLINE_MODES = ("forward", "truncated")
 
@@ -152,9 +152,12 @@ class OnlineHyperOptimizer:
 
             def loss_fn(q: Params) -> tuple[Tensor, Tensor]:
                 value = call_loss(self.inner_loss, q, hp, batch, None)
+                used.update(used_inputs(value, q))
                 return value, value
 
+            used: set[str] = set()
             grads, value = torch.func.grad(loss_fn, has_aux=True)(p)
+            grads = {k: g if k in used else None for k, g in grads.items()}  # as torch.optim
             new_p, new_s = opt.step(p, grads, st, hp)
             new_s_t, *skel = split_state(new_s)
             skeleton[:] = skel  # the state's non-tensor skeleton leaves by a side channel
