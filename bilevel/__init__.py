@@ -5,7 +5,7 @@ Two engines: :func:`unroll` differentiates through T optimizer steps (five modes
 inner solution through its optimality condition (implicit function theorem).
 """
 
-from bilevel import constraints, distributed, linalg, nn, optim, solvers, stateful
+from bilevel import constraints, distributed, linalg, nn, optim, prox, solvers, stateful
 from bilevel.check import HypergradCheckError, HypergradReport, hypergradcheck
 from bilevel.implicit import (
     ImplicitDiagnostics,
@@ -16,6 +16,8 @@ from bilevel.implicit import (
     hypergrad,
     root,
 )
+from bilevel.qp import QPError, make_kkt_optimality_fn
+from bilevel.qp import qp as qp  # the function; the package stays importable as bilevel.qp.*
 from bilevel.unroll import NonFiniteLossError, UnrollResult, unroll
 
 __version__ = "0.1.0"
@@ -24,6 +26,7 @@ __all__ = [
     "HypergradReport",
     "ImplicitDiagnostics",
     "NonFiniteLossError",
+    "QPError",
     "UnrollResult",
     "WarmStart",
     "argmin",
@@ -34,8 +37,11 @@ __all__ = [
     "hypergrad",
     "hypergradcheck",
     "linalg",
+    "make_kkt_optimality_fn",
     "nn",
     "optim",
+    "prox",
+    "qp",
     "root",
     "solvers",
     "stateful",

@@ -10,6 +10,7 @@
   log regularization weight.
 * :class:`RidgePredictor` -- the tutorial's "postdiction" predictor: fit a ridge map
   from the first part of each embedded series to its last part, apply it to the end.
+* :class:`QPLayer` -- a batched quadratic program as a layer (:func:`bilevel.qp`).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from torch import Tensor, nn
 
 from bilevel._tree import Tree, tree_flatten, tree_unflatten
 from bilevel.implicit import ImplicitDiagnostics, argmin, custom_root
+from bilevel.qp.layer import QPLayer
 
-__all__ = ["ArgMinLayer", "RidgeArgMin", "RidgePredictor", "RidgeRegression"]
+__all__ = ["ArgMinLayer", "QPLayer", "RidgeArgMin", "RidgePredictor", "RidgeRegression"]
 
 
 class ArgMinLayer(nn.Module):

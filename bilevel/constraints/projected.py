@@ -1,14 +1,12 @@
-"""Constrained inner problems: projections and the projected-gradient fixed point.
+"""The projected-gradient solver and the differentiable constrained argmin.
 
 A minimizer of ``f(w)`` over a convex set ``C`` is a fixed point of one projected
 gradient step, ``w = P_C(w - eta grad f(w))`` for any ``eta > 0``. The implicit
 function theorem applied to that fixed point (:func:`bilevel.fixed_point`) gives
-the hypergradient of constrained problems. The projections here are written with
-``clamp``/``sort``/``gather``, so autograd through them yields the generalized
-Jacobian of the projection (identity on free coordinates, zero on active bounds,
-the centred projector on the simplex's support), which is what the theorem needs.
+the hypergradient of constrained problems; it needs the projection's generalized
+Jacobian, which autograd gives for every projection in
+:mod:`bilevel.constraints.projections`.
 
-* :func:`project_nonnegative`, :func:`project_box`, :func:`project_simplex`;
 * :func:`projected_gradient` -- an inner solver, ``solver(objective, init)``;
 * :func:`projected_argmin` -- the differentiable constrained argmin.
 """
@@ -25,88 +23,9 @@ import torch
 from torch import Tensor
 
 from bilevel._tree import Tree, tree_flatten, tree_unflatten
+from bilevel.constraints.projections import project_nonnegative  # noqa: F401 (doctests)
 
-__all__ = [
-    "ProjectedGradient",
-    "project_box",
-    "project_nonnegative",
-    "project_simplex",
-    "projected_argmin",
-    "projected_gradient",
-]
-
-
-def project_nonnegative(w: Tensor) -> Tensor:
-    """Euclidean projection onto ``{w >= 0}`` (elementwise).
-
-    Example:
-        >>> project_nonnegative(torch.tensor([-1.0, 2.0]))
-        tensor([0., 2.])
-    """
-    if not isinstance(w, Tensor):
-        raise TypeError(f"w must be a tensor, got {type(w).__name__}")
-    return torch.clamp(w, min=0)
-
-
-def project_box(
-    w: Tensor, lower: float | Tensor | None = None, upper: float | Tensor | None = None
-) -> Tensor:
-    """Euclidean projection onto the box ``{lower <= w <= upper}`` (elementwise).
-
-    ``lower``/``upper`` are numbers or tensors broadcastable to ``w`` (``None``: no
-    bound on that side). Tensor bounds can be hyperparameters: the projection is
-    differentiable w.r.t. them (gradient 1 where the bound is active).
-
-    Example:
-        >>> project_box(torch.tensor([-2.0, 0.5, 3.0]), -1.0, 1.0)
-        tensor([-1.0000,  0.5000,  1.0000])
-    """
-    if not isinstance(w, Tensor):
-        raise TypeError(f"w must be a tensor, got {type(w).__name__}")
-    if lower is None and upper is None:
-        return w
-    for name, b in (("lower", lower), ("upper", upper)):
-        if b is not None and not isinstance(b, (Tensor, int, float)):
-            raise TypeError(f"{name} must be a number, a tensor or None, got {type(b).__name__}")
-    if not isinstance(lower, Tensor) and not isinstance(upper, Tensor):
-        return torch.clamp(w, min=lower, max=upper)
-    # where() rather than maximum()/minimum(): those split the gradient in half at ties
-    out = w
-    if lower is not None:
-        lo = torch.as_tensor(lower, dtype=w.dtype, device=w.device)
-        out = torch.where(out < lo, lo, out)
-    if upper is not None:
-        hi = torch.as_tensor(upper, dtype=w.dtype, device=w.device)
-        out = torch.where(out > hi, hi, out)
-    return out
-
-
-def project_simplex(w: Tensor, radius: float | Tensor = 1.0) -> Tensor:
-    """Euclidean projection of each row (last dimension) onto ``{x >= 0, sum(x) = radius}``.
-
-    Sort-based (Held et al. 1974; Duchi et al. 2008): ``x = max(w - tau, 0)`` with the
-    threshold ``tau`` found from the sorted values. No host synchronisation, any
-    leading batch dimensions; vmappable.
-
-    Example:
-        >>> project_simplex(torch.tensor([0.5, 0.2, -1.0]))
-        tensor([0.6500, 0.3500, 0.0000])
-    """
-    if not isinstance(w, Tensor):
-        raise TypeError(f"w must be a tensor, got {type(w).__name__}")
-    if w.ndim == 0:
-        raise ValueError(
-            "project_simplex needs at least one dimension (the simplex is along the last one)"
-        )
-    n = w.shape[-1]
-    u, _ = torch.sort(w, dim=-1, descending=True)
-    css = torch.cumsum(u, dim=-1) - radius
-    k = torch.arange(1, n + 1, dtype=w.dtype, device=w.device)
-    support = (u - css / k) > 0
-    # rho = size of the support (>= 1 always: the largest entry is in it)
-    rho = support.sum(dim=-1, keepdim=True).clamp_min(1)
-    tau = torch.gather(css, -1, rho - 1) / rho.to(w.dtype)
-    return torch.clamp(w - tau, min=0)
+__all__ = ["ProjectedGradient", "projected_argmin", "projected_gradient"]
 
 
 def _projection_caller(projection: Callable[..., Tree]) -> Callable[[Tree, Any], Tree]:
