@@ -88,7 +88,7 @@ def lasso(x: Tensor, l1: Any, step: Any = 1.0) -> Tensor:
 
     Example:
         >>> lasso(torch.tensor([3.0, -0.5, -2.0]), 1.0)
-        tensor([ 2.,  0., -1.])
+        tensor([ 2., -0., -1.])
     """
     _check(x, step, "lasso")
     t = _step(step, x) * _weight(l1, x, "lasso", "l1")
@@ -102,7 +102,7 @@ def elastic_net(x: Tensor, hparams: Any, step: Any = 1.0) -> Tensor:
 
     Example:
         >>> elastic_net(torch.tensor([3.0, -0.5]), (1.0, 1.0))
-        tensor([1., 0.])
+        tensor([1., -0.])
     """
     _check(x, step, "elastic_net")
     if isinstance(hparams, dict):
@@ -178,21 +178,21 @@ def group_lasso(x: Tensor, l2: Any, step: Any = 1.0) -> Tensor:
 def from_projection(projection: Callable[..., Tensor]) -> Prox:
     """The prox of the indicator of a convex set is its projection (``step`` is ignored).
 
-    ``projection(x)`` or ``projection(x, hparams)`` (e.g. the radius of a ball).
+    Called as ``projection(x)`` when ``hparams`` is ``None``, else ``projection(x, hparams)``
+    (e.g. the radius of a ball).
 
     Example:
         >>> from bilevel.constraints import project_l2_ball
         >>> prox = from_projection(project_l2_ball)
-        >>> prox(torch.tensor([3.0, 4.0]), 1.0, 0.1)
-        tensor([0.6000, 0.8000])
+        >>> prox(torch.tensor([3.0, 4.0]), 2.0, 0.1)
+        tensor([1.2000, 1.6000])
     """
-    from bilevel.constraints import _projection_caller
-
-    project = _projection_caller(projection)
+    if not callable(projection):
+        raise TypeError(f"projection must be callable, got {type(projection).__name__}")
 
     def prox(x: Tensor, hparams: Any = None, step: Any = 1.0) -> Tensor:
         _check(x, step, "from_projection")
-        return project(x, hparams)
+        return projection(x) if hparams is None else projection(x, hparams)
 
     prox.__name__ = f"prox_{getattr(projection, '__name__', 'projection')}"
     return prox

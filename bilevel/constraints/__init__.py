@@ -13,7 +13,7 @@ from bilevel.constraints.birkhoff import project_birkhoff
 from bilevel.constraints.polyhedron import project_polyhedron
 from bilevel.constraints.projected import (
     ProjectedGradient,
-    _projection_caller,
+    _projection_caller,  # noqa: F401 (used by bilevel.implicit callers)
     projected_argmin,
     projected_gradient,
 )

@@ -138,7 +138,7 @@ def project_l1_ball(w: Tensor, radius: float | Tensor = 1.0) -> Tensor:
 
     Example:
         >>> project_l1_ball(torch.tensor([2.0, -1.0]), 1.0)
-        tensor([ 1., -0.])
+        tensor([1., -0.])
     """
     _tensor(w, "project_l1_ball")
     r = _as(radius, w, "radius")
@@ -247,7 +247,7 @@ def project_box_section(
 
     Example:
         >>> project_box_section(torch.tensor([0.9, 0.8, -0.5]), 0.0, 0.6, torch.ones(3), 1.0)
-        tensor([0.6000, 0.4000, 0.0000])
+        tensor([0.5500, 0.4500, 0.0000])
     """
     _tensor(w, "project_box_section")
     a = _normal(a, w, "project_box_section")

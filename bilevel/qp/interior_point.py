@@ -90,7 +90,9 @@ def _factor(data: QPData, d: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     n, me, _ = data.sizes
     H = data.Q + data.G.mT @ (d.unsqueeze(-1) * data.G)
     top = torch.cat([H, data.A.mT], dim=-1)
-    bottom = torch.cat([data.A, torch.zeros(data.batch, me, me, dtype=H.dtype, device=H.device)], -1)
+    bottom = torch.cat(
+        [data.A, torch.zeros(data.batch, me, me, dtype=H.dtype, device=H.device)], -1
+    )
     lu, piv, info = torch.linalg.lu_factor_ex(torch.cat([top, bottom], dim=-2))
     return lu, piv, info
 
@@ -104,8 +106,33 @@ def _kkt_solve(lu: Tensor, piv: Tensor, rx: Tensor, ry: Tensor) -> tuple[Tensor,
 def _max_step(v: Tensor, dv: Tensor) -> Tensor:
     """Largest ``alpha <= 1`` with ``v + alpha dv >= 0``, per element (``v`` not empty)."""
     neg = dv < 0
-    ratio = torch.where(neg, -v / torch.where(neg, dv, -torch.ones_like(dv)), 2 * torch.ones_like(v))
+    ratio = torch.where(
+        neg, -v / torch.where(neg, dv, -torch.ones_like(dv)), 2 * torch.ones_like(v)
+    )
     return ratio.amin(-1).clamp(max=1.0)
+
+
+@dataclass(frozen=True)
+class _Newton:
+    """One interior-point iterate's reduced KKT system, factorised once for two directions."""
+
+    G: Tensor
+    lu: Tensor
+    piv: Tensor
+    rd: Tensor
+    re: Tensor
+    ri: Tensor
+    s: Tensor
+    z: Tensor
+
+    def direction(self, rc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Newton direction for the complementarity target ``s * z = s * z - rc``."""
+        d = self.z / self.s
+        rx = -self.rd - _mtv(self.G, d * self.ri - rc / self.s)
+        dx, dy = _kkt_solve(self.lu, self.piv, rx, -self.re)
+        dz = d * (_mv(self.G, dx) + self.ri) - rc / self.s
+        ds = -(rc + self.s * dz) / self.z
+        return dx, dy, dz, ds
 
 
 def _residuals(data: QPData, x: Tensor, y: Tensor, z: Tensor, s: Tensor) -> tuple[Tensor, ...]:
@@ -122,7 +149,7 @@ def _inf(v: Tensor) -> Tensor:
 
 
 def _solve(data: QPData, opts: InteriorPoint) -> IPMResult:
-    B, (n, me, mi) = data.batch, data.sizes
+    B, mi = data.batch, data.sizes[2]
     dtype = data.p.dtype
     tol = opts.tol if opts.tol is not None else (1e-10 if dtype == torch.float64 else 1e-5)
     # CVXOPT-style start: the least-squares point of the relaxed problem, slacks and
@@ -147,22 +174,16 @@ def _solve(data: QPData, opts: InteriorPoint) -> IPMResult:
         done = done | (res <= tol)
         if it % opts.check_every == 0 and bool(done.all()):  # the documented host sync
             break
-        d = z / s
-        lu, piv, _ = _factor(data, d)
+        lu, piv, _ = _factor(data, z / s)
 
-        def direction(rc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-            rx = -rd - _mtv(data.G, d * ri - rc / s)
-            dx, dy = _kkt_solve(lu, piv, rx, -re)
-            dz = d * (_mv(data.G, dx) + ri) - rc / s
-            ds = -(rc + s * dz) / z
-            return dx, dy, dz, ds
+        step = _Newton(data.G, lu, piv, rd, re, ri, s, z)
 
-        dx, dy, dz, ds = direction(s * z)  # predictor (affine scaling)
+        dx, dy, dz, ds = step.direction(s * z)  # predictor (affine scaling)
         if mi:
             a = torch.minimum(_max_step(s, ds), _max_step(z, dz)).unsqueeze(-1)
             mu_aff = ((s + a * ds) * (z + a * dz)).sum(-1) / mi
             sigma = (mu_aff / mu.clamp_min(torch.finfo(dtype).tiny)).clamp(0, 1) ** 3
-            dx, dy, dz, ds = direction(s * z + ds * dz - (sigma * mu).unsqueeze(-1))
+            dx, dy, dz, ds = step.direction(s * z + ds * dz - (sigma * mu).unsqueeze(-1))
             alpha = (0.99 * torch.minimum(_max_step(s, ds), _max_step(z, dz))).clamp(max=1.0)
         else:
             alpha = torch.ones(B, dtype=dtype, device=x.device)

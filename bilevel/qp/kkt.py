@@ -117,7 +117,7 @@ class QPFunction(torch.autograd.Function):
 
 
 def _kkt_matrix(Q: Tensor, A: Tensor, G: Tensor, m: Tensor) -> Tensor:
-    B, n = Q.shape[0], Q.shape[-1]
+    B = Q.shape[0]
     me, mi = A.shape[1], G.shape[1]
     Ga = G * m.unsqueeze(-1)
     zeros = lambda r, c: torch.zeros(B, r, c, dtype=Q.dtype, device=Q.device)  # noqa: E731

@@ -50,5 +50,6 @@ class QPLayer(nn.Module):
         h: Tensor | None = None,
         solution: Any = None,
     ) -> Any:
-        return qp(Q, p, A, b, G, h, solver=self.solver, solution=solution,
-                  return_duals=self.return_duals)
+        return qp(
+            Q, p, A, b, G, h, solver=self.solver, solution=solution, return_duals=self.return_duals
+        )

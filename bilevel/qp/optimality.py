@@ -36,8 +36,11 @@ def make_kkt_optimality_fn(
         >>> x[0].backward(); h.grad                          # d x1 / d h = (1/2, -1/2)
         tensor([ 0.5000, -0.5000], dtype=torch.float64)
     """
-    for name, fn in (("objective", objective), ("eq_constraint", eq_constraint),
-                     ("ineq_constraint", ineq_constraint)):
+    for name, fn in (
+        ("objective", objective),
+        ("eq_constraint", eq_constraint),
+        ("ineq_constraint", ineq_constraint),
+    ):
         if fn is not None and not callable(fn):
             raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
     if objective is None:
@@ -47,11 +50,13 @@ def make_kkt_optimality_fn(
 
     def optimality_fn(w: tuple[Tensor, ...], hparams: Any) -> tuple[Tensor, ...]:
         if not isinstance(w, (tuple, list)) or len(w) != n_parts:
-            raise ValueError(f"the KKT variables must be the tuple {layout}, got {type(w).__name__}"
-                             + (f" of length {len(w)}" if isinstance(w, (tuple, list)) else ""))
+            raise ValueError(
+                f"the KKT variables must be the tuple {layout}, got {type(w).__name__}"
+                + (f" of length {len(w)}" if isinstance(w, (tuple, list)) else "")
+            )
         x = w[0]
-        y = w[1] if eq_constraint is not None else None
-        z = w[-1] if ineq_constraint is not None else None
+        y = w[1] if eq_constraint is not None else x
+        z = w[-1] if ineq_constraint is not None else x  # x: a placeholder never read
 
         def lagrangian(xx: Tensor) -> Tensor:
             value = objective(xx, hparams).reshape(())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -9,7 +10,7 @@ from torch import Tensor
 
 from bilevel.qp.interior_point import InteriorPoint, interior_point
 from bilevel.qp.kkt import QPFunction, duals_from_primal
-from bilevel.qp.problem import as_qp_data
+from bilevel.qp.problem import QPData, as_qp_data
 
 __all__ = ["qp"]
 
@@ -58,14 +59,13 @@ def qp(
         >>> p = torch.tensor([-1.0, -2.0], dtype=torch.float64, requires_grad=True)
         >>> G = torch.eye(2, dtype=torch.float64); h = torch.tensor([2.0, 1.0], dtype=torch.float64)
         >>> x = qp(Q, p, G=G, h=h)               # x = min(-p, h): the second bound is active
-        >>> x.detach()
+        >>> x.detach().round(decimals=8)
         tensor([1., 1.], dtype=torch.float64)
         >>> x.sum().backward(); p.grad
         tensor([-1.,  0.], dtype=torch.float64)
     """
     data = as_qp_data(Q, p, A, b, G, h)
-    sym = 0.5 * (data.Q + data.Q.mT)
-    data = type(data)(sym, data.p, data.A, data.b, data.G, data.h, data.unbatched)
+    data = dataclasses.replace(data, Q=0.5 * (data.Q + data.Q.mT))
     if not isinstance(return_duals, bool):
         raise TypeError(f"return_duals must be a bool, got {type(return_duals).__name__}")
     if solver is not None and not isinstance(solver, InteriorPoint):
@@ -73,7 +73,9 @@ def qp(
             "solver must be a bilevel.qp.interior_point(...) configuration; to use another "
             f"solver, pass its result as solution=, got {type(solver).__name__}"
         )
-    detached = type(data)(*(t.detach() for t in (sym, data.p, data.A, data.b, data.G, data.h)), data.unbatched)
+    detached = dataclasses.replace(
+        data, **{k: getattr(data, k).detach() for k in ("Q", "p", "A", "b", "G", "h")}
+    )
     lu = None
     with torch.no_grad():
         if solution is None:
@@ -83,20 +85,15 @@ def qp(
             x, y, z = _given(solution, detached, active_tol)
             s = detached.h - (detached.G @ x.unsqueeze(-1)).squeeze(-1)
         active = z > s
-    out = QPFunction.apply(
-        data.Q, data.p, data.A, data.b, data.G, data.h, (x, y, z, active), lu
-    )
+    out = QPFunction.apply(data.Q, data.p, data.A, data.b, data.G, data.h, (x, y, z, active), lu)
     if data.unbatched:
         out = tuple(t.squeeze(0) for t in out)
     return tuple(out) if return_duals else out[0]
 
 
 def _given(
-    solution: Tensor | Sequence[Tensor], data: object, active_tol: float | None
+    solution: Tensor | Sequence[Tensor], data: QPData, active_tol: float | None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    from bilevel.qp.problem import QPData
-
-    assert isinstance(data, QPData)
     B, (n, me, mi) = data.batch, data.sizes
     want = {"x": (B, n), "y": (B, me), "z": (B, mi)}
     parts = [solution] if isinstance(solution, Tensor) else list(solution)
@@ -115,6 +112,8 @@ def _given(
         fixed.append(t)
     if len(fixed) == 3:
         return fixed[0], fixed[1], fixed[2]
-    tol = active_tol if active_tol is not None else (1e-7 if data.p.dtype == torch.float64 else 1e-4)
+    tol = (
+        active_tol if active_tol is not None else (1e-7 if data.p.dtype == torch.float64 else 1e-4)
+    )
     y, z = duals_from_primal(data, fixed[0], tol)
     return fixed[0], y, z
