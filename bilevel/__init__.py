@@ -11,9 +11,11 @@ from bilevel.implicit import (
     ImplicitDiagnostics,
     WarmStart,
     argmin,
+    custom_fixed_point,
     custom_root,
     fixed_point,
     hypergrad,
+    proximal_argmin,
     root,
 )
 from bilevel.qp import QPError, make_kkt_optimality_fn
@@ -31,6 +33,7 @@ __all__ = [
     "WarmStart",
     "argmin",
     "constraints",
+    "custom_fixed_point",
     "custom_root",
     "distributed",
     "fixed_point",
@@ -41,6 +44,7 @@ __all__ = [
     "nn",
     "optim",
     "prox",
+    "proximal_argmin",
     "qp",
     "root",
     "solvers",

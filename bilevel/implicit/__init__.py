@@ -16,6 +16,9 @@ Public entry points:
 * :func:`root` -- any ``F``; :func:`fixed_point` -- ``F(w) = w - map_fn(w)``
   (GMRES by default);
 * :func:`custom_root` -- a decorator making any solver function differentiable;
+  :func:`custom_fixed_point` -- the same for a solver of ``w = map_fn(w)``;
+* :func:`proximal_argmin` -- ``argmin f + g`` through the proximal fixed point, with the
+  support-restricted backward of Bertrand et al. (2020);
 * :class:`ImplicitDiagnostics`, :func:`last_backward_info` -- what the linear solves did;
 * :func:`hypergrad` -- gradients of an outer value w.r.t. a tree of hyperparameters.
 
@@ -30,10 +33,12 @@ system), so hypergradients are differentiable again (double backward, ``jacfwd``
 """
 
 from bilevel.implicit.argmin import argmin
+from bilevel.implicit.custom_fixed_point import custom_fixed_point
 from bilevel.implicit.custom_root import custom_root
 from bilevel.implicit.diagnostics import ImplicitDiagnostics, last_backward_info, last_forward_info
 from bilevel.implicit.fixed_point import fixed_point
 from bilevel.implicit.hypergrad import hypergrad
+from bilevel.implicit.proximal import proximal_argmin
 from bilevel.implicit.root import root
 from bilevel.implicit.warm_start import WarmStart
 
@@ -41,10 +46,12 @@ __all__ = [
     "ImplicitDiagnostics",
     "WarmStart",
     "argmin",
+    "custom_fixed_point",
     "custom_root",
     "fixed_point",
     "hypergrad",
     "last_backward_info",
     "last_forward_info",
+    "proximal_argmin",
     "root",
 ]

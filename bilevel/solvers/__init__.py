@@ -12,6 +12,9 @@ Two families share one calling convention and one report, :class:`SolverInfo`:
   :func:`newton_cg` (Hessian-vector products and :func:`bilevel.linalg.cg`) and
   :func:`scipy_minimize` (a bridge to :func:`scipy.optimize.minimize`, bounds
   included);
+* :func:`proximal_gradient` -- FISTA for ``f + g`` given ``g``'s prox (a
+  :class:`Composite` target; used by :func:`bilevel.proximal_argmin`), per-problem
+  steps and stopping under ``vmap``;
 * fixed-point solvers, ``solution, info = solver(map_fn, init)`` iterating
   ``w <- map_fn(w)``: :func:`fixed_point_iteration` and :func:`anderson`.
 
@@ -42,6 +45,7 @@ from bilevel.solvers.fixed_point_iteration import FixedPointIteration, fixed_poi
 from bilevel.solvers.gradient_descent import GradientDescent, gradient_descent
 from bilevel.solvers.lbfgs import LBFGS, lbfgs
 from bilevel.solvers.newton_cg import NewtonCG, newton_cg
+from bilevel.solvers.proximal_gradient import Composite, ProximalGradient, proximal_gradient
 from bilevel.solvers.scipy_minimize import ScipyMinimize, scipy_minimize
 from bilevel.solvers.stationarity import check_stationarity, fixed_point_residual, stationarity
 
@@ -55,12 +59,15 @@ __all__ = [
     "GradientDescent",
     "LBFGS",
     "NewtonCG",
+    "Composite",
+    "ProximalGradient",
     "ScipyMinimize",
     "FixedPointIteration",
     "Anderson",
     "gradient_descent",
     "lbfgs",
     "newton_cg",
+    "proximal_gradient",
     "scipy_minimize",
     "fixed_point_iteration",
     "anderson",
