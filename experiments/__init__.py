@@ -24,6 +24,8 @@ EXPERIMENTS: dict[str, str] = {
     "maml": "experiments.maml",
     "hyperclean": "experiments.hyperclean",
     "argmin-timeseries": "experiments.argmin_timeseries",
+    "lasso": "experiments.lasso",
+    "portfolio": "experiments.portfolio",
 }
 
 __all__ = ["EXPERIMENTS"]
