@@ -1,0 +1,201 @@
+"""Bench problem ``qp``: a batched QP layer's forward + backward against qpth and cvxpylayers.
+
+``python -m experiments.bench_qp [--batches 1,64,512] [--sizes 10,50,200] [--device cpu]``
+
+Random strictly convex QPs with ``n`` variables, ``n // 10`` (at least 1) equalities and
+``n`` inequalities (about half active at the solution), float64, the same tensors for every
+implementation. Timed: the solve and one backward of ``sum(w * x)`` w.r.t. every input.
+Before timing, every implementation's solution and gradients are compared with bilevel's
+(a disagreement is printed, and the command exits 1). Times are medians of ``--repeats``
+repeats after a warm-up, implementations interleaved; an implementation whose one warm-up
+run already exceeds ``--budget`` seconds is timed once. cvxpylayers is skipped for a
+configuration when its estimated time exceeds ``--cvx-max`` seconds (it solves the batch
+element by element with a conic solver on the host).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import bilevel
+
+Inputs = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+def random_qp(batch: int, n: int, seed: int, device: torch.device) -> Inputs:
+    g = torch.Generator().manual_seed(seed)
+    dt = torch.float64
+    me = max(1, n // 10)
+    L = torch.randn(batch, n, n, generator=g, dtype=dt) / n**0.5
+    Q = L @ L.mT + 0.1 * torch.eye(n, dtype=dt)
+    p = torch.randn(batch, n, generator=g, dtype=dt)
+    A = torch.randn(batch, me, n, generator=g, dtype=dt)
+    x0 = torch.randn(batch, n, generator=g, dtype=dt)
+    b = (A @ x0.unsqueeze(-1)).squeeze(-1)
+    G = torch.randn(batch, n, n, generator=g, dtype=dt)
+    h = (G @ x0.unsqueeze(-1)).squeeze(-1) + torch.rand(batch, n, generator=g, dtype=dt)
+    return tuple(t.to(device) for t in (Q, p, A, b, G, h))  # type: ignore[return-value]
+
+
+def _bilevel(data: Inputs) -> Tensor:
+    x = bilevel.qp(*data)
+    assert isinstance(x, Tensor)
+    return x
+
+
+def _qpth(data: Inputs) -> Tensor:
+    from qpth.qp import QPFunction
+
+    Q, p, A, b, G, h = data
+    return QPFunction(verbose=-1, eps=1e-10, maxIter=50, check_Q_spd=False)(Q, p, G, h, A, b)
+
+
+def _cvx_layer(n: int, me: int) -> Callable[[Inputs], Tensor]:
+    import cvxpy as cp
+    from cvxpylayers.torch import CvxpyLayer
+
+    x = cp.Variable(n)
+    params = [cp.Parameter((n, n)), cp.Parameter(n), cp.Parameter((me, n)), cp.Parameter(me)]
+    params += [cp.Parameter((n, n)), cp.Parameter(n)]
+    Lp, pp, Ap, bp, Gp, hp = params
+    # Q = L'L through a DPP parametrisation (quad_form(x, Q) with Q a parameter is not DPP)
+    objective = cp.Minimize(0.5 * cp.sum_squares(Lp @ x) + pp @ x)
+    layer = CvxpyLayer(cp.Problem(objective, [Ap @ x == bp, Gp @ x <= hp]), params, [x])
+
+    def solve(data: Inputs) -> Tensor:
+        Q, *rest = data
+        L = torch.linalg.cholesky(Q).mT  # Q = L'L: gradients reach Q through L
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return layer(L, *rest, solver_args={"eps": 1e-10})[0]
+
+    return solve
+
+
+def forward_backward(
+    fn: Callable[[Inputs], Tensor], data: Inputs, weight: Tensor
+) -> tuple[Tensor, list[Tensor]]:
+    leaves = [t.detach().clone().requires_grad_() for t in data]
+    x = fn(tuple(leaves))  # type: ignore[arg-type]
+    (x * weight).sum().backward()
+    return x.detach(), [t.grad for t in leaves]  # type: ignore[misc]
+
+
+def _median_time(
+    fn: Callable[[Inputs], Tensor], data: Inputs, weight: Tensor, repeats: int, budget: float
+) -> float:
+    t0 = time.perf_counter()
+    forward_backward(fn, data, weight)
+    first = time.perf_counter() - t0
+    if first > budget:
+        return first
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        forward_backward(fn, data, weight)
+        if data[0].is_cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _agree(ref: tuple[Tensor, list[Tensor]], got: tuple[Tensor, list[Tensor]]) -> float:
+    """Largest relative difference over the solution and the six gradients."""
+    worst = 0.0
+    for a, b in zip([ref[0], *ref[1]], [got[0], *got[1]]):
+        worst = max(worst, float((a - b).abs().max() / (1 + a.abs().max())))
+    return worst
+
+
+def run(args: argparse.Namespace) -> int:
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    impls: dict[str, Any] = {"bilevel": _bilevel}
+    try:
+        import qpth  # noqa: F401
+
+        impls["qpth"] = _qpth
+    except ImportError:
+        print("qpth not installed: skipped")
+    try:
+        import cvxpylayers  # noqa: F401
+
+        have_cvx = True
+    except ImportError:
+        have_cvx, _ = False, print("cvxpylayers not installed: skipped")
+    print(
+        f"torch {torch.__version__}, device {device}, {args.threads} thread(s), float64, "
+        f"median of {args.repeats} after a warm-up; forward + backward (all six inputs)"
+    )
+    header = f"{'batch':>5} {'n':>4} | " + " | ".join(
+        f"{name:>22}" for name in ["bilevel", "qpth", "cvxpylayers"]
+    )
+    print(header)
+    print("-" * len(header))
+    failed = False
+    for n in args.sizes:
+        for batch in args.batches:
+            data = random_qp(batch, n, seed=batch * 1000 + n, device=device)
+            weight = torch.randn(
+                batch, n, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+            ).to(device)
+            ref = forward_backward(_bilevel, data, weight)
+            cells = {}
+            fns = dict(impls)
+            if have_cvx and device.type == "cpu":
+                cvx = _cvx_layer(n, max(1, n // 10))
+                one = tuple(t[:1] for t in data)
+                t0 = time.perf_counter()
+                forward_backward(cvx, one, weight[:1])  # type: ignore[arg-type]
+                estimate = (time.perf_counter() - t0) * batch
+                if estimate <= args.cvx_max:
+                    fns["cvxpylayers"] = cvx
+                else:
+                    cells["cvxpylayers"] = f"skip (est. {estimate:.0f} s)"
+            for name, fn in fns.items():
+                if name != "bilevel":
+                    err = _agree(ref, forward_backward(fn, data, weight))
+                    if err > args.rtol:
+                        failed = True
+                        cells[name] = f"DISAGREES ({err:.1e})"
+                        continue
+                t = _median_time(fn, data, weight, args.repeats, args.budget)
+                cells[name] = f"{1000 * t:9.1f} ms"
+            base = cells.get("bilevel", "")
+            row = f"{batch:>5} {n:>4} | {base:>22}"
+            for name in ("qpth", "cvxpylayers"):
+                cell = cells.get(name, "-")
+                row += f" | {cell:>22}"
+            print(row, flush=True)
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.bench_qp",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ints = lambda t: [int(v) for v in t.split(",")]  # noqa: E731
+    parser.add_argument("--batches", type=ints, default=[1, 64, 512])
+    parser.add_argument("--sizes", type=ints, default=[10, 50, 200])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--budget", type=float, default=20.0)
+    parser.add_argument("--cvx-max", type=float, default=120.0)
+    parser.add_argument("--rtol", type=float, default=1e-4)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
