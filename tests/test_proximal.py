@@ -291,3 +291,40 @@ def test_custom_fixed_point_under_vmap_and_double_backward():
         torch.stack([h.detach(), 2 * h.detach()])
     )
     assert (batched[0] - w.detach()).abs().max() < 1e-12
+
+
+@pytest.mark.slow
+def test_l1_logistic_regression_matches_liblinear():
+    # a non-quadratic smooth part: the backtracking (no step size given) does the work
+    sk = pytest.importorskip("sklearn.datasets")
+    from sklearn.linear_model import LogisticRegression
+
+    data = sk.load_breast_cancer()
+    X = torch.tensor(data.data, dtype=DT)
+    X = (X - X.mean(0)) / X.std(0)
+    y = torch.tensor(data.target, dtype=DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scikit-learn's notice about `penalty`
+        ref = LogisticRegression(
+            penalty="l1",
+            C=0.1,
+            solver="liblinear",
+            fit_intercept=False,
+            tol=1e-12,
+            max_iter=100000,
+        ).fit(X.numpy(), data.target)
+
+    def loss(w, h, d):
+        return torch.nn.functional.binary_cross_entropy_with_logits(d[0] @ w, d[1])
+
+    w = bilevel.proximal_argmin(
+        loss,
+        torch.zeros(30, dtype=DT),
+        {},
+        (X, y),
+        prox=bilevel.prox.lasso,
+        prox_hparams=10.0 / X.shape[0],
+        solver=proximal_gradient(tol=1e-10, maxiter=200000),
+    )
+    assert (w - torch.from_numpy(ref.coef_[0])).abs().max() < 1e-5
+    assert torch.equal(w != 0, torch.from_numpy(ref.coef_[0] != 0))
