@@ -23,15 +23,15 @@ __all__ = ["IPMResult", "InteriorPoint", "interior_point"]
 
 @dataclass(frozen=True)
 class IPMResult:
-    """Primal-dual solution ``(x, y, z)``, slacks ``s = h - Gx``, the last reduced-KKT LU
-    factorisation (reused by the backward pass when there are no inequalities), and
-    per-element convergence records."""
+    """Primal-dual solution ``(x, y, z)``, slacks ``s = h - Gx``, the LU factorisation of
+    the KKT matrix when there are no inequalities (reused by the backward pass; None
+    otherwise), and per-element convergence records."""
 
     x: Tensor
     y: Tensor
     z: Tensor
     s: Tensor
-    lu: tuple[Tensor, Tensor]
+    lu: tuple[Tensor, Tensor] | None
     converged: Tensor
     iterations: Tensor
     residual: Tensor
@@ -142,6 +142,16 @@ def _residuals(data: QPData, x: Tensor, y: Tensor, z: Tensor, s: Tensor) -> tupl
     return rd, re, ri
 
 
+def _measure(
+    rd: Tensor, re: Tensor, ri: Tensor, s: Tensor, z: Tensor, scale: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Duality measure ``s'z / m`` and the scaled worst residual, per element."""
+    mi = s.shape[-1]
+    mu = (s * z).sum(-1) / mi if mi else torch.zeros_like(scale)
+    worst = torch.maximum(torch.maximum(_inf(rd), _inf(re)), torch.maximum(_inf(ri), mu))
+    return mu, worst / scale
+
+
 def _inf(v: Tensor) -> Tensor:
     if v.shape[-1] == 0:
         return torch.zeros(v.shape[:-1], dtype=v.dtype, device=v.device)
@@ -169,8 +179,7 @@ def _solve(data: QPData, opts: InteriorPoint) -> IPMResult:
     res = torch.full((B,), float("inf"), dtype=dtype, device=data.p.device)
     for it in range(1, opts.maxiter + 1):
         rd, re, ri = _residuals(data, x, y, z, s)
-        mu = (s * z).sum(-1) / mi if mi else torch.zeros(B, dtype=dtype, device=x.device)
-        res = torch.maximum(torch.maximum(_inf(rd), _inf(re)), torch.maximum(_inf(ri), mu)) / scale
+        mu, res = _measure(rd, re, ri, s, z, scale)
         done = done | (res <= tol)
         if it % opts.check_every == 0 and bool(done.all()):  # the documented host sync
             break
@@ -194,11 +203,15 @@ def _solve(data: QPData, opts: InteriorPoint) -> IPMResult:
         z = torch.where(move, z + alpha * dz, z)
         s = torch.where(move, s + alpha * ds, s)
         iterations = iterations + (~done).long()
+    else:  # maxiter reached: judge the last update too
+        rd, re, ri = _residuals(data, x, y, z, s)
+        res = _measure(rd, re, ri, s, z, scale)[1]
+        done = done | (res <= tol)
     bad = (~done).nonzero().flatten().tolist()
     if bad:
         _raise(data, bad, x, y, z, s, res, iterations, tol)
-    lu, piv, _ = _factor(data, z / s)
-    return IPMResult(x, y, z, s, (lu, piv), done, iterations, res)
+    # without inequalities the reduced KKT matrix never changed: its LU serves the backward
+    return IPMResult(x, y, z, s, (lu, piv) if mi == 0 else None, done, iterations, res)
 
 
 def _raise(
