@@ -19,8 +19,15 @@ from bilevel.implicit import (
     root,
 )
 from bilevel.qp import QPError, make_kkt_optimality_fn
-from bilevel.qp import qp as qp  # the function; the package stays importable as bilevel.qp.*
+from bilevel.qp import qp as qp  # the function; `from bilevel.qp import ...` reaches the package
 from bilevel.unroll import NonFiniteLossError, UnrollResult, unroll
+
+# bilevel.qp is the function; it also carries the package's names, so that
+# bilevel.qp.interior_point(...), bilevel.qp.QPError and bilevel.qp.QPLayer work as written
+_qp_package = __import__("sys").modules["bilevel.qp"]
+for _name in _qp_package.__all__:
+    setattr(qp, _name, getattr(_qp_package, _name))
+del _name, _qp_package
 
 __version__ = "0.1.0"
 __all__ = [

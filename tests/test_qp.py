@@ -204,6 +204,7 @@ def test_kkt_optimality_fn_with_root_matches_qp():
 
 
 def test_layer_and_empty_batch_and_bad_input():
+    assert bilevel.qp.QPError is QPError and bilevel.qp.interior_point is interior_point
     layer = QPLayer(solver=interior_point(tol=1e-9))
     Q, p, A, b, G, h = random_qp(0, 3, 1, 2)
     assert layer(Q, p, A, b, G, h).shape == (0, 3)
