@@ -35,11 +35,13 @@ def grads_of(fn, inputs, weight):
     return x.detach(), [t.grad for t in leaves]
 
 
-def test_against_qpth_batched():
+@pytest.mark.parametrize("system", ["reduced", "augmented"])
+def test_against_qpth_batched(system):
     qpth = pytest.importorskip("qpth.qp")
     data = random_qp(4, 6, 2, 5)
     w = torch.randn(4, 6, dtype=DT)
-    x, ours = grads_of(bilevel.qp, data, w)
+    solver = interior_point(system=system)
+    x, ours = grads_of(lambda *a: bilevel.qp(*a, solver=solver), data, w)
     # qpth's argument order is (Q, p, G, h, A, b)
     ref_fn = lambda Q, p, A, b, G, h: qpth.QPFunction(  # noqa: E731
         verbose=-1, eps=1e-12, maxIter=100, check_Q_spd=False

@@ -8,10 +8,10 @@
   for :func:`bilevel.root` / :func:`bilevel.custom_root`.
 """
 
-from bilevel.qp.interior_point import InteriorPoint, IPMResult, interior_point
 from bilevel.qp.kkt import QPFunction, duals_from_primal
 from bilevel.qp.layer import QPLayer
 from bilevel.qp.optimality import make_kkt_optimality_fn
+from bilevel.qp.primal_dual import InteriorPoint, IPMResult, interior_point
 from bilevel.qp.problem import QPData, QPError, as_qp_data
 from bilevel.qp.solve import qp
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from bilevel.qp.interior_point import InteriorPoint
+from bilevel.qp.primal_dual import InteriorPoint
 from bilevel.qp.solve import qp
 
 __all__ = ["QPLayer"]

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from bilevel.qp.interior_point import InteriorPoint, interior_point
 from bilevel.qp.kkt import QPFunction, duals_from_primal
+from bilevel.qp.primal_dual import InteriorPoint, interior_point
 from bilevel.qp.problem import QPData, as_qp_data
 
 __all__ = ["qp"]
