@@ -94,3 +94,11 @@ def test_portfolio_bad_options(tmp_path, capsys):
     bad.write_text("Date,Close\n2020-01-01,1\n")
     code = main(["portfolio", "--quick", "--csv", str(bad), "--out", str(tmp_path / "y")])
     assert code == 2 and "missing column" in capsys.readouterr().err
+
+
+def test_bench_qp_agrees_and_prints_a_table(capsys):
+    from experiments.bench.qp import main as bench_main
+
+    assert bench_main(["--batches", "1,3", "--sizes", "6", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "bilevel" in out and " ms" in out and "DISAGREES" not in out

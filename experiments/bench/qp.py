@@ -1,6 +1,6 @@
 """Bench problem ``qp``: a batched QP layer's forward + backward against qpth and cvxpylayers.
 
-``python -m experiments.bench_qp [--batches 1,64,512] [--sizes 10,50,200] [--device cpu]``
+``python -m experiments.bench.qp [--batches 1,64,512] [--sizes 10,50,200] [--device cpu]``
 
 Random strictly convex QPs with ``n`` variables, ``n // 10`` (at least 1) equalities and
 ``n`` inequalities (about half active at the solution), float64, the same tensors for every
@@ -212,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m experiments.bench_qp",
+        prog="python -m experiments.bench.qp",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
