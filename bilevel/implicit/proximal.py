@@ -126,13 +126,14 @@ def proximal_argmin(
 
     Example:
         >>> import bilevel
+        >>> _ = torch.manual_seed(0)
         >>> X = torch.randn(30, 5, dtype=torch.float64); y = X[:, 0] + 0.1 * torch.randn(30, dtype=torch.float64)
         >>> l1 = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
         >>> f = lambda w, h, d: 0.5 * ((d[0] @ w - d[1]) ** 2).mean()
         >>> w = proximal_argmin(f, torch.zeros(5, dtype=torch.float64), {}, (X, y),
         ...                     prox=bilevel.prox.lasso, prox_hparams=l1)
-        >>> w.sum().backward()
-        >>> bool(l1.grad < 0)                  # a larger penalty shrinks the coefficients
+        >>> w.abs().sum().backward()
+        >>> bool(l1.grad < 0)                  # a larger penalty shrinks ||w||_1
         True
     """
     from bilevel.solvers.proximal_gradient import Composite, proximal_gradient
