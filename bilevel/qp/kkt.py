@@ -133,7 +133,7 @@ def _solve_kkt(K: Tensor, rhs: Tensor) -> Tensor:
     """``K^{-1} rhs``; least squares (pseudo-inverse) for the elements where ``K`` is
     singular (dependent active constraints). One host read of the failure flags."""
     u, info = torch.linalg.solve_ex(K, rhs)
-    failed = info != 0
-    if bool(failed.any()):
-        u = torch.where(failed[:, None, None], torch.linalg.pinv(K) @ rhs, u)
+    failed = (info != 0).nonzero().flatten()
+    if failed.numel():  # only those elements pay for a pseudo-inverse
+        u = u.index_put((failed,), torch.linalg.pinv(K[failed]) @ rhs[failed])
     return u.squeeze(-1)

@@ -9,8 +9,8 @@ Before timing, every implementation's solution and gradients are compared with b
 on a disagreement a central finite difference (w.r.t. ``p`` and ``h``) decides: a peer
 that is wrong is printed as ``WRONG grad`` and not timed; the command exits 1 when
 bilevel's gradient is the one off. Times are medians of ``--repeats``
-repeats after a warm-up, implementations interleaved; an implementation whose one warm-up
-run already exceeds ``--budget`` seconds is timed once. cvxpylayers is skipped for a
+rounds after a warm-up (the agreement check), implementations interleaved within each
+round; rounds stop once one takes more than ``--budget`` seconds. cvxpylayers is skipped for a
 configuration when its estimated time exceeds ``--cvx-max`` seconds (it solves the batch
 element by element with a conic solver on the host).
 """
@@ -92,22 +92,27 @@ def forward_backward(
     return x.detach(), [t.grad for t in leaves]  # type: ignore[misc]
 
 
-def _median_time(
-    fn: Callable[[Inputs], Tensor], data: Inputs, weight: Tensor, repeats: int, budget: float
-) -> float:
-    t0 = time.perf_counter()
-    forward_backward(fn, data, weight)
-    first = time.perf_counter() - t0
-    if first > budget:
-        return first
-    times = []
+def _interleaved_medians(
+    fns: dict[str, Callable[[Inputs], Tensor]],
+    data: Inputs,
+    weight: Tensor,
+    repeats: int,
+    budget: float,
+) -> dict[str, float]:
+    """Median seconds per implementation, repeats interleaved (the warm-up was the agreement
+    check); once a round exceeds ``budget`` seconds in total, no further rounds are run."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        forward_backward(fn, data, weight)
-        if data[0].is_cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        start_round = time.perf_counter()
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            forward_backward(fn, data, weight)
+            if data[0].is_cuda:
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+        if time.perf_counter() - start_round > budget:
+            break
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _agree(ref: tuple[Tensor, list[Tensor]], got: tuple[Tensor, list[Tensor]]) -> float:
@@ -182,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
                     fns["cvxpylayers"] = cvx
                 else:
                     cells["cvxpylayers"] = f"skip (est. {estimate:.0f} s)"
+            timed = {"bilevel": _bilevel}
             for name, fn in fns.items():
                 if name != "bilevel":
                     got = forward_backward(fn, data, weight)
@@ -199,7 +205,10 @@ def run(args: argparse.Namespace) -> int:
                             else f"DISAGREES ({err:.1e})"
                         )
                         continue
-                t = _median_time(fn, data, weight, args.repeats, args.budget)
+                    timed[name] = fn
+            for name, t in _interleaved_medians(
+                timed, data, weight, args.repeats, args.budget
+            ).items():
                 cells[name] = f"{1000 * t:9.1f} ms"
             base = cells.get("bilevel", "")
             row = f"{batch:>5} {n:>4} | {base:>22}"
@@ -222,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--budget", type=float, default=20.0)
+    parser.add_argument("--budget", type=float, default=60.0)
     parser.add_argument("--cvx-max", type=float, default=120.0)
     parser.add_argument("--rtol", type=float, default=1e-4)
     return run(parser.parse_args(argv))
