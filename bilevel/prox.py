@@ -7,17 +7,17 @@ here has the signature ``prox(x, hparams, step=1.0)`` that
 differentiation through the proximal fixed point needs): for the lasso, ``1`` on the
 support and ``0`` off it; derivatives w.r.t. the regularization weights are exact too.
 
-=========================  =============================================  ==================
-operator                   ``f(z)``                                       ``hparams``
-=========================  =============================================  ==================
-:func:`lasso`              ``l1 * ||z||_1``                               ``l1``
-:func:`elastic_net`        ``l1 * ||z||_1 + l2 / 2 * ||z||^2``            ``(l1, l2)``
-:func:`group_lasso`        ``l2 * sum_g ||z_g||_2`` (groups: last dim)    ``l2``
-:func:`ridge`              ``l2 / 2 * ||z||^2``                           ``l2``
-:func:`non_negative_lasso` ``l1 * sum(z)`` on ``z >= 0``                  ``l1``
-:func:`non_negative_ridge` ``l2 / 2 * ||z||^2`` on ``z >= 0``             ``l2``
-:func:`from_projection`    the indicator of a convex set                  the projection's
-=========================  =============================================  ==================
+============================  =============================================  ==================
+operator                      ``f(z)``                                       ``hparams``
+============================  =============================================  ==================
+:func:`lasso`                 ``l1 * ||z||_1``                               ``l1``
+:func:`elastic_net`           ``l1 * ||z||_1 + l2 / 2 * ||z||^2``            ``{'l1', 'l2'}``
+:func:`group_lasso`           ``l2 * sum_g ||z_g||_2`` (groups: last dim)    ``l2``
+:func:`ridge`                 ``l2 / 2 * ||z||^2``                           ``l2``
+:func:`non_negative_lasso`    ``l1 * sum(z)`` on ``z >= 0``                  ``l1``
+:func:`non_negative_ridge`    ``l2 / 2 * ||z||^2`` on ``z >= 0``             ``l2``
+:func:`from_projection`       the indicator of a convex set                  the projection's
+============================  =============================================  ==================
 
 Weights may be numbers, 0-d tensors or tensors broadcastable to ``x`` (one per feature).
 """

@@ -24,6 +24,7 @@ API_MODULES = [
     "bilevel.linalg",
     "bilevel.solvers",
     "bilevel.constraints",
+    "bilevel.prox",
     "bilevel.nn",
     "bilevel.stateful",
     "bilevel.distributed",
@@ -56,7 +57,8 @@ nitpicky = True
 nitpick_ignore_regex = [
     (r"py:.*", r"(torch|collections|scipy|datetime|typing|numpy)(\..*)?"),
     (r"py:class", r"(Tensor|Tree|nn\.Module)"),
-    (r"py:class", r"bilevel\.(linalg|solvers)\.\w+\.[A-Z]\w*"),
+    (r"py:class", r"bilevel\.(linalg|solvers|qp)\.\w+\.[A-Z]\w*"),
+    (r"py:class", r"InteriorPoint"),  # bilevel.qp's solver options, in QPLayer's signature
     (r"py:class", r"bilevel(\.\w+)*\._\w+"),
     (r"py:class", r"bilevel\.check\.HypergradEntry"),  # the rows of a HypergradReport
 ]

@@ -1,6 +1,6 @@
 """Constrained inner problems: projections and the projected-gradient fixed point.
 
-* :mod:`~bilevel.constraints.projections` -- ``{w >= 0}``, box, simplex, l1/l2/linf balls,
+* projections -- ``{w >= 0}``, box, simplex, l1/l2/linf balls,
   hyperplane, halfspace, affine set, box section;
 * :func:`project_birkhoff` (doubly stochastic matrices) and :func:`project_polyhedron`
   (through :func:`bilevel.qp`);

@@ -20,7 +20,7 @@ class QPLayer(nn.Module):
     Pass ``None`` for a missing constraint pair.
 
     Args:
-        solver: an :func:`bilevel.qp.interior_point` configuration.
+        solver: a ``bilevel.qp.interior_point(...)`` configuration.
         return_duals: also return the multipliers ``(y, z)``.
 
     Example:
@@ -50,6 +50,7 @@ class QPLayer(nn.Module):
         h: Tensor | None = None,
         solution: Any = None,
     ) -> Any:
+        """The solution ``x`` (and the multipliers with ``return_duals``); see :func:`bilevel.qp`."""
         return qp(
             Q, p, A, b, G, h, solver=self.solver, solution=solution, return_duals=self.return_duals
         )

@@ -36,14 +36,14 @@ def qp(
     semi-definite (positive definite on the null space of ``A``) and is used as
     ``(Q + Q')/2``. Either constraint pair may be ``None``.
 
-    Forward: :func:`bilevel.qp.interior_point` (batched, per-element convergence), or
+    Forward: ``bilevel.qp.interior_point`` (batched, per-element convergence), or
     ``solution`` from any other solver: the primal ``x`` (multipliers are then recovered
     by least squares on the active set ``h - Gx <= active_tol``) or ``(x, y, z)``.
     Backward: the implicit function theorem on the KKT conditions with the active set
-    (see :mod:`bilevel.qp.kkt`); first derivatives only.
+    (see ``bilevel.qp.kkt``); first derivatives only.
 
     Args:
-        solver: an :func:`interior_point` configuration (default one).
+        solver: an ``bilevel.qp.interior_point(...)`` configuration (default one).
         solution: a precomputed solution, skipping the forward solve.
         active_tol: slack below which an inequality counts as active for a given primal
             ``solution`` (default ``1e-7`` in float64, ``1e-4`` in float32).
@@ -51,7 +51,7 @@ def qp(
             (inequalities); gradients flow through them as well.
 
     Raises:
-        bilevel.qp.QPError: a problem not solved within the iteration cap (infeasible,
+        bilevel.QPError: a problem not solved within the iteration cap (infeasible,
             unbounded); its message and ``.elements`` name the batch elements.
 
     Example:
