@@ -39,9 +39,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import bilevel
-from experiments import plot
-from experiments.options import Option, positive_float, positive_int
-from experiments.run import Run, UsageError
+
+from . import plot
+from .options import Option, positive_float, positive_int
+from .run import Run, UsageError
 
 DESCRIPTION = (
     "the tutorial's CNN encoder / ridge-regression argmin layer (learned regularization) / "

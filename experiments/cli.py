@@ -1,4 +1,5 @@
-"""The command line: ``python -m experiments NAME [options]`` (also ``bilevel-exp``)."""
+"""The command line: ``python -m experiments NAME [options]`` from a checkout; installed, ``bilevel-exp``
+or ``python -m bilevel_experiments``."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ from typing import Any, NoReturn
 import torch
 
 from bilevel import distributed
-from experiments import EXPERIMENTS
-from experiments.options import add_options, choice, nonneg_int, positive_int, resolve
-from experiments.run import Interrupted, Run, Stopped, UsageError, format_table
 
-PROG = "python -m experiments"
+from . import EXPERIMENTS
+from .options import add_options, choice, nonneg_int, positive_int, resolve
+from .run import Interrupted, Run, Stopped, UsageError, format_table
+
+PROG = f"python -m {__package__}"
 SHARED = (
     "device",
     "dtype",
@@ -42,7 +44,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def load_experiment(name: str) -> ModuleType:
-    return importlib.import_module(EXPERIMENTS[name])
+    # relative names: the package is ``experiments`` in a checkout, ``bilevel_experiments``
+    # once installed (a top-level ``experiments`` would collide with users' own folders)
+    return importlib.import_module(EXPERIMENTS[name], __package__)
 
 
 def _describe(name: str) -> str:
@@ -319,7 +323,7 @@ def _run(module: ModuleType, args: argparse.Namespace) -> int:
         "wall_s": run.elapsed(),
         "config": cfg,
     }
-    from experiments.io import atomic_write_json
+    from .io import atomic_write_json
 
     if run.writer:
         atomic_write_json(out / "summary.json", summary)

@@ -26,10 +26,11 @@ from torch import Tensor
 import bilevel
 import bilevel.linalg
 import bilevel.solvers
-from experiments import plot
-from experiments.data import load_sklearn, split
-from experiments.options import Option, choice, positive_float, positive_int, unit_float
-from experiments.run import Run, UsageError
+
+from . import plot
+from .data import load_sklearn, split
+from .options import Option, choice, positive_float, positive_int, unit_float
+from .run import Run, UsageError
 
 DESCRIPTION = (
     "data hyper-cleaning on digits with half the training labels corrupted: learn one weight "

@@ -39,9 +39,10 @@ import bilevel
 import bilevel.linalg
 import bilevel.solvers
 from bilevel import distributed
-from experiments import plot
-from experiments.data import Split, load_sklearn, split
-from experiments.options import (
+
+from . import plot
+from .data import Split, load_sklearn, split
+from .options import (
     Option,
     choice,
     choice_list,
@@ -49,7 +50,7 @@ from experiments.options import (
     positive_float,
     positive_int,
 )
-from experiments.run import Run
+from .run import Run
 
 DESCRIPTION = (
     "learn one L2 weight and one per feature of logistic regression (breast cancer, digits) "

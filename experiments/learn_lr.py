@@ -29,9 +29,10 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 import bilevel
-from experiments import plot
-from experiments.data import Split, load_sklearn, split
-from experiments.options import (
+
+from . import plot
+from .data import Split, load_sklearn, split
+from .options import (
     Option,
     choice_list,
     nonneg_int,
@@ -39,7 +40,7 @@ from experiments.options import (
     positive_int,
     unit_float,
 )
-from experiments.run import Run, UsageError
+from .run import Run, UsageError
 
 DESCRIPTION = (
     "flagship: learn a scalar / per-layer / per-step SGD learning rate and momentum for an "

@@ -46,10 +46,11 @@ import bilevel.linalg
 import bilevel.optim
 import bilevel.solvers
 from bilevel import distributed
-from experiments import plot
-from experiments.io import save_checkpoint
-from experiments.options import Option, choice_list, int_list, positive_float, positive_int
-from experiments.run import Run
+
+from . import plot
+from .io import save_checkpoint
+from .options import Option, choice_list, int_list, positive_float, positive_int
+from .run import Run
 
 DESCRIPTION = (
     "few-shot sinusoid regression: MAML (1 and 5 steps), first-order MAML and iMAML, tasks "

@@ -14,7 +14,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from bilevel import distributed  # noqa: E402
-from experiments.io import atomic_write_bytes  # noqa: E402
+
+from .io import atomic_write_bytes  # noqa: E402
 
 
 def figure(

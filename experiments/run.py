@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 from bilevel import distributed
-from experiments.io import (
+
+from .io import (
     CheckpointError,
     atomic_write_json,
     atomic_write_text,
