@@ -20,7 +20,13 @@ import torch
 
 from bilevel._tree import tree_flatten, tree_unflatten
 
-__all__ = ["ForwardModeFallbackWarning", "is_forward_ad_gap", "jvp_by_double_vjp", "warn_fallback"]
+__all__ = [
+    "ForwardModeFallbackWarning",
+    "is_forward_ad_gap",
+    "jvp_by_double_vjp",
+    "linearize_by_double_vjp",
+    "warn_fallback",
+]
 
 _GAP_MESSAGES = (
     "forward ad",
@@ -65,6 +71,27 @@ def warn_fallback(where: str, err: BaseException, stacklevel: int = 3) -> None:
     )
 
 
+def linearize_by_double_vjp(
+    fn: Callable[..., Any], primals: Sequence[Any], has_aux: bool = False
+) -> tuple[Any, Callable[..., Any], Any]:
+    """``(fn(*primals), jvp, aux)`` where ``jvp(*tangents)`` is ``J_fn(primals) @ tangents``,
+    from reverse mode only: one forward and backward graph, reused by every ``jvp`` call
+    (map ``jvp`` with ``torch.func.vmap`` for several tangents). ``aux`` is None without
+    ``has_aux``.
+    """
+    res: Any = torch.func.vjp(fn, *primals, has_aux=has_aux)
+    out, vjp_fn = res[0], res[1]
+    out_leaves, out_spec = tree_flatten(out)
+    zeros = tree_unflatten([torch.zeros_like(x) for x in out_leaves], out_spec)
+    # u -> vjp_fn(u) is linear; its vjp at any u (zeros here) applied to t is J t
+    vjp2 = torch.func.vjp(vjp_fn, zeros)[1]
+
+    def jvp(*tangents: Any) -> Any:
+        return vjp2(tuple(tangents))[0]
+
+    return out, jvp, (res[2] if has_aux else None)
+
+
 def jvp_by_double_vjp(
     fn: Callable[..., Any], primals: Sequence[Any], tangents: Sequence[Any], has_aux: bool = False
 ) -> tuple[Any, Any] | tuple[Any, Any, Any]:
@@ -76,17 +103,11 @@ def jvp_by_double_vjp(
     Example:
         >>> import torch
         >>> x, t = torch.tensor([1.0, 2.0]), torch.tensor([1.0, 0.0])
-        >>> out, jt = jvp_by_double_vjp(lambda x: torch.nn.functional.huber_loss(x, x ** 2), (x,), (t,))
-        >>> jt
-        tensor(0.)
+        >>> out, jt = jvp_by_double_vjp(lambda x: torch.nn.functional.huber_loss(x, 3 * x), (x,), (t,))
+        >>> jt  # d/dx1 of mean(huber(x - 3x)) at x = (1, 2), the linear branch: 2 / 2
+        tensor(1.)
     """
-    res: Any = torch.func.vjp(fn, *primals, has_aux=has_aux)
-    out, vjp_fn = res[0], res[1]
-    out_leaves, out_spec = tree_flatten(out)
-    zeros = tree_unflatten([torch.zeros_like(x) for x in out_leaves], out_spec)
-    # u -> vjp_fn(u) is linear; its vjp at any u (zeros here) applied to t is J t
-    vjp2 = torch.func.vjp(vjp_fn, zeros)[1]
-    (tangent_out,) = vjp2(tuple(tangents))
+    out, jvp, aux = linearize_by_double_vjp(fn, primals, has_aux)
     if has_aux:
-        return out, tangent_out, res[2]
-    return out, tangent_out
+        return out, jvp(*tangents), aux
+    return out, jvp(*tangents)
