@@ -24,6 +24,7 @@ PROG = f"python -m {__package__}"
 # torch's default (one per core) was never faster than one thread and up to 6x slower on a
 # shared 2-core machine (README: Experiments, threads)
 DEFAULT_THREADS = 1
+CHECKPOINT_EVERY = 10
 SHARED = (
     "device",
     "dtype",
@@ -100,9 +101,10 @@ def _add_shared(parser: argparse.ArgumentParser, default_dtype: str) -> None:
     g.add_argument(
         "--checkpoint-every",
         type=nonneg_int,
-        default=10,
+        default=None,  # None: a --preset may choose, else CHECKPOINT_EVERY
         metavar="N",
-        help="save a checkpoint every N outer steps, 0 = only on Ctrl-C (default: 10)",
+        help=f"save a checkpoint every N outer steps, 0 = only on Ctrl-C (default: "
+        f"{CHECKPOINT_EVERY}; maml --preset paper: 500)",
     )
     g.add_argument(
         "--max-outer-steps",
@@ -200,7 +202,8 @@ def _show_preset(values: dict[str, Any]) -> str:
 
 def apply_preset(module: ModuleType, args: argparse.Namespace) -> None:
     """Fill the options not given on the command line from ``--preset NAME`` (the module's
-    ``PRESETS[NAME]``); a preset and ``--quick`` exclude each other."""
+    ``PRESETS[NAME]``: its own options, and run options whose default is None such as
+    ``checkpoint_every``); a preset and ``--quick`` exclude each other."""
     name = getattr(args, "preset", None)
     if name is None:
         return
@@ -368,7 +371,9 @@ def _run(module: ModuleType, args: argparse.Namespace) -> int:
         device=args.device,
         dtype=getattr(torch, args.dtype),
         seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
+        checkpoint_every=(
+            CHECKPOINT_EVERY if args.checkpoint_every is None else args.checkpoint_every
+        ),
         max_outer_steps=args.max_outer_steps,
         resume=args.resume,
         progress=args.progress,
