@@ -73,3 +73,5 @@ def test_project_with_its_own_experiments_package(scratch):
         assert "unavailable" not in listing.stdout, listing.stdout
         one = _run([*cmd, "l2", "--help"], project)
         assert one.returncode == 0 and "--quick" in one.stdout, one.stderr
+        bench = _run([*cmd, "bench", "--help"], project)  # the bench/ subpackage too
+        assert bench.returncode == 0 and "--repeats" in bench.stdout, bench.stderr
