@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -358,3 +359,15 @@ def test_tie_rule():
     assert versus(0.1587, 0.1605) == "tie"  # 1.1% apart: the README's example
     assert versus(0.1605 * (1 - 2 * TIE_MARGIN), 0.1605) == "better"
     assert versus(0.1605 * (1 + 2 * TIE_MARGIN), 0.1605) == "worse"
+
+
+def test_readme_lists_every_run_option_and_every_bench_option(capsys):
+    readme = (REPO / "README.md").read_text()
+    assert main(["l2", "--help"]) == 0
+    run_help = capsys.readouterr().out.split("run options (shared by all experiments)")[1]
+    assert main(["bench", "--help"]) == 0
+    bench_help = capsys.readouterr().out
+    for text in (run_help, bench_help):
+        flags = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", text))
+        for flag in flags - {"--help"}:
+            assert f"`{flag}" in readme, f"README does not mention {flag}"
