@@ -243,7 +243,7 @@ def scipy_minimize(
 
     scipy's quasi-Newton codes stop once f no longer decreases in floating point,
     usually near gradient norm 1e-9 (float64), short of the default ``tol``; with a
-    float32 objective much earlier, near gradient norm sqrt(eps32 |f| curvature) (about
+    float32 objective much earlier, near gradient norm ``sqrt(eps32 * abs(f) * curvature)`` (about
     1e-4 for f of order 1), since a smaller decrease of f rounds to zero and scipy reports
     success ("RELATIVE REDUCTION OF F <= FACTR*EPSMCH"). With
     ``polish=True`` (default), such a result is refined by :func:`lbfgs` on the
