@@ -28,6 +28,7 @@ API_MODULES = [
     "bilevel.nn",
     "bilevel.stateful",
     "bilevel.distributed",
+    "bilevel.forward_ad",
 ]
 
 project = "bilevel"

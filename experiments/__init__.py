@@ -1,6 +1,11 @@
 """Reproducible bi-level experiments: ``python -m experiments NAME [options]``.
 
-Each experiment is a module named in :data:`EXPERIMENTS` (imported only when chosen), with
+In a checkout this folder is the package ``experiments``; installed, it is
+``bilevel_experiments`` (console script ``bilevel-exp``), so that it cannot shadow or be
+shadowed by a project's own ``experiments`` package. Imports inside it are relative.
+
+Each experiment is a module named in :data:`EXPERIMENTS` (relative to this package, imported
+only when chosen), with
 
 * ``DESCRIPTION``: one line for ``python -m experiments --help``;
 * ``OPTIONS``: a list of :class:`experiments.options.Option` (flags, defaults, ``--quick``
@@ -19,13 +24,13 @@ options differ). Registering a new experiment of either kind is one line in
 """
 
 EXPERIMENTS: dict[str, str] = {
-    "learn-lr": "experiments.learn_lr",
-    "l2": "experiments.l2",
-    "maml": "experiments.maml",
-    "hyperclean": "experiments.hyperclean",
-    "argmin-timeseries": "experiments.argmin_timeseries",
-    "lasso": "experiments.lasso",
-    "portfolio": "experiments.portfolio",
+    "learn-lr": ".learn_lr",
+    "l2": ".l2",
+    "maml": ".maml",
+    "hyperclean": ".hyperclean",
+    "argmin-timeseries": ".argmin_timeseries",
+    "lasso": ".lasso",
+    "portfolio": ".portfolio",
 }
 
 __all__ = ["EXPERIMENTS"]

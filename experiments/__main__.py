@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from experiments.cli import main as _cli_main
+from .cli import main as _cli_main
 
 __all__ = ["main"]
 
@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None) -> int:
     """Dispatch ``bench`` (its own options: several dtypes, no run folder) or run the CLI."""
     args = sys.argv[1:] if argv is None else list(argv)
     if args[:1] == ["bench"]:
-        from experiments.bench import main as bench_main
+        from .bench import main as bench_main
 
         return bench_main(args[1:])
     return _cli_main(argv)

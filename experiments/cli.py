@@ -1,4 +1,5 @@
-"""The command line: ``python -m experiments NAME [options]`` (also ``bilevel-exp``)."""
+"""The command line: ``python -m experiments NAME [options]`` from a checkout; installed, ``bilevel-exp``
+or ``python -m bilevel_experiments``."""
 
 from __future__ import annotations
 
@@ -13,11 +14,17 @@ from typing import Any, NoReturn
 import torch
 
 from bilevel import distributed
-from experiments import EXPERIMENTS
-from experiments.options import add_options, choice, nonneg_int, positive_int, resolve
-from experiments.run import Interrupted, Run, Stopped, UsageError, format_table
 
-PROG = "python -m experiments"
+from . import EXPERIMENTS
+from .options import add_options, choice, nonneg_int, positive_int, resolve
+from .run import Interrupted, Run, Stopped, UsageError, format_table
+
+PROG = f"python -m {__package__}"
+# intra-op threads of every experiment unless --threads says otherwise: at the bundled sizes
+# torch's default (one per core) was never faster than one thread and up to 6x slower on a
+# shared 2-core machine (README: Experiments, threads)
+DEFAULT_THREADS = 1
+CHECKPOINT_EVERY = 10
 SHARED = (
     "device",
     "dtype",
@@ -42,7 +49,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def load_experiment(name: str) -> ModuleType:
-    return importlib.import_module(EXPERIMENTS[name])
+    # relative names: the package is ``experiments`` in a checkout, ``bilevel_experiments``
+    # once installed (a top-level ``experiments`` would collide with users' own folders)
+    return importlib.import_module(EXPERIMENTS[name], __package__)
 
 
 def _describe(name: str) -> str:
@@ -67,7 +76,13 @@ def _add_shared(parser: argparse.ArgumentParser, default_dtype: str) -> None:
         help=f"floating-point precision (default: {default_dtype})",
     )
     g.add_argument("--seed", type=nonneg_int, default=0, help="base random seed (default: 0)")
-    g.add_argument("--out", type=Path, default=None, help="run folder (default: runs/NAME)")
+    g.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="run folder (default: runs/NAME; runs/NAME-quick with --quick, runs/NAME-PRESET "
+        "with --preset)",
+    )
     g.add_argument(
         "--quick",
         action="store_true",
@@ -86,9 +101,10 @@ def _add_shared(parser: argparse.ArgumentParser, default_dtype: str) -> None:
     g.add_argument(
         "--checkpoint-every",
         type=nonneg_int,
-        default=10,
+        default=None,  # None: a --preset may choose, else CHECKPOINT_EVERY
         metavar="N",
-        help="save a checkpoint every N outer steps, 0 = only on Ctrl-C (default: 10)",
+        help=f"save a checkpoint every N outer steps, 0 = only on Ctrl-C (default: "
+        f"{CHECKPOINT_EVERY}; maml --preset paper: 500)",
     )
     g.add_argument(
         "--max-outer-steps",
@@ -102,13 +118,15 @@ def _add_shared(parser: argparse.ArgumentParser, default_dtype: str) -> None:
         type=positive_int,
         default=None,
         metavar="N",
-        help="torch CPU threads (default: torch's choice)",
+        help=f"torch CPU threads (default: {DEFAULT_THREADS}: the bundled problems are small, "
+        "and more threads measured slower, much slower on a busy machine)",
     )
     g.add_argument(
         "--progress",
-        type=choice(["auto", "on", "off"]),
+        type=choice(["auto", "bar", "lines", "off"]),
         default="auto",
-        help="progress bar: auto (only on a terminal), on, off (default: auto)",
+        help="bar (redrawn), lines (one every few seconds, for logs), off; auto: a bar on a "
+        "terminal, lines otherwise (default: auto)",
     )
 
 
@@ -146,11 +164,23 @@ def build_parser() -> argparse.ArgumentParser:
         )
         if module is not None:
             add_options(p, getattr(module, "OPTIONS", []))
+            presets = getattr(module, "PRESETS", {})
+            if presets:
+                p.add_argument(
+                    "--preset",
+                    type=choice(sorted(presets)),
+                    default=None,
+                    help="a named configuration; options given on the command line win: "
+                    + "; ".join(f"{n}: {_show_preset(v)}" for n, v in presets.items()),
+                )
             if hasattr(module, "add_arguments"):
                 module.add_arguments(p)
         # a module that fails to import still parses the shared options, so that main()
         # reaches load_experiment() and shows the real import error
         _add_shared(p, getattr(module, "DTYPE", "float32"))
+    # bench parses its own options (__main__ hands it the command line); listed here so
+    # that an unknown NAME's error names it too
+    sub.add_parser("bench", add_help=False)
     return parser
 
 
@@ -163,8 +193,30 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _show_preset(values: dict[str, Any]) -> str:
+    def show(v: Any) -> str:
+        return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+    return " ".join(f"--{k.replace('_', '-')} {show(v)}" for k, v in values.items())
+
+
+def apply_preset(module: ModuleType, args: argparse.Namespace) -> None:
+    """Fill the options not given on the command line from ``--preset NAME`` (the module's
+    ``PRESETS[NAME]``: its own options, and run options whose default is None such as
+    ``checkpoint_every``); a preset and ``--quick`` exclude each other."""
+    name = getattr(args, "preset", None)
+    if name is None:
+        return
+    if args.quick:
+        raise UsageError(f"--preset {name} and --quick exclude each other; choose one")
+    for key, value in module.PRESETS[name].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+
+
 def run_config(module: ModuleType, args: argparse.Namespace) -> dict[str, Any]:
     """The resolved configuration recorded in config.json and checked on --resume."""
+    apply_preset(module, args)
     cfg = resolve(args, getattr(module, "OPTIONS", []), args.quick)
     for key, value in vars(args).items():
         if key not in cfg and key not in SHARED and key != "experiment":
@@ -194,6 +246,10 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m experiments`` and ``bilevel-exp``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from .bench import main as bench_main
+
+        return int(bench_main(argv[1:]) or 0)
     if argv and argv[0] in EXPERIMENTS:
         module = load_experiment(argv[0])
         if hasattr(module, "main"):  # the module parses its own command line
@@ -250,6 +306,18 @@ def _init_distributed(device: torch.device) -> tuple[torch.device, bool]:
     return device, world > 1 and not before
 
 
+def default_out(experiment: str, quick: bool, preset: str | None = None) -> Path:
+    """``runs/NAME``; ``runs/NAME-quick`` for ``--quick`` and ``runs/NAME-PRESET`` for
+    ``--preset``: a quick try never collides with (or is refused because of) the full run.
+
+    Example:
+        >>> str(default_out("maml", True)), str(default_out("maml", False, "paper"))
+        ('runs/maml-quick', 'runs/maml-paper')
+    """
+    suffix = "-quick" if quick else f"-{preset}" if preset else ""
+    return Path("runs") / f"{experiment}{suffix}"
+
+
 def _check_out(args: argparse.Namespace, out: Path) -> tuple[str, str | None]:
     """Whether the run folder can be used: ``("go", None)``, ``("finished", None)`` (a
     finished run on --resume) or ``("usage", message)``."""
@@ -279,7 +347,11 @@ def _run(module: ModuleType, args: argparse.Namespace) -> int:
     cfg = run_config(module, args)
     if hasattr(module, "validate"):
         module.validate(cfg)
-    out: Path = args.out if args.out is not None else Path("runs") / args.experiment
+    out: Path = (
+        args.out
+        if args.out is not None
+        else default_out(args.experiment, args.quick, getattr(args, "preset", None))
+    )
     # rank 0 alone reads the folder and decides, so that every rank acts the same
     verdict, message = distributed.broadcast_object(
         _check_out(args, out) if distributed.is_main() else None
@@ -291,8 +363,7 @@ def _run(module: ModuleType, args: argparse.Namespace) -> int:
             print(f"{out} holds a finished run; nothing to resume. Its summary:")
             _print_summary(json.loads((out / "summary.json").read_text()), out)
         return 0
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or DEFAULT_THREADS)
     run = Run(
         name=args.experiment,
         config=cfg,
@@ -300,10 +371,12 @@ def _run(module: ModuleType, args: argparse.Namespace) -> int:
         device=args.device,
         dtype=getattr(torch, args.dtype),
         seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
+        checkpoint_every=(
+            CHECKPOINT_EVERY if args.checkpoint_every is None else args.checkpoint_every
+        ),
         max_outer_steps=args.max_outer_steps,
         resume=args.resume,
-        progress={"auto": None, "on": True, "off": False}[args.progress],
+        progress=args.progress,
         writer=distributed.is_main(),
     )
     try:
@@ -319,7 +392,7 @@ def _run(module: ModuleType, args: argparse.Namespace) -> int:
         "wall_s": run.elapsed(),
         "config": cfg,
     }
-    from experiments.io import atomic_write_json
+    from .io import atomic_write_json
 
     if run.writer:
         atomic_write_json(out / "summary.json", summary)

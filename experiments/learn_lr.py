@@ -20,6 +20,7 @@ The summary compares validation / test loss and accuracy and the time per hyperg
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from typing import Any
 
@@ -29,9 +30,11 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 import bilevel
-from experiments import plot
-from experiments.data import Split, load_sklearn, split
-from experiments.options import (
+
+from . import plot
+from .compare import TIE_RULE, versus
+from .data import Split, load_sklearn, split
+from .options import (
     Option,
     choice_list,
     nonneg_int,
@@ -39,7 +42,7 @@ from experiments.options import (
     positive_int,
     unit_float,
 )
-from experiments.run import Run, UsageError
+from .run import Run, UsageError
 
 DESCRIPTION = (
     "flagship: learn a scalar / per-layer / per-step SGD learning rate and momentum for an "
@@ -246,7 +249,7 @@ class Learner:
             _logit(cfg["init_momentum"]), device=run.device, dtype=run.dtype, requires_grad=True
         )
         outer = torch.optim.Adam([log_lr, mom], lr=cfg["outer_lr"])
-        return {"log_lr": log_lr, "mom": mom, "outer": outer, "time": 0.0, "timed": 0}
+        return {"log_lr": log_lr, "mom": mom, "outer": outer, "time": 0.0, "times": []}
 
     def hparams(self, state: dict[str, Any]) -> dict[str, Any]:
         lr = state["log_lr"].exp()
@@ -285,7 +288,7 @@ class Learner:
             with torch.no_grad():
                 state["log_lr"].clamp_(*LOG_LR_RANGE)
         state["time"] += elapsed
-        state["timed"] += 1
+        state["times"].append(elapsed)
         return {
             "outer_loss": outer_loss,
             "inner_loss": float(result.losses[-1]),
@@ -308,7 +311,8 @@ class Learner:
             **ev,
             "lr": state["log_lr"].detach().exp().cpu().tolist(),
             "momentum": float(torch.sigmoid(state["mom"]).detach()),
-            "hypergrad_ms": 1000 * state["time"] / max(state["timed"], 1),
+            # the median: one stall on a shared machine must not make a slow mean
+            "hypergrad_ms": 1000 * statistics.median(state["times"] or [math.nan]),
             "wall_s": state["time"],
         }
 
@@ -414,7 +418,9 @@ def _summarize(
     )
     summary: dict[str, Any] = {"table": rows, "grid_best": best, "best_learned": best_name}
     if best is not None and best_learned is not None:
-        summary["beats_grid"] = best_learned["val_loss"] < best["val_loss"]
+        summary["versus_grid"] = versus(best_learned["val_loss"], best["val_loss"])
+        summary["beats_grid"] = summary["versus_grid"] == "better"
+        summary["tie_rule"] = TIE_RULE
         summary["val_loss_improvement"] = best["val_loss"] - best_learned["val_loss"]
         summary["test_acc_improvement"] = best_learned["test_acc"] - best["test_acc"]
     summary["learned"] = results
@@ -428,7 +434,7 @@ def _plot(
     results: dict[str, Any],
     names: list[str],
 ) -> None:
-    fig, ax = plot.figure(2, 2, size=(4.6, 3.3))
+    fig, ax = plot.figure(2, 2, size=(4.8, 4.2))  # room for the legends below the axes
     # outer loss curves
     series = {}
     for name in results:
@@ -442,6 +448,7 @@ def _plot(
         ylabel="validation loss after T steps",
         title="outer loss (smoothed)",
         logy=True,
+        legend_below=True,
     )
     # learned schedules, as effective steps lr / (1 - momentum) to compare across momenta
     T = cfg["inner_steps"]
@@ -465,6 +472,7 @@ def _plot(
         ylabel="lr / (1 - momentum)",
         title="learned effective step sizes",
         logy=True,
+        legend_below=True,
     )
     # grid search
     gs = {}
@@ -476,17 +484,24 @@ def _plot(
         gs,
         xlabel="fixed learning rate",
         ylabel="validation loss",
-        title="grid search; learned settings dotted",
+        title="grid search (lines) vs learned (markers)",
         logx=True,
-        logy=True,
+        marker=".",
     )
-    for r in results.values():
+    # each learned setting as a labelled marker at its (first) learning rate, not an
+    # unlabelled horizontal line: several of them lie within a few per cent of each other
+    for i, (name, r) in enumerate(results.items()):
         if r["val_loss"] is not None:
-            ax[2].axhline(r["val_loss"], ls=":", lw=1, color="gray")
+            lr = r["lr"] if isinstance(r["lr"], float) else r["lr"][0]
+            ax[2].plot(
+                [lr], [r["val_loss"]], ls="none", marker="os^Dv<>p*h"[i % 10], ms=5, label=name
+            )
+    plot.log_axis(ax[2], "y")  # after the markers: the limits include them
+    plot.legend(ax[2], below=True, ncol=2)
     # cost
     labels = list(results)
     ax[3].barh(range(len(labels)), [results[n]["hypergrad_ms"] for n in labels], color="tab:blue")
-    ax[3].set_yticks(range(len(labels)), labels, fontsize=7)
-    ax[3].set_xlabel("ms per hypergradient")
+    ax[3].set_yticks(range(len(labels)), labels, fontsize=plot.LEGEND_PT)
+    ax[3].set_xlabel("median ms per hypergradient")
     ax[3].set_title(f"hypergradient cost (T={T})", fontsize=10)
     plot.save(fig, run.path("learn_lr.png"))

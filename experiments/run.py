@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 from bilevel import distributed
-from experiments.io import (
+
+from .io import (
     CheckpointError,
     atomic_write_json,
     atomic_write_text,
@@ -196,7 +197,7 @@ class Run:
     checkpoint_every: int = 10
     max_outer_steps: int | None = None
     resume: bool = False
-    progress: bool | None = None
+    progress: str = "auto"
     writer: bool = True
     results: dict[str, Any] = field(default_factory=dict)
     global_step: int = 0
@@ -432,18 +433,29 @@ class Run:
         )
 
     def _progress(self) -> Any:
-        if self._bar is None and self.progress is not False and self.writer:
-            from tqdm.auto import tqdm
+        """The progress display: ``progress`` is ``"bar"`` (tqdm), ``"lines"`` (a plain line
+        every few seconds), ``"off"``, or ``"auto"``: a bar on a terminal, lines otherwise."""
+        if self._bar is None and self.progress != "off" and self.writer:
+            kind = self.progress
+            if kind == "auto":
+                kind = "bar" if sys.stderr.isatty() else "lines"
+            if kind == "lines":
+                from .progress import LineProgress
 
-            self._bar = tqdm(
-                total=self._planned or None,
-                initial=self.global_step,
-                desc=self.name,
-                unit="step",
-                dynamic_ncols=True,
-                disable=None if self.progress is None else not self.progress,
-                file=sys.stderr,
-            )
+                self._bar = LineProgress(
+                    total=self._planned or None, desc=self.name, initial=self.global_step
+                )
+            else:
+                from tqdm.auto import tqdm
+
+                self._bar = tqdm(
+                    total=self._planned or None,
+                    initial=self.global_step,
+                    desc=self.name,
+                    unit="step",
+                    dynamic_ncols=True,
+                    file=sys.stderr,
+                )
         return self._bar
 
     def finished(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -243,3 +244,130 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_p
     assert [strip(r) for r in got["table"]] == [strip(r) for r in want["table"]]
     rows = lambda p: [strip(json.loads(x)) for x in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert rows(out) == rows(ref)
+
+
+# -- the first hour: default folders, presets, threads, progress lines, tie rule -------------
+
+
+def test_unknown_experiment_error_lists_bench_too(capsys):
+    line = one_line_error(capsys, main(["nope"]))
+    assert "'bench'" in line and "'learn-lr'" in line
+
+
+def test_quick_runs_and_presets_get_their_own_default_folders(capsys, tmp_path, monkeypatch):
+    from experiments.cli import default_out
+
+    assert default_out("learn-lr", False) == Path("runs/learn-lr")
+    assert default_out("learn-lr", True) == Path("runs/learn-lr-quick")
+    assert default_out("maml", False, "paper") == Path("runs/maml-paper")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "learn-lr").mkdir(parents=True)
+    (tmp_path / "runs" / "learn-lr" / "config.json").write_text("{}")  # a full run is there
+    assert main([*TINY, "--max-outer-steps", "1"]) == 0  # the quick run does not collide
+    assert (tmp_path / "runs" / "learn-lr-quick" / "config.json").exists()
+    assert (tmp_path / "runs" / "learn-lr" / "config.json").read_text() == "{}"
+
+
+def test_preset_fills_options_not_given_and_excludes_quick(capsys, tmp_path):
+    out = tmp_path / "paper"
+    argv = ["maml", "--preset", "paper", "--outer-steps", "2", "--test-tasks", "4", "--out"]
+    assert main([*argv, str(out), "--max-outer-steps", "0", *FAST]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["preset"] == "paper" and cfg["methods"] == ["maml-1"]
+    assert cfg["outer_steps"] == 2  # given on the command line: wins over the preset
+    assert (cfg["meta_batch"], cfg["shots"], cfg["inner_lr"], cfg["outer_lr"]) == (
+        25,
+        10,
+        0.01,
+        1e-3,
+    )
+    capsys.readouterr()
+    line = one_line_error(capsys, main(["maml", "--preset", "paper", "--quick", *FAST]))
+    assert "--preset paper and --quick" in line
+    assert "paper: --methods maml-1 --outer-steps 70000" in " ".join(
+        subprocess.run(
+            [sys.executable, "-m", "experiments", "maml", "--help"],
+            capture_output=True,
+            text=True,
+            env=env(),
+            cwd=REPO,
+            check=True,
+        ).stdout.split()
+    )
+
+
+def test_threads_default_to_one_and_are_restored(capsys, tmp_path, monkeypatch):
+    calls: list[int] = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), real(n)))
+    before = torch.get_num_threads()
+    i = TINY.index("--threads")
+    argv = TINY[:i] + TINY[i + 2 :]
+    assert main([*argv, "--out", str(tmp_path / "r"), "--max-outer-steps", "1"]) == 0
+    assert calls[0] == 1 and calls[-1] == before
+    assert torch.get_num_threads() == before
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path):
+    # a subprocess's stderr is a pipe: --progress auto prints plain lines, no bar redraws
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments",
+            *[a for a in TINY if a not in ("--progress", "off")],
+            "--out",
+            str(tmp_path / "r"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env(),
+        cwd=REPO,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("learn-lr: step")]
+    assert lines, proc.stderr
+    assert "\r" not in proc.stderr
+    assert lines[-1].startswith(f"learn-lr: step {lines[-1].split()[2]}")
+    assert "(100%)" in lines[-1]
+
+
+def test_line_progress_prints_every_few_seconds():
+    import io
+
+    from experiments.progress import LineProgress
+
+    now = [0.0]
+    out = io.StringIO()
+    bar = LineProgress(total=10, desc="x", file=out, every=5.0, clock=lambda: now[0])
+    for _ in range(10):
+        now[0] += 1.0
+        bar.set_postfix_str("phase loss=1")
+        bar.update(1)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert lines == [
+        "x: step 5/10 (50%), 5s, ~5s left, phase loss=1",
+        "x: step 10/10 (100%), 10s, phase loss=1",
+    ]
+
+
+def test_tie_rule():
+    from experiments.compare import TIE_MARGIN, versus
+
+    assert versus(0.1587, 0.1605) == "tie"  # 1.1% apart: the README's example
+    assert versus(0.1605 * (1 - 2 * TIE_MARGIN), 0.1605) == "better"
+    assert versus(0.1605 * (1 + 2 * TIE_MARGIN), 0.1605) == "worse"
+
+
+def test_readme_lists_every_run_option_and_every_bench_option(capsys):
+    readme = (REPO / "README.md").read_text()
+    assert main(["l2", "--help"]) == 0
+    run_help = capsys.readouterr().out.split("run options (shared by all experiments)")[1]
+    assert main(["bench", "--help"]) == 0
+    bench_help = capsys.readouterr().out
+    for text in (run_help, bench_help):
+        flags = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", text))
+        for flag in flags - {"--help"}:
+            assert f"`{flag}" in readme, f"README does not mention {flag}"

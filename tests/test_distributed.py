@@ -565,3 +565,16 @@ def test_init_from_env_errors(monkeypatch):
 
 if __name__ == "__main__":
     _worker(sys.argv[1], sys.argv[2])
+
+
+def test_usage_error_under_torchrun_is_one_line_from_rank_0_and_exit_2(tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "config.json").write_text("{}")  # a run is there: refused without --overwrite
+    cmd = [sys.executable, "-m", "experiments", "l2", *EXP_ARGS, "--out", str(out)]
+    codes, _, logs = launch("usage", tmp_path, cmd=cmd)
+    assert codes == [2] * NPROC, logs
+    rank0 = [line for line in (tmp_path / "log0.txt").read_text().splitlines() if line.strip()]
+    assert len(rank0) == 1 and "already holds a run" in rank0[0], logs
+    assert "Traceback" not in logs
+    assert (tmp_path / "log1.txt").read_text().strip() == "", logs

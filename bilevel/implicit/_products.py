@@ -11,20 +11,15 @@ import torch
 from torch import Tensor
 
 from bilevel._tree import tree_flatten, tree_unflatten
-
-
-def _is_forward_ad_gap(err: BaseException) -> bool:
-    """True for errors that say an op has no forward-mode (jvp) formula."""
-    msg = str(err).lower()
-    keys = ("forward ad", "forward-mode", "forward mode", "jvp", "fwd_grad", "forward grad")
-    return isinstance(err, (NotImplementedError, RuntimeError)) and any(k in msg for k in keys)
+from bilevel.forward_ad import is_forward_ad_gap, jvp_by_double_vjp, warn_fallback
 
 
 class _ForwardModeSwitch:
     """Shared flag: use forward-mode AD for this problem's products (until it fails once)."""
 
-    def __init__(self, forward: bool = True) -> None:
+    def __init__(self, forward: bool = True, name: str = "implicit layer") -> None:
         self.ok = forward
+        self.name = name
 
 
 def _jvp(
@@ -33,7 +28,9 @@ def _jvp(
     tangents: Sequence[Any],
     switch: _ForwardModeSwitch,
 ) -> Any:
-    """``J_fn(primals) @ tangents`` by forward mode, or reverse-over-reverse when an op lacks it."""
+    """``J_fn(primals) @ tangents`` by forward mode, or from reverse mode alone when an op
+    lacks a (working) forward-mode formula: then once per problem a warning, and reverse
+    mode for the problem's remaining products."""
     # forward AD refuses tensors whose elements share memory (expanded batch dims)
     primals = [_dense(p) for p in primals]
     tangents = [_dense(t) for t in tangents]
@@ -42,21 +39,19 @@ def _jvp(
         try:
             return torch.func.jvp(fn, tuple(primals), tuple(tangents))[1]
         except (RuntimeError, NotImplementedError) as err:
-            if not _is_forward_ad_gap(err):
+            if not is_forward_ad_gap(err):
                 raise
             switch.ok = False
             first_err = err
-    # J t = d/du <vjp(u), t>: the VJP is linear in u, so its own VJP applied to t is J t.
     try:
-        out, vjp_fn = _vjp(fn, *primals)
-        out_leaves, out_spec = tree_flatten(out)
-        zeros = tree_unflatten([torch.zeros_like(x) for x in out_leaves], out_spec)
-        _, vjp2 = _vjp(vjp_fn, zeros)
-        return vjp2(tuple(tangents))[0]
+        result = jvp_by_double_vjp(fn, primals, tangents)[1]
     except Exception as err:
         if first_err is not None:
             raise err from first_err
         raise
+    if first_err is not None:
+        warn_fallback(f"{switch.name} (hvp='forward')", first_err, stacklevel=4)
+    return result
 
 
 def _vjp(fn: Callable[..., Any], *primals: Any) -> tuple[Any, Callable[..., Any]]:

@@ -58,8 +58,10 @@ def argmin(
             measured 2.5-4x faster on CPU than forward-over-reverse for losses dominated by
             matrix products (torch's forward-mode formulas for ``mm``/``mv`` copy the
             matrix); ``"forward"``: forward-over-reverse (``torch.func.jvp`` of
-            ``torch.func.grad``, no double backward; falls back to reverse-over-reverse,
-            once, when an op has no forward-mode formula).
+            ``torch.func.grad``, no double backward; when an op has no or a broken
+            forward-mode formula, as ``huber_loss`` and ``mse_loss``, it warns once with a
+            :class:`bilevel.forward_ad.ForwardModeFallbackWarning` and uses reverse mode for
+            the problem's products).
         warm_start: a :class:`bilevel.WarmStart` carried across outer steps: the
             backward linear solve starts from the previous step's solution.
 

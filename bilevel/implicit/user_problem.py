@@ -76,7 +76,7 @@ class _UserProblem(_Problem):
         self.stationarity_tol = layer.stationarity_tol
         self.strict = layer.strict
         self.returns_info = layer.returns_info
-        self.switch = _ForwardModeSwitch(forward=layer.hvp == "forward")
+        self.switch = _ForwardModeSwitch(forward=layer.hvp == "forward", name=layer.name)
         self.minimum = layer.objective is not None
         self.warm_start = layer.warm_start
         self.n_sol = len(sol_like)

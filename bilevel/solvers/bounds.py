@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from bilevel._tree import Tree, tree_flatten
@@ -93,6 +94,11 @@ def _bound_arrays(bounds: Any, init: Tree, size: int) -> tuple[np.ndarray, np.nd
         i = int(np.argmax(lb > ub))
         raise ValueError(f"bounds: lower > upper at flat index {i} ({lb[i]} > {ub[i]})")
     return lb, ub
+
+
+def _round_to(values: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """``values`` rounded to the nearest ``dtype`` number (infinities stay), as float64."""
+    return torch.as_tensor(values, dtype=torch.float64).to(dtype).double().numpy()
 
 
 def _projected_norm(

@@ -13,7 +13,7 @@ from torch import Tensor
 from bilevel._tree import Tree
 from bilevel.solvers._flat import _Flat, _flat_value_and_grad
 from bilevel.solvers.base import Objective, Solver, SolverInfo, _check_int, _check_tol
-from bilevel.solvers.bounds import _bound_arrays, _projected_norm
+from bilevel.solvers.bounds import _bound_arrays, _projected_norm, _round_to
 from bilevel.solvers.hvp import _HVP
 from bilevel.solvers.lbfgs import LBFGS
 
@@ -204,8 +204,12 @@ class ScipyMinimize(Solver):
         z, sub_info = solver._solve(sub_objective, x_fixed[idx])
         x_new = x_fixed.index_put((idx,), z)
         xn = x_new.double().cpu().numpy()
-        if box is not None and ((xn < box[0]).any() or (xn > box[1]).any()):
-            return None
+        if box is not None:
+            # compare in the params' dtype: a float32 value at a bound (0.2 -> 0.200000003)
+            # lies outside the float64 box by a rounding error, not by a step
+            lb, ub = (_round_to(bound, flat.dtype) for bound in box)
+            if (xn < lb).any() or (xn > ub).any():
+                return None
         f, g = _flat_value_and_grad(objective, flat, x_new)
         gnorm = _projected_norm(xn, g.double().cpu().numpy(), box)
         return x_new, f, gnorm, sub_info.evaluations + 1
@@ -238,10 +242,14 @@ def scipy_minimize(
     or ``"reverse"``).
 
     scipy's quasi-Newton codes stop once f no longer decreases in floating point,
-    usually near gradient norm 1e-9 (float64), short of the default ``tol``. With
+    usually near gradient norm 1e-9 (float64), short of the default ``tol``; with a
+    float32 objective much earlier, near gradient norm ``sqrt(eps32 * abs(f) * curvature)`` (about
+    1e-4 for f of order 1), since a smaller decrease of f rounds to zero and scipy reports
+    success ("RELATIVE REDUCTION OF F <= FACTR*EPSMCH"). With
     ``polish=True`` (default), such a result is refined by :func:`lbfgs` on the
     variables that no bound holds (at most ``polish_maxiter`` iterations); the
-    refinement is kept only if it stays in the box and lowers the (projected)
+    refinement is kept only if it stays in the box (compared in the params' dtype, so
+    a float32 value at a bound is inside) and lowers the (projected)
     gradient norm; ``info.extra["polished"]`` says whether it was, and
     ``info.extra["scipy_gradient_norm"]`` gives scipy's own result.
 

@@ -9,7 +9,10 @@ One function, :func:`unroll`, and five ways to differentiate through it (``mode`
 ``"forward"``      forward-mode (Franceschi et al. 2017): carries d params / d h along the loop
                    with Jacobian-vector products of the inner gradient (forward-over-reverse);
                    exact; memory O(P·H) whatever T; cost grows with the number H of
-                   hyperparameter elements. Exposed as an ordinary autograd node.
+                   hyperparameter elements. Exposed as an ordinary autograd node. An op
+                   without a working forward-mode formula (``huber_loss``, ``mse_loss``)
+                   makes it warn once and take the products from reverse mode (double vjp,
+                   about 2x the time per step, memory still flat in T).
 ``"first_order"``  the inner gradients are constants (first-order MAML); cheap and biased.
 ``"auto"``         with ``memory_budget=`` bytes: the fastest of reverse, checkpoint and
                    forward whose memory, estimated from two measured steps, fits.

@@ -16,8 +16,10 @@ import torch
 from torch import Tensor
 
 from bilevel._tree import tree_detach
+from bilevel.forward_ad import is_forward_ad_gap
 from bilevel.optim.base import Params, State
 from bilevel.unroll.explicit import Explicit, join_state, split_state
+from bilevel.unroll.fallback import Fallback, reverse_mode_step
 from bilevel.unroll.loop import Run
 from bilevel.unroll.result import UnrollResult
 from bilevel.unroll.step import (
@@ -118,6 +120,7 @@ class _ForwardUnroll(torch.autograd.Function):
         s_tan = _zeros_with_directions(s_tensors, n_dirs)
 
         losses: list[Tensor] = []
+        fallback = Fallback()
         for t in range(fwd.run.steps):
             batch = fwd.run.batch_at(t)
             s_tensors, s_idx, s_spec, s_leaves = split_state(state)
@@ -198,64 +201,84 @@ class _ForwardUnroll(torch.autograd.Function):
 
             # Several directions share one primal computation under vmap; for one or two, a
             # loop of core forward-mode AD steps is cheaper (no functorch dispatch overhead).
-            vectorize = fwd.vectorize if fwd.vectorize is not None else n_dirs > 2
-            if fwd.compiled:
-                primal = Primal(params, s_tensors, (s_idx, s_spec, s_leaves), hyper_d, None)
-                per_direction = [
-                    compiled_tangent_step(
-                        fwd,
-                        primal,
-                        Tangent(
-                            {k: v[j] for k, v in p_tan.items()},
-                            [x[j] for x in s_tan],
-                            [x[j] for x in hyper_tangents],
-                        ),
-                        (batch, t, stripped_skeleton(s_idx, s_spec, s_leaves)),
-                        skeleton,
-                    )
-                    for j in range(n_dirs)
-                ]
-                (new_p, new_s), _, loss = per_direction[0]
-                out = (new_p, new_s, None)
-                out_t = (
-                    {k: torch.stack([r[1][0][k] for r in per_direction]) for k in new_p},
-                    [torch.stack([r[1][1][i] for r in per_direction]) for i in range(len(new_s))],
-                    None,
-                )
-                aux: Any = (loss, {})
-            elif vectorize and n_dirs > 1:
-                out, out_t, aux = torch.func.vmap(
-                    tangent_step,
-                    in_dims=(0, 0, 0),
-                    out_dims=(None, 0, None),  # type: ignore[arg-type]
-                    randomness="same",
-                )(p_tan, s_tan, hyper_tangents)
-            else:
-                # one direction at a time with the core forward-mode AD, which measured 1.6x
-                # faster than torch.func.jvp over torch.func.grad for one direction
-                primal = Primal(params, s_tensors, (s_idx, s_spec, s_leaves), hyper_d, buffers)
-                results = [
-                    dual_step(
-                        fwd,
-                        primal,
-                        Tangent(
-                            {k: v[j] for k, v in p_tan.items()},
-                            [x[j] for x in s_tan],
-                            [x[j] for x in hyper_tangents],
-                        ),
-                        batch,
-                        t,
-                    )
-                    for j in range(n_dirs)
-                ]
-                (params, new_s_tensors, skel), _, loss, new_buffers = results[0]
-                skeleton[:] = list(skel)
-                out = (params, new_s_tensors, None)
-                aux = (loss, {} if new_buffers is None else new_buffers)
-                out_t = (
-                    {k: torch.stack([r[1][0][k] for r in results]) for k in params},
-                    [torch.stack([r[1][1][i] for r in results]) for i in range(len(new_s_tensors))],
-                    None,
+            if not fallback.on:
+                try:
+                    vectorize = fwd.vectorize if fwd.vectorize is not None else n_dirs > 2
+                    if fwd.compiled:
+                        primal = Primal(params, s_tensors, (s_idx, s_spec, s_leaves), hyper_d, None)
+                        per_direction = [
+                            compiled_tangent_step(
+                                fwd,
+                                primal,
+                                Tangent(
+                                    {k: v[j] for k, v in p_tan.items()},
+                                    [x[j] for x in s_tan],
+                                    [x[j] for x in hyper_tangents],
+                                ),
+                                (batch, t, stripped_skeleton(s_idx, s_spec, s_leaves)),
+                                skeleton,
+                            )
+                            for j in range(n_dirs)
+                        ]
+                        (new_p, new_s), _, loss = per_direction[0]
+                        out = (new_p, new_s, None)
+                        out_t = (
+                            {k: torch.stack([r[1][0][k] for r in per_direction]) for k in new_p},
+                            [
+                                torch.stack([r[1][1][i] for r in per_direction])
+                                for i in range(len(new_s))
+                            ],
+                            None,
+                        )
+                        aux: Any = (loss, {})
+                    elif vectorize and n_dirs > 1:
+                        out, out_t, aux = torch.func.vmap(
+                            tangent_step,
+                            in_dims=(0, 0, 0),
+                            out_dims=(None, 0, None),  # type: ignore[arg-type]
+                            randomness="same",
+                        )(p_tan, s_tan, hyper_tangents)
+                    else:
+                        # one direction at a time with the core forward-mode AD, which measured 1.6x
+                        # faster than torch.func.jvp over torch.func.grad for one direction
+                        primal = Primal(
+                            params, s_tensors, (s_idx, s_spec, s_leaves), hyper_d, buffers
+                        )
+                        results = [
+                            dual_step(
+                                fwd,
+                                primal,
+                                Tangent(
+                                    {k: v[j] for k, v in p_tan.items()},
+                                    [x[j] for x in s_tan],
+                                    [x[j] for x in hyper_tangents],
+                                ),
+                                batch,
+                                t,
+                            )
+                            for j in range(n_dirs)
+                        ]
+                        (params, new_s_tensors, skel), _, loss, new_buffers = results[0]
+                        skeleton[:] = list(skel)
+                        out = (params, new_s_tensors, None)
+                        aux = (loss, {} if new_buffers is None else new_buffers)
+                        out_t = (
+                            {k: torch.stack([r[1][0][k] for r in results]) for k in params},
+                            [
+                                torch.stack([r[1][1][i] for r in results])
+                                for i in range(len(new_s_tensors))
+                            ],
+                            None,
+                        )
+                except (RuntimeError, NotImplementedError) as err:
+                    if not is_forward_ad_gap(err):
+                        raise
+                    fallback.switch(err)
+            if fallback.on:
+                out, out_t, aux = reverse_mode_step(
+                    step_fn,
+                    (params, s_tensors, list(hyper_d), float_buf),
+                    (p_tan, s_tan, hyper_tangents),
                 )
             params, new_s_tensors, _ = out
             p_tan, s_tan = out_t[0], list(out_t[1])
