@@ -72,7 +72,11 @@ class FunctionalDifferentiableOptimizer(DifferentiableOptimizer):
     def _optimizer(self, group: dict[str, Any]) -> Optimizer:
         factory = type(self).functional
         probe = factory()
-        if group.get("decoupled_weight_decay") and "decoupled_weight_decay" not in probe.defaults:
+        if (
+            group.get("decoupled_weight_decay")
+            and "decoupled_weight_decay" not in probe.defaults
+            and not getattr(probe, "decoupled_weight_decay", False)  # AdamW already is
+        ):
             if type(self).decoupled is None:
                 raise ValueError(
                     f"{type(self).__name__}: decoupled_weight_decay=True has no differentiable "
@@ -94,6 +98,8 @@ class FunctionalDifferentiableOptimizer(DifferentiableOptimizer):
         for group, grads, state, complete in groups:
             opt = self._optimizer(group)
             hparams = {k: group[k] for k in opt.defaults if k in group}
+            if group["params"]:
+                hparams = _cast_settings(hparams, group["params"][0])
             cohorts: dict[int, list[int]] = {}
             for i, g in enumerate(grads):
                 if g is None:
@@ -137,6 +143,23 @@ class FunctionalDifferentiableOptimizer(DifferentiableOptimizer):
             for k, v in new_state.items():
                 if k != "step":
                     s[k] = None if v is None else v[n]
+
+
+def _cast_settings(hparams: dict[str, Any], ref: Tensor) -> dict[str, Any]:
+    """0-d tensor settings in the weights' dtype and device, as torch's type promotion and
+    higher's arithmetic would compute them (e.g. float32 ``get_trainable_opt_params``
+    tensors with a float64 model); the cast is differentiable."""
+
+    def cast(v: Any) -> Any:
+        if isinstance(v, Tensor) and v.is_floating_point() and (
+            v.dtype != ref.dtype or v.device != ref.device
+        ):
+            return v.to(dtype=ref.dtype, device=ref.device)
+        if isinstance(v, tuple):
+            return tuple(cast(x) for x in v)
+        return v
+
+    return {k: cast(v) for k, v in hparams.items()}
 
 
 def _python_step(s: dict[str, Any]) -> None:
