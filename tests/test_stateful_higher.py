@@ -94,9 +94,25 @@ def assert_unchanged(model, snap):
     copy.deepcopy(model)  # raises where a module holds a non-leaf tensor as a Parameter
 
 
-def run(lib, opt_name, *, steps=3, copy_initial_weights=False, track=True, entry="ctx",
-        learn=(), per_step=None, callback=None, pre=0, bn=False, model_fn=None, opt_fn=None,
-        time=None, mode="train", x_grad=False):
+def run(
+    lib,
+    opt_name,
+    *,
+    steps=3,
+    copy_initial_weights=False,
+    track=True,
+    entry="ctx",
+    learn=(),
+    per_step=None,
+    callback=None,
+    pre=0,
+    bn=False,
+    model_fn=None,
+    opt_fn=None,
+    time=None,
+    mode="train",
+    x_grad=False,
+):
     """The higher-style inner loop; returns everything to compare."""
     model = model_fn() if model_fn else mlp(bn=bn)
     opt = opt_fn(model) if opt_fn else OPTIMIZERS[opt_name](model.parameters())
@@ -114,7 +130,10 @@ def run(lib, opt_name, *, steps=3, copy_initial_weights=False, track=True, entry
         warnings.simplefilter("ignore")  # higher warns about RMSprop
         if entry == "ctx":
             ctx = lib.innerloop_ctx(
-                model, opt, copy_initial_weights=copy_initial_weights, override=override,
+                model,
+                opt,
+                copy_initial_weights=copy_initial_weights,
+                override=override,
                 track_higher_grads=track,
             )
             fmodel, diffopt = ctx.__enter__()
@@ -123,7 +142,10 @@ def run(lib, opt_name, *, steps=3, copy_initial_weights=False, track=True, entry
                 model, copy_initial_weights=copy_initial_weights, track_higher_grads=track
             )
             diffopt = lib.get_diff_optim(
-                opt, model.parameters(), fmodel=fmodel, override=override,
+                opt,
+                model.parameters(),
+                fmodel=fmodel,
+                override=override,
                 track_higher_grads=track,
             )
     for t in range(steps):
@@ -140,12 +162,19 @@ def run(lib, opt_name, *, steps=3, copy_initial_weights=False, track=True, entry
     if outer.requires_grad and wrt:
         grads = torch.autograd.grad(outer, wrt, allow_unused=True)
     fast = [p.detach().clone() for p in fmodel.parameters()]
-    buffers = [b.clone() for b in fmodel.buffers()] if lib is stateful else [
-        b.clone() for b in _higher_buffers(fmodel)
-    ]
+    buffers = (
+        [b.clone() for b in fmodel.buffers()]
+        if lib is stateful
+        else [b.clone() for b in _higher_buffers(fmodel)]
+    )
     return {
-        "fast": fast, "grads": grads, "outer": outer.detach(), "buffers": buffers,
-        "time": at_time, "model": model, "snap": snap,
+        "fast": fast,
+        "grads": grads,
+        "outer": outer.detach(),
+        "buffers": buffers,
+        "time": at_time,
+        "model": model,
+        "snap": snap,
     }
 
 
@@ -208,8 +237,10 @@ def test_track_higher_grads_false(opt_name):
 def adam_two_groups_outer(lib, b1, b2, lrs):
     model = mlp()
     opt = torch.optim.Adam(
-        [{"params": model[0].parameters(), "lr": 0.01},
-         {"params": model[2].parameters(), "lr": 0.03}],
+        [
+            {"params": model[0].parameters(), "lr": 0.01},
+            {"params": model[2].parameters(), "lr": 0.03},
+        ],
         eps=0.0,
     )
     x, y = data(1)
@@ -257,7 +288,8 @@ def test_per_group_override_hypergradients_match():
     def opt_fn(model):
         return torch.optim.SGD(
             [{"params": model[0].parameters()}, {"params": model[2].parameters()}],
-            lr=0.1, momentum=0.5,
+            lr=0.1,
+            momentum=0.5,
         )
 
     grads = []

@@ -318,9 +318,7 @@ def functional_module(
 ) -> FunctionalModule:
     """A functional model over ``module`` with buffer copies and optional initial weights."""
     if isinstance(module, FunctionalModule):
-        raise TypeError(
-            "module is already a functional model; pass the original nn.Module instead"
-        )
+        raise TypeError("module is already a functional model; pass the original nn.Module instead")
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     skel = skeleton(module)

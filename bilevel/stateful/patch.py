@@ -40,12 +40,18 @@ def monkeypatch(
         >>> model.weight.grad
         tensor([[3., 3.]])
     """
+    if not isinstance(module, nn.Module) or isinstance(module, FunctionalModule):
+        raise TypeError(
+            f"module must be a torch.nn.Module (not a functional model), got {type(module).__name__}"
+        )
     if not isinstance(copy_initial_weights, bool):
         raise TypeError(f"copy_initial_weights must be a bool, got {copy_initial_weights!r}")
     if copy_initial_weights:
         params = utils.get_func_params(module, device=device)
     else:
-        params = [p.clone() if device is None else p.clone().to(device) for p in module.parameters()]
+        params = [
+            p.clone() if device is None else p.clone().to(device) for p in module.parameters()
+        ]
     fmodel = functional_module(module, params, device)
     fmodel.track_higher_grads = track_higher_grads
     return fmodel

@@ -16,10 +16,10 @@ between two different submodules fills both places with the same fast tensor.
 
 from __future__ import annotations
 
-import copy
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 Place = tuple[int, str]  # (id of a skeleton submodule, attribute name)
@@ -41,13 +41,14 @@ def skeleton(module: nn.Module) -> nn.Module:
     def copy_tree(m: nn.Module) -> nn.Module:
         if id(m) in memo:
             return memo[id(m)]
-        try:
-            new = copy.copy(m)
-        except Exception as e:  # a module type copy.copy cannot handle (e.g. ScriptModule)
+        if not hasattr(m, "__dict__") or isinstance(m, torch.jit.ScriptModule):
             raise TypeError(
-                f"bilevel.stateful cannot make a functional copy of {type(m).__name__}: "
-                f"copy.copy raised {type(e).__name__}: {e}"
-            ) from e
+                f"bilevel.stateful cannot make a functional copy of {type(m).__name__} "
+                "(a module without an instance __dict__, or a TorchScript module)"
+            )
+        # not copy.copy: parametrized modules refuse to be pickled (their __getstate__ raises)
+        new = object.__new__(type(m))
+        new.__dict__.update(m.__dict__)
         memo[id(m)] = new
         # Own dicts, so a tensor swapped into the copy never shows in the original.
         new.__dict__["_parameters"] = OrderedDict(m._parameters)
@@ -102,9 +103,7 @@ def layout(skel: nn.Module) -> Layout:
     return Layout(param_places, buffer_places, param_names, buffer_names)
 
 
-def bindings(
-    module: nn.Module, places: dict[Place, int]
-) -> list[tuple[str, int]]:
+def bindings(module: nn.Module, places: dict[Place, int]) -> list[tuple[str, int]]:
     """``(name relative to module, index)`` for every place of ``places`` inside ``module``."""
     out: list[tuple[str, int]] = []
     for prefix, m in module.named_modules(remove_duplicate=True):
@@ -116,8 +115,6 @@ def bindings(
     return out
 
 
-def weights_dict(
-    names: list[tuple[str, int]], tensors: list[Tensor]
-) -> dict[str, Tensor]:
+def weights_dict(names: list[tuple[str, int]], tensors: list[Tensor]) -> dict[str, Tensor]:
     """The ``{name: tensor}`` dict for ``functional_call`` from :func:`bindings`."""
     return {name: tensors[i] for name, i in names}

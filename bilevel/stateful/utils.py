@@ -43,9 +43,7 @@ def _find_param_in_list(param: Tensor, tensors: Iterable[Tensor]) -> int | None:
     return None
 
 
-def _get_param_mapping(
-    module: nn.Module, seen: list[Tensor], mapping: list[int]
-) -> list[int]:
+def _get_param_mapping(module: nn.Module, seen: list[Tensor], mapping: list[int]) -> list[int]:
     """For each parameter slot of ``module`` (recursively, duplicates included), the index
     of its tensor among the distinct ones (higher's layout of shared weights)."""
     for p in module._parameters.values():

@@ -104,7 +104,8 @@ class DifferentiableOptimizer(abc.ABC):
                 indices.append(index)
                 if p in other.state:
                     state[i] = {
-                        k: utils._recursive_copy_and_cast(v, device) for k, v in other.state[p].items()
+                        k: utils._recursive_copy_and_cast(v, device)
+                        for k, v in other.state[p].items()
                     }
             copied["params"] = [None] * len(indices)
             self.param_groups.append(copied)

@@ -151,8 +151,10 @@ def _cast_settings(hparams: dict[str, Any], ref: Tensor) -> dict[str, Any]:
     tensors with a float64 model); the cast is differentiable."""
 
     def cast(v: Any) -> Any:
-        if isinstance(v, Tensor) and v.is_floating_point() and (
-            v.dtype != ref.dtype or v.device != ref.device
+        if (
+            isinstance(v, Tensor)
+            and v.is_floating_point()
+            and (v.dtype != ref.dtype or v.device != ref.device)
         ):
             return v.to(dtype=ref.dtype, device=ref.device)
         if isinstance(v, tuple):

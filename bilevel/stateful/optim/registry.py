@@ -86,15 +86,14 @@ def create_diff_optim(
         if not given:
             raise ValueError("params is empty")
         if isinstance(given[0], Mapping):
-            groups = [
-                {k: torch.zeros_like(v, requires_grad=True) if k == "params" else v
-                 for k, v in g.items()}
-                for g in given
-            ]
-            # a group's "params" may be one tensor or a list of them
-            for g in groups:
-                if isinstance(g["params"], Tensor):
-                    g["params"] = [g["params"]]
+            groups = []
+            for g in given:
+                group = dict(g)
+                tensors = (
+                    [group["params"]] if isinstance(group["params"], Tensor) else group["params"]
+                )
+                group["params"] = [torch.zeros_like(p, requires_grad=True) for p in tensors]
+                groups.append(group)
             dummy: list[Any] = groups
             reference = [p for g in groups for p in g["params"]]
         else:
