@@ -226,3 +226,22 @@ def test_bad_arguments_are_named():
         stateful.innerloop_ctx(model, opt, override={"lr": [0.1, 0.2, 0.3]}).__enter__()
     with pytest.raises(ValueError, match="track_higher_grads"):
         stateful.monkeypatch(model).track_higher_grads = 1
+
+
+def test_history_lets_go_of_saved_weights_once_backward_has_run():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8, bias=False), nn.Tanh(), nn.Linear(8, 1, bias=False))
+    model = model.to(DT)
+    x = torch.randn(5, 3, dtype=DT, requires_grad=True)  # so mm saves every weight
+    y = torch.randn(5, 1, dtype=DT)
+    with stateful.innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=0.1)) as (fm, do):
+        for _ in range(4):
+            do.step(F.mse_loss(fm(x), y))
+        outer = F.mse_loss(fm(x), y)
+        assert all(len(list(fm.parameters(time=t))) == 2 for t in range(5))  # the graph holds them
+        outer.backward()
+        del outer
+        gc.collect()
+        with pytest.raises(RuntimeError, match="let go"):
+            fm.parameters(time=2)
+        assert len(list(fm.parameters(time=0))) == len(list(fm.parameters(time=-1))) == 2

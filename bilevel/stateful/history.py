@@ -7,13 +7,15 @@ backward pass has freed the graph (higher#37's growth pattern). Here the initial
 latest weights are held; a weight of a step in between is held only while its memory is
 also held by someone else (the autograd graph saves it, or a view of it, for backward; or
 the user keeps it): each time a step is recorded, weights whose storage nobody else uses
-any more are let go. ``parameters(time=t)`` for a step whose weights were let go says so.
+any more are let go (and again when a backward pass has run through that step).
+``parameters(time=t)`` for a step whose weights were let go says so.
 """
 
 from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -42,11 +44,25 @@ _PROBE_OVERHEAD = _probe_overhead()
 class _Entry:
     """One weight of an intermediate step: strong while shared, weak afterwards."""
 
-    __slots__ = ("strong", "weak")
+    __slots__ = ("strong", "weak", "__weakref__")
 
     def __init__(self, t: Tensor) -> None:
         self.strong: Tensor | None = t
         self.weak = weakref.ref(t)
+        node = t.grad_fn
+        if node is not None:
+            # In a backward pass every node that saved this weight (its consumers) runs, and
+            # releases what it saved, before the node that produced it: let go right then,
+            # not only at the next recorded step. A weak reference avoids a cycle through
+            # the C++ graph, which Python's garbage collector cannot see.
+            me = weakref.ref(self)
+
+            def prune_at_backward(grad_outputs: Any) -> None:
+                entry = me()
+                if entry is not None:
+                    entry.prune()
+
+            node.register_prehook(prune_at_backward)
 
     def prune(self) -> None:
         if self.strong is not None and _storage_users(self.strong) == 1:
