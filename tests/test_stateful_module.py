@@ -245,3 +245,24 @@ def test_history_lets_go_of_saved_weights_once_backward_has_run():
         with pytest.raises(RuntimeError, match="let go"):
             fm.parameters(time=2)
         assert len(list(fm.parameters(time=0))) == len(list(fm.parameters(time=-1))) == 2
+
+
+def test_module_traversal_and_state_dict_give_fast_weights():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1)).to(DT)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(6, 3, dtype=DT)
+    with stateful.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        diffopt.step(fmodel(x).pow(2).mean())
+        assert [n for n, _ in fmodel.named_modules()] == [n for n, _ in model.named_modules()]
+        assert len(list(fmodel.children())) == 3
+        sd = fmodel.state_dict()
+        assert list(sd) == list(model.state_dict())
+        assert torch.equal(sd["0.weight"], fmodel[0].weight.detach())
+        assert (
+            sd["0.weight"].grad_fn is None and fmodel.state_dict(keep_vars=True)["0.weight"].grad_fn
+        )
+        adapted = copy.deepcopy(model)
+        adapted.load_state_dict(sd)
+        adapted.train()
+        torch.testing.assert_close(adapted(x), fmodel(x), rtol=1e-12, atol=1e-14)

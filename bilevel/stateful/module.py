@@ -259,6 +259,51 @@ class FunctionalModule(nn.Module):
         for _, b in self.named_buffers():
             yield b
 
+    def named_children(self) -> Iterator[tuple[str, nn.Module]]:  # type: ignore[override]
+        """Views of the direct submodules."""
+        for name, m in self._fm_module.named_children():
+            yield name, FunctionalModule(self._fm_root, m)
+
+    def children(self) -> Iterator[nn.Module]:  # type: ignore[override]
+        for _, m in self.named_children():
+            yield m
+
+    def named_modules(  # type: ignore[override]
+        self, memo: set[nn.Module] | None = None, prefix: str = "", remove_duplicate: bool = True
+    ) -> Iterator[tuple[str, nn.Module]]:
+        """This model and views of all its submodules."""
+        for name, m in self._fm_module.named_modules(memo, prefix, remove_duplicate):
+            yield name, self if m is self._fm_module else FunctionalModule(self._fm_root, m)
+
+    def modules(self) -> Iterator[nn.Module]:  # type: ignore[override]
+        for _, m in self.named_modules():
+            yield m
+
+    def state_dict(  # type: ignore[override]
+        self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False
+    ) -> dict[str, Any]:
+        """The current fast weights and the buffers by name (higher's patched module gave
+        its fast weights too), e.g. for ``model.load_state_dict(fmodel.state_dict())``."""
+        if args:
+            raise TypeError("state_dict takes keyword arguments only")
+        root = self._fm_root
+        params = root.history.latest() or []
+        places = root.layout
+        out: dict[str, Any] = {} if destination is None else destination
+        # torch's order: module by module (shared ones under each name), parameters first
+        for name, m in self._fm_module.named_modules(remove_duplicate=False):
+            dot = f"{prefix}{name}." if name else prefix
+            for attr in m._parameters:
+                i = places.param_places.get((id(m), attr))
+                if i is not None:
+                    out[dot + attr] = params[i] if keep_vars else params[i].detach()
+            for attr in m._buffers:
+                i = places.buffer_places.get((id(m), attr))
+                if i is not None and attr not in m._non_persistent_buffers_set:
+                    b = root.buffers[i]
+                    out[dot + attr] = b if keep_vars else b.detach()
+        return out
+
     @property
     def fast_params(self) -> list[Tensor] | None:
         """The latest fast weights (``None`` if none were given); settable, as in higher."""
