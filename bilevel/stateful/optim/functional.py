@@ -26,6 +26,9 @@ from bilevel.stateful.optim.base import DifferentiableOptimizer
 
 Factory = Callable[..., Optimizer]
 
+# The step counts of a functional state (not per-parameter buffers).
+_COUNTS = ("step", "param_steps")
+
 # Group entries that choose kernels or graph capture in torch, not the update's values.
 _KERNEL_CHOICES = frozenset({"foreach", "fused", "capturable", "differentiable"})
 
@@ -64,8 +67,13 @@ class FunctionalDifferentiableOptimizer(DifferentiableOptimizer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         for state in self.state:
-            for s in state.values():
+            for i, s in list(state.items()):
                 _python_step(s)
+                if s["step"] == 0:
+                    # a state before any update (torch.optim.Adagrad builds one in its
+                    # constructor) holds only what the settings say: the functional
+                    # optimizer builds its own, in its own convention
+                    del state[i]
         # parameters whose state has every buffer the functional optimizer reads
         self._complete: list[set[int]] = [set() for _ in self.param_groups]
 
@@ -105,9 +113,7 @@ class FunctionalDifferentiableOptimizer(DifferentiableOptimizer):
                 if g is None:
                     continue  # torch.optim: no gradient, no update, no state change
                 if i not in complete:
-                    # a fresh parameter, or torch's state without the optional buffers
-                    for k, v in _fresh_state(opt, group["params"][i], hparams).items():
-                        state[i].setdefault(k, v)
+                    _complete(state[i], _fresh_state(opt, group["params"][i], hparams))
                     complete.add(i)
                 cohorts.setdefault(state[i]["step"], []).append(i)
             for step, members in cohorts.items():
@@ -130,18 +136,21 @@ class FunctionalDifferentiableOptimizer(DifferentiableOptimizer):
             g = grads[i]
             assert g is not None
             grad_dict[n] = g
-        keys = [k for k in state[members[0]] if k != "step"]
+        keys = [k for k in state[members[0]] if k not in _COUNTS]
         fstate: dict[str, Any] = {"step": step}
         for k in keys:
             values = [state[i].get(k) for i in members]
             fstate[k] = None if all(v is None for v in values) else dict(zip(names, values))
         new_params, new_state = opt.step(params, grad_dict, fstate, hparams)
+        counts = new_state.get("param_steps")
         for n, i in zip(names, members):
             group["params"][i] = new_params[n]
             s = state[i]
-            s["step"] = new_state["step"]
+            # torch's per-parameter step: the functional state's per-parameter count where
+            # it keeps one, else its step (every member of a cohort shares the count)
+            s["step"] = counts[n] if isinstance(counts, dict) else new_state["step"]
             for k, v in new_state.items():
-                if k != "step":
+                if k not in _COUNTS:
                     s[k] = None if v is None else v[n]
 
 
@@ -176,11 +185,22 @@ def _python_step(s: dict[str, Any]) -> None:
         s["step"] = int(step)
 
 
+def _complete(s: dict[str, Any], fresh: dict[str, Any]) -> None:
+    """Fill a (torch-copied) state with the buffers it lacks, in the functional layout."""
+    for k, v in fresh.items():
+        if k not in s:
+            s[k] = v  # a fresh parameter, or torch's state without an optional buffer
+        elif not isinstance(v, Tensor) and isinstance(s[k], Tensor) and s[k].ndim == 0:
+            # torch keeps scalars (ASGD's eta and mu, NAdam's mu_product) as float32
+            # tensors and reads them back with .item(); so does this, once per parameter
+            s[k] = s[k].item()
+
+
 def _fresh_state(opt: Optimizer, p: Tensor, hparams: dict[str, Any]) -> dict[str, Any]:
     """The functional optimizer's initial state of one parameter, in torch's layout."""
     init = opt.init({"p": p.detach()}, hparams)
     out: dict[str, Any] = {"step": init["step"]}
     for k, v in init.items():
-        if k != "step":
+        if k not in _COUNTS:
             out[k] = None if v is None else v["p"]
     return out
