@@ -1,6 +1,6 @@
 """Memory of a long MAML inner loop: ``bilevel.stateful`` against ``higher`` (higher#37).
 
-``python -m experiments.stateful_memory [--steps 100] [--width 512]`` runs the same
+``python -m experiments.bench.stateful_memory [--steps 100] [--width 512]`` runs the same
 ``innerloop_ctx`` loop (SGD, ``copy_initial_weights=False``, an MLP 64-W-W-1 whose weights
 dominate the activations) with each library and counts the bytes of the tensors alive
 (every storage any op creates while the loop runs, through a ``TorchDispatchMode``; the
@@ -44,8 +44,9 @@ class LiveBytes(TorchDispatchMode):
                     self._storages[key] = (StorageWeakRef(storage), storage.nbytes())
         return out
 
-    def live(self) -> int:
-        gc.collect()
+    def live(self, collect: bool = True) -> int:
+        if collect:  # a full collection costs ~0.5 s with torch imported
+            gc.collect()
         alive = {k: v for k, v in self._storages.items() if not v[0].expired()}
         self._storages = alive
         return sum(n for _, n in alive.values())
@@ -58,8 +59,11 @@ def mlp(width: int, seed: int = 0) -> nn.Module:
     )
 
 
-def run(lib: Any, steps: int, width: int, track: bool = True) -> dict[str, Any]:
-    """One inner loop of ``steps`` SGD steps and an outer backward, with live-byte samples."""
+def run(
+    lib: Any, steps: int, width: int, track: bool = True, collect_each_step: bool = True
+) -> dict[str, Any]:
+    """One inner loop of ``steps`` SGD steps and an outer backward, with live-byte samples
+    (after a garbage collection, optionally skipped for the per-step samples)."""
     model = mlp(width)
     inner_opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(1)
@@ -74,7 +78,7 @@ def run(lib: Any, steps: int, width: int, track: bool = True) -> dict[str, Any]:
             for t in range(1, steps + 1):
                 diffopt.step(F.mse_loss(fmodel(x), y))
                 if t in (1, 10, steps // 2, steps):
-                    samples[t] = tracker.live()
+                    samples[t] = tracker.live(collect_each_step)
             loss = F.mse_loss(fmodel(xq), yq)
             before = tracker.live()
             if loss.requires_grad:
@@ -111,7 +115,7 @@ def report(steps: int, width: int, libs: dict[str, Any], out: Callable[[str], No
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m experiments.stateful_memory")
+    parser = argparse.ArgumentParser(prog="python -m experiments.bench.stateful_memory")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--width", type=int, default=512)
     args = parser.parse_args(argv)
