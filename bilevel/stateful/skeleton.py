@@ -77,7 +77,15 @@ class Layout:
 
 
 def layout(skel: nn.Module) -> Layout:
-    """The places of every parameter and buffer of a skeleton (see :class:`Layout`)."""
+    """The places of every parameter and buffer of a skeleton (see :class:`Layout`).
+
+    Example:
+        >>> import torch
+        >>> shared = torch.nn.Linear(2, 2)
+        >>> lay = layout(skeleton(torch.nn.Sequential(shared, torch.nn.Tanh(), shared)))
+        >>> lay.param_names, sorted(set(lay.param_places.values()))
+        (['0.weight', '0.bias'], [0, 1])
+    """
     param_index: dict[int, int] = {}
     buffer_index: dict[int, int] = {}
     param_names: list[str] = []
@@ -104,7 +112,14 @@ def layout(skel: nn.Module) -> Layout:
 
 
 def bindings(module: nn.Module, places: dict[Place, int]) -> list[tuple[str, int]]:
-    """``(name relative to module, index)`` for every place of ``places`` inside ``module``."""
+    """``(name relative to module, index)`` for every place of ``places`` inside ``module``.
+
+    Example:
+        >>> import torch
+        >>> skel = skeleton(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)))
+        >>> bindings(skel[1], layout(skel).param_places)
+        [('weight', 2), ('bias', 3)]
+    """
     out: list[tuple[str, int]] = []
     for prefix, m in module.named_modules(remove_duplicate=True):
         dot = f"{prefix}." if prefix else ""
@@ -116,5 +131,11 @@ def bindings(module: nn.Module, places: dict[Place, int]) -> list[tuple[str, int
 
 
 def weights_dict(names: list[tuple[str, int]], tensors: list[Tensor]) -> dict[str, Tensor]:
-    """The ``{name: tensor}`` dict for ``functional_call`` from :func:`bindings`."""
+    """The ``{name: tensor}`` dict for ``functional_call`` from :func:`bindings`.
+
+    Example:
+        >>> import torch
+        >>> weights_dict([("weight", 1)], [torch.zeros(1), torch.ones(1)])
+        {'weight': tensor([1.])}
+    """
     return {name: tensors[i] for name, i in names}

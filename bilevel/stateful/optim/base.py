@@ -66,6 +66,19 @@ class DifferentiableOptimizer(abc.ABC):
     Only the parameters ``other`` holds, and that require grad, are stepped; a parameter
     without a gradient (unused by the loss) is not updated and its state does not advance
     (``torch.optim`` semantics).
+
+    Example:
+        >>> import torch
+        >>> from bilevel import stateful as higher
+        >>> w = torch.nn.Parameter(torch.ones(2))
+        >>> opt = torch.optim.SGD([w], lr=0.5, momentum=0.9)
+        >>> (w ** 2).sum().backward(); opt.step()  # a torch step: momentum buffer 2 * w
+        >>> diffopt = higher.optim.DifferentiableSGD(opt, [w])
+        >>> diffopt.state[0][0]["momentum_buffer"]
+        tensor([2., 2.])
+        >>> v = w.detach().clone().requires_grad_()
+        >>> diffopt.step((v ** 2).sum(), params=[v])[0].detach()  # buf = 0.9 * 2 + 2 * 0
+        tensor([-0.9000, -0.9000])
     """
 
     def __init__(
