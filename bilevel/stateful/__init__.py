@@ -36,7 +36,6 @@ from bilevel.stateful import optim, patch, utils
 from bilevel.stateful.context import innerloop_ctx
 from bilevel.stateful.module import FunctionalModule
 from bilevel.stateful.optim import (
-    DifferentiableOptimizer,
     create_diff_optim,
     get_diff_optim,
     register_optim,
@@ -44,7 +43,6 @@ from bilevel.stateful.optim import (
 from bilevel.stateful.patch import monkeypatch
 
 __all__ = [
-    "DifferentiableOptimizer",
     "FunctionalModule",
     "create_diff_optim",
     "get_diff_optim",

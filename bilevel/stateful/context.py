@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from bilevel.stateful.module import FunctionalModule
-from bilevel.stateful.optim.base import DifferentiableOptimizer, Override
+from bilevel.stateful.optim.base import DifferentiableOptimizer
 from bilevel.stateful.optim.registry import get_diff_optim
 from bilevel.stateful.patch import monkeypatch
 
@@ -20,7 +21,7 @@ def innerloop_ctx(
     opt: torch.optim.Optimizer,
     device: torch.device | str | None = None,
     copy_initial_weights: bool = True,
-    override: Override | None = None,
+    override: Mapping[str, Any] | None = None,
     track_higher_grads: bool = True,
 ) -> Iterator[tuple[FunctionalModule, DifferentiableOptimizer]]:
     """Yield ``(fmodel, diffopt)`` for a differentiable inner loop (higher's API).

@@ -1,7 +1,7 @@
 """higher's ``patch`` module: ``monkeypatch``, ``make_functional``, ``buffer_sync``.
 
 The names are higher's; nothing is monkeypatched. The functional model calls a structural
-copy of the module with ``torch.func.functional_call`` (see :mod:`bilevel.stateful.module`).
+copy of the module with ``torch.func.functional_call`` (see ``bilevel.stateful.module``).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from bilevel.stateful.module import FunctionalModule, _copy_buffer, functional_m
 
 # higher's name for the functional model's base class (used in type annotations).
 _MonkeyPatchBase = FunctionalModule
+
+__all__ = ["buffer_sync", "make_functional", "monkeypatch"]
 
 
 def monkeypatch(

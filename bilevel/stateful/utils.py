@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+__all__ = ["flatten", "get_func_params"]
+
 
 def _copy_tensor(t: Tensor, safe_copy: bool, device: torch.device | str | None = None) -> Tensor:
     """A detached tensor (a copy if ``safe_copy``) with ``t``'s ``requires_grad``."""

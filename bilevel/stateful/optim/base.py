@@ -87,8 +87,8 @@ class DifferentiableOptimizer(abc.ABC):
         reference_params: Iterable[Tensor],
         fmodel: FunctionalModule | None = None,
         device: torch.device | str | None = None,
-        override: Override | None = None,
-        grad_callback: GradCallback | None = None,
+        override: Mapping[str, Any] | None = None,
+        grad_callback: Callable[[list[Tensor | None]], Sequence[Tensor | None]] | None = None,
         track_higher_grads: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -144,8 +144,8 @@ class DifferentiableOptimizer(abc.ABC):
         self,
         loss: Tensor,
         params: Iterable[Tensor] | None = None,
-        override: Override | None = None,
-        grad_callback: GradCallback | None = None,
+        override: Mapping[str, Any] | None = None,
+        grad_callback: Callable[[list[Tensor | None]], Sequence[Tensor | None]] | None = None,
         **kwargs: Any,
     ) -> list[Tensor]:
         """One differentiable step on ``loss``; returns all the new fast weights.

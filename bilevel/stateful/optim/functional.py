@@ -46,8 +46,8 @@ class FunctionalDifferentiableOptimizer(DifferentiableOptimizer):
     ``decoupled_weight_decay=True`` when ``functional`` has no such setting).
     """
 
-    functional: ClassVar[Factory]
-    decoupled: ClassVar[Factory | None] = None
+    _functional: ClassVar[Factory]
+    _decoupled: ClassVar[Factory | None] = None
 
     def __init_subclass__(
         cls,
@@ -58,9 +58,9 @@ class FunctionalDifferentiableOptimizer(DifferentiableOptimizer):
     ) -> None:
         super().__init_subclass__(**kwargs)
         if functional is not None:
-            cls.functional = staticmethod(functional)  # type: ignore[assignment]
+            cls._functional = staticmethod(functional)  # type: ignore[assignment]
         if decoupled is not None:
-            cls.decoupled = staticmethod(decoupled)  # type: ignore[assignment]
+            cls._decoupled = staticmethod(decoupled)  # type: ignore[assignment]
         if torch_type is not None:
             _opt_mapping[torch_type] = cls
 
@@ -78,19 +78,19 @@ class FunctionalDifferentiableOptimizer(DifferentiableOptimizer):
         self._complete: list[set[int]] = [set() for _ in self.param_groups]
 
     def _optimizer(self, group: dict[str, Any]) -> Optimizer:
-        factory = type(self).functional
+        factory = type(self)._functional
         probe = factory()
         if (
             group.get("decoupled_weight_decay")
             and "decoupled_weight_decay" not in probe.defaults
             and not getattr(probe, "decoupled_weight_decay", False)  # AdamW already is
         ):
-            if type(self).decoupled is None:
+            if type(self)._decoupled is None:
                 raise ValueError(
                     f"{type(self).__name__}: decoupled_weight_decay=True has no differentiable "
                     "counterpart here"
                 )
-            decoupled = type(self).decoupled
+            decoupled = type(self)._decoupled
             assert decoupled is not None
             probe = decoupled()
         for flag in probe.flags:

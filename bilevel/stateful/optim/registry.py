@@ -10,7 +10,7 @@ from torch import Tensor
 
 from bilevel.stateful.module import FunctionalModule
 from bilevel.stateful.optim import family  # noqa: F401  (declares the built-in mapping)
-from bilevel.stateful.optim.base import DifferentiableOptimizer, Override
+from bilevel.stateful.optim.base import DifferentiableOptimizer
 from bilevel.stateful.optim.functional import _opt_mapping
 
 
@@ -30,7 +30,7 @@ def get_diff_optim(
     reference_params: Iterable[Tensor],
     fmodel: FunctionalModule | None = None,
     device: torch.device | str | None = None,
-    override: Override | None = None,
+    override: Mapping[str, Any] | None = None,
     track_higher_grads: bool = True,
     **kwargs: Any,
 ) -> DifferentiableOptimizer:
@@ -63,7 +63,7 @@ def create_diff_optim(
     params: Iterable[Any] | None = None,
     fmodel: FunctionalModule | None = None,
     device: torch.device | str | None = None,
-    override: Override | None = None,
+    override: Mapping[str, Any] | None = None,
     track_higher_grads: bool = True,
     **kwargs: Any,
 ) -> DifferentiableOptimizer:
