@@ -42,6 +42,15 @@ CONFIGS = {
         {"lr": 0.1, "lr_decay": 0.05, "initial_accumulator_value": 0.2, "weight_decay": 0.1},
         {"lr": 0.1, "maximize": True, "eps": 1e-3},
     ],
+    "Adadelta": [{"lr": 1.0}, {"lr": 0.5, "rho": 0.8, "weight_decay": 0.1, "maximize": True}],
+    "Adamax": [{"lr": 0.01}, {"lr": 0.01, "betas": (0.8, 0.9), "weight_decay": 0.1}],
+    "ASGD": [{"lr": 0.05}, {"lr": 0.05, "lambd": 1e-2, "alpha": 0.5, "t0": 2, "weight_decay": 0.1}],
+    "Rprop": [{"lr": 0.01}, {"lr": 0.01, "etas": (0.3, 1.5), "step_sizes": (1e-4, 0.05)}],
+    "RAdam": [{"lr": 0.01}, {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True}],
+    "NAdam": [
+        {"lr": 0.01},
+        {"lr": 0.01, "momentum_decay": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True},
+    ],
 }
 CASES = [(name, i) for name, configs in CONFIGS.items() for i in range(len(configs))]
 

@@ -14,10 +14,16 @@ Example:
 
 from bilevel.stateful.optim.base import DifferentiableOptimizer
 from bilevel.stateful.optim.family import (
+    DifferentiableAdadelta,
     DifferentiableAdagrad,
     DifferentiableAdam,
+    DifferentiableAdamax,
     DifferentiableAdamW,
+    DifferentiableASGD,
+    DifferentiableNAdam,
+    DifferentiableRAdam,
     DifferentiableRMSprop,
+    DifferentiableRprop,
     DifferentiableSGD,
 )
 from bilevel.stateful.optim.functional import FunctionalDifferentiableOptimizer
@@ -28,11 +34,17 @@ from bilevel.stateful.optim.hyperparams import (
 from bilevel.stateful.optim.registry import create_diff_optim, get_diff_optim, register_optim
 
 __all__ = [
+    "DifferentiableASGD",
+    "DifferentiableAdadelta",
     "DifferentiableAdagrad",
     "DifferentiableAdam",
     "DifferentiableAdamW",
+    "DifferentiableAdamax",
+    "DifferentiableNAdam",
     "DifferentiableOptimizer",
+    "DifferentiableRAdam",
     "DifferentiableRMSprop",
+    "DifferentiableRprop",
     "DifferentiableSGD",
     "FunctionalDifferentiableOptimizer",
     "apply_trainable_opt_params",

@@ -40,7 +40,37 @@ class DifferentiableAdagrad(_Base, torch_type=torch.optim.Adagrad, functional=_o
     decay, maximize)."""
 
 
+class DifferentiableAdadelta(_Base, torch_type=torch.optim.Adadelta, functional=_optim.adadelta):
+    """Differentiable :class:`torch.optim.Adadelta`."""
+
+
+class DifferentiableAdamax(_Base, torch_type=torch.optim.Adamax, functional=_optim.adamax):
+    """Differentiable :class:`torch.optim.Adamax`."""
+
+
+class DifferentiableASGD(_Base, torch_type=torch.optim.ASGD, functional=_optim.asgd):
+    """Differentiable :class:`torch.optim.ASGD` (the averaged weights ``ax`` are state)."""
+
+
+class DifferentiableRprop(_Base, torch_type=torch.optim.Rprop, functional=_optim.rprop):
+    """Differentiable :class:`torch.optim.Rprop` (its update uses the gradient's sign only)."""
+
+
+class DifferentiableRAdam(_Base, torch_type=torch.optim.RAdam, functional=_optim.radam):
+    """Differentiable :class:`torch.optim.RAdam` (not in higher)."""
+
+
+class DifferentiableNAdam(_Base, torch_type=torch.optim.NAdam, functional=_optim.nadam):
+    """Differentiable :class:`torch.optim.NAdam` (not in higher)."""
+
+
 __all__ = [
+    "DifferentiableASGD",
+    "DifferentiableAdadelta",
+    "DifferentiableAdamax",
+    "DifferentiableNAdam",
+    "DifferentiableRAdam",
+    "DifferentiableRprop",
     "DifferentiableAdagrad",
     "DifferentiableAdam",
     "DifferentiableAdamW",
