@@ -27,6 +27,9 @@ API_MODULES = [
     "bilevel.prox",
     "bilevel.nn",
     "bilevel.stateful",
+    "bilevel.stateful.optim",
+    "bilevel.stateful.patch",
+    "bilevel.stateful.utils",
     "bilevel.distributed",
     "bilevel.forward_ad",
 ]
@@ -56,11 +59,12 @@ napoleon_use_rtype = False
 # (``bilevel.linalg.cg`` returns a ``CG``) or that public classes derive from.
 nitpicky = True
 nitpick_ignore_regex = [
-    (r"py:.*", r"(torch|collections|scipy|datetime|typing|numpy)(\..*)?"),
+    (r"py:.*", r"(torch|collections|scipy|datetime|typing|numpy|abc)(\..*)?"),
     (r"py:class", r"(Tensor|Tree|nn\.Module)"),
     (r"py:class", r"bilevel\.(linalg|solvers|qp)\.\w+\.[A-Z]\w*"),
     (r"py:class", r"InteriorPoint"),  # bilevel.qp's solver options, in QPLayer's signature
     (r"py:class", r"bilevel(\.\w+)*\._\w+"),
+    (r"py:class", r"_[A-Z]\w*"),  # private classes in signatures (bilevel.stateful's _Root)
     (r"py:class", r"bilevel\.check\.HypergradEntry"),  # the rows of a HypergradReport
 ]
 # No network at build time: intersphinx inventories are not fetched, so links into the Python

@@ -121,20 +121,3 @@ def test_stateful_per_step_override_and_first_order():
     with stateful.innerloop_ctx(model, opt, track_higher_grads=False) as (fmodel, diffopt):
         new = diffopt.step(F.cross_entropy(fmodel(x), y))
     assert all(p.grad_fn is None for p in new)
-
-
-def test_stateful_translates_param_groups_to_per_parameter_settings():
-    model, *_ = setup()
-    opt = torch.optim.SGD(
-        [
-            {"params": model[0].parameters(), "lr": 0.1},
-            {"params": model[2].parameters(), "lr": 0.01},
-        ],
-        momentum=0.9,
-    )
-    names = {id(p): n for n, p in model.named_parameters()}
-    fopt, hparams = stateful.functional_optimizer(opt, names)
-    assert hparams["lr"] == {"0.weight": 0.1, "0.bias": 0.1, "2.weight": 0.01, "2.bias": 0.01}
-    assert hparams["momentum"] == 0.9
-    with pytest.raises(TypeError, match="no differentiable counterpart"):
-        stateful.functional_optimizer(torch.optim.LBFGS(model.parameters()), names)

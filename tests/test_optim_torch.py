@@ -598,12 +598,11 @@ def test_stateful_translates_the_new_optimizers():
         ::PER_OPTIMIZER
     ]:
         opt = getattr(torch.optim, name)(model.parameters(), **cfg)
-        fopt, hparams = stateful.functional_optimizer(
-            opt, {id(p): n for n, p in model.named_parameters()}
-        )
-        assert type(fopt) is type(FACTORY[name]())
+        diffopt = stateful.get_diff_optim(opt, model.parameters())
+        group = diffopt.param_groups[0]
+        assert type(diffopt._optimizer(group)) is type(FACTORY[name]())
         for k, v in cfg.items():
-            assert (fopt.settings.get(k) if k in fopt.flags else hparams[k]) == v, (name, k)
+            assert group[k] == v, (name, k)
 
 
 # -- bilevel.unroll: parameters without a gradient, in every mode ----------------------------

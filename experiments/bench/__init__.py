@@ -26,7 +26,9 @@ each implementation's, from the same run; threads are pinned with ``torch.set_nu
 # targets, tables), one module per problem (unroll, memory, implicit, maml), children (fresh
 # processes for peak RSS), main (the entry point). optim is a separate micro-benchmark of
 # the functional optimizers' kernels: python -m experiments.bench.optim; qp is the QP layer
-# against qpth and cvxpylayers: python -m experiments.bench.qp
+# against qpth and cvxpylayers: python -m experiments.bench.qp; stateful_memory the memory of
+# a long higher-style inner loop, bilevel.stateful against higher:
+# python -m experiments.bench.stateful_memory
 
 from __future__ import annotations
 
