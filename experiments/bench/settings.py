@@ -15,6 +15,7 @@ from . import core
 
 DESCRIPTION = "speed and memory of bilevel's hypergradients against higher and TorchOpt"
 PROBLEMS = ("unroll", "memory", "implicit", "maml")
+PEERS = ("higher", "torchopt", "jaxopt")  # the optional peer libraries, in the header's order
 PROG = "python -m experiments bench"
 
 
