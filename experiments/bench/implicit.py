@@ -30,7 +30,7 @@ from torch import Tensor
 
 import bilevel.implicit
 
-from . import core, jaxopt_peer
+from . import core, implicit_small, jaxopt_peer
 from .children import run_child
 from .core import Impl, peer
 from .report import STANDARD_COLUMNS, Report, log, standard_cells
@@ -544,14 +544,13 @@ def run_implicit(s: Settings, report: Report) -> None:
                     {"data": name, "h": hname, **jaxopt_peer.missing_cells(JAXOPT), "peak RSS": "-"}
                 )
     cols = ["data", "h", *STANDARD_COLUMNS[:-1], "peak RSS", "note"]
-    report.tables.append(
-        core.format_table(
-            table,
-            cols,
-            "== implicit: L2-regularised logistic regression, hypergradient w.r.t. log L2 weights given w* "
-            "(rel.err vs the exact closed-form Hessian solve; linear solves at tol 1e-12) ==",
-        )
+    main_table = core.format_table(
+        table,
+        cols,
+        "== implicit: L2-regularised logistic regression, hypergradient w.r.t. log L2 weights given w* "
+        "(rel.err vs the exact closed-form Hessian solve; linear solves at tol 1e-12) ==",
     )
+    report.tables.append(main_table + "\n\n" + implicit_small.run_small(s, report))
 
 
 def _implicit_memory(s: Settings, problem: Any, p: int, per_feature: bool) -> dict[str, Any]:

@@ -14,7 +14,7 @@ differentiation, the way a JAXopt user would:
 The whole hypergradient (forward of the outer loss, the custom VJP, the linear solve) is one
 ``jax.jit`` function of the hyperparameter and the data (passed as arguments, not baked in as
 constants). It is traced and compiled by a first call outside the timed region; that call's
-time is reported as the compile time. A timed call runs the compiled function, waits for it
+time (trace, compile and one run) is reported as ``compile ... (untimed)``. A timed call runs the compiled function, waits for it
 (``block_until_ready``) and hands the result to torch (a copy of ``p`` numbers).
 
 Threads: with ``--threads 1`` XLA's Eigen kernels are made single-threaded
@@ -71,6 +71,7 @@ def device_mismatch(device: torch.device) -> str | None:
 
 def to_jax(t: Tensor) -> Any:
     """A torch tensor as a float64 (or integer) JAX array on JAX's default device."""
+    _jax()  # float64 arrays need x64 on before the first conversion
     import jax.numpy as jnp
 
     x = t.detach().cpu()
@@ -97,7 +98,7 @@ class Jitted:
 
     @property
     def note(self) -> str:
-        return f"first call (trace + compile) {core.fmt_time(self.compile_s)}, untimed"
+        return f"compile {core.fmt_time(self.compile_s)} (untimed)"
 
 
 def cg_solve(tol: float, n: int) -> Callable[..., Any]:
