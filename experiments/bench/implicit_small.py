@@ -140,17 +140,30 @@ def closed_form_impl(problem: Small) -> Callable[[], Tensor]:
 # --------------------------------------------------------------------------- digits
 
 
-def digits(seed: int) -> Small:
+def digits_data(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Train and validation halves of the digits (pixels / 16): ``X, y, X_val, y_val``."""
     from sklearn.datasets import load_digits
 
     Xa, ya = load_digits(return_X_y=True)
     perm = np.random.default_rng(seed).permutation(len(Xa))
     Xa, ya = Xa[perm] / 16.0, ya[perm]
     half = len(Xa) // 2
-    X, y, Xv, yv = Xa[:half], ya[:half], Xa[half:], ya[half:]
+    return Xa[:half], ya[:half], Xa[half:], ya[half:]
+
+
+def digits_val_loss(W: np.ndarray, Xv: np.ndarray, yv: np.ndarray) -> float:
+    """The validation cross-entropy of the weights ``W`` (NumPy)."""
+    Z = Xv @ W
+    Zmax = Z.max(1)
+    lse = Zmax + np.log(np.exp(Z - Zmax[:, None]).sum(1))
+    return float(np.mean(lse - Z[np.arange(len(yv)), yv]))
+
+
+def digits(seed: int) -> Small:
+    X, y, Xv, yv = digits_data(seed)
     k = 10
     lam = DIGITS_LAMBDA
-    W, H = _digits_newton(X, y, k, lam)
+    W, H = digits_newton(X, y, k, lam)
     Pv = _softmax(Xv @ W)
     Pv[np.arange(len(yv)), yv] -= 1.0
     gval = (Xv.T @ Pv / len(yv)).ravel()
@@ -197,13 +210,15 @@ def _softmax(Z: np.ndarray) -> np.ndarray:
     return E / E.sum(1, keepdims=True)
 
 
-def _digits_newton(X: np.ndarray, y: np.ndarray, k: int, lam: float) -> tuple[Any, Any]:
+def digits_newton(
+    X: np.ndarray, y: np.ndarray, k: int, lam: float, W0: np.ndarray | None = None
+) -> tuple[Any, Any]:
     """Newton's method with the dense Hessian (640 x 640) to the rounding floor; returns the
     solution and the Hessian there. The first steps, far from the solution, need not halve
     the gradient norm; near it (below 1e-8 of the start) it stops once the norm no longer
-    halves (quadratic convergence has reached the floor)."""
+    halves (quadratic convergence has reached the floor). ``W0``: the start (default 0)."""
     n, d = X.shape
-    W = np.zeros((d, k))
+    W = np.zeros((d, k)) if W0 is None else W0.copy()
     previous = start = math.inf
     for _ in range(50):
         P = _softmax(X @ W)
@@ -212,7 +227,10 @@ def _digits_newton(X: np.ndarray, y: np.ndarray, k: int, lam: float) -> tuple[An
         grad = (X.T @ G / n + lam * W).ravel()
         # H[(a,c),(b,e)] = 1/n sum_i x_ia x_ib (p_ic delta_ce - p_ic p_ie) + lambda delta
         M = P[:, :, None] * (np.eye(k)[None] - P[:, None, :])
-        H = np.einsum("ia,ice,ib->acbe", X, M, X, optimize=True).reshape(d * k, d * k) / n
+        # as one matrix product (x_i x_i^T flattened) @ M_i flattened: BLAS, not einsum loops
+        XX = (X[:, :, None] * X[:, None, :]).reshape(n, d * d)
+        H4 = (XX.T @ M.reshape(n, k * k)).reshape(d, d, k, k)
+        H = H4.transpose(0, 2, 1, 3).reshape(d * k, d * k) / n
         H[np.diag_indices_from(H)] += lam
         norm = float(np.linalg.norm(grad))
         start = norm if start == math.inf else start
