@@ -96,6 +96,29 @@ def test_quick_run_implicit_rows(quick):
     assert fd and all(r["rel_error"] < 1e-5 for r in fd)
     errors = [t for t in data["targets"] if "rel. error" in t["what"]]
     assert len(errors) == 4 and all(t["met"] for t in errors)
+    jaxopt = [r for r in rows if r["implementation"] == "jaxopt cg"]
+    if bench_core.peer("jaxopt").available:  # checked against the exact answer, and timed
+        assert len(jaxopt) == 4
+        assert all(r["agree"] is True and r["rel_error"] <= 1e-9 for r in jaxopt)
+        assert all(r["median_s"] > 0 and "compile" in r["note"] for r in jaxopt)
+    else:
+        assert not jaxopt and any("jaxopt cg: missing" in n for n in data["notes"])
+
+
+def test_quick_run_small_implicit_rows(quick):
+    _, data = quick
+    rows = _rows(data, "implicit-small")
+    names = {(r["data"], r["implementation"]) for r in rows}
+    expected = {
+        ("ridge 10x3", n) for n in ("closed form", "bilevel cg", "bilevel dense", "bilevel lbfgs")
+    } | {("digits", "bilevel cg")}
+    if bench_core.peer("jaxopt").available:
+        expected |= {("ridge 10x3", "jaxopt cg"), ("ridge 10x3", "jaxopt LBFGS")}
+        expected |= {("digits", "jaxopt cg")}
+    assert names == expected
+    assert all(r["agree"] is True and r["rel_error"] <= 1e-9 for r in rows)
+    ridge = [r for r in rows if r["data"] == "ridge 10x3"]
+    assert all(r["ratio_to_closed_form"] > 0 for r in ridge)
 
 
 def test_quick_run_maml_rows(quick):

@@ -386,7 +386,8 @@ def _version(dist: str) -> str:
 
 
 def peer(name: str) -> Peer:
-    """Detect a peer (``higher``, ``torchopt``, ``jaxopt``) once (import errors become a note)."""
+    """Detect the peer ``higher``, ``torchopt`` or ``jaxopt`` once (import errors become a
+    note; ``jaxopt`` is missing when either it or ``jax`` does not import)."""
     if name in _PEERS:
         return _PEERS[name]
     try:
@@ -397,6 +398,8 @@ def peer(name: str) -> Peer:
         found = Peer(name, True, _version(name))
         if name == "torchopt":
             found.note = _torchopt_backend()
+        elif name == "jaxopt":
+            found.note = f"jax {_version('jax')}, jaxlib {_version('jaxlib')}; jit, x64"
     _PEERS[name] = found
     return found
 

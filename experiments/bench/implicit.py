@@ -30,7 +30,7 @@ from torch import Tensor
 
 import bilevel.implicit
 
-from . import core
+from . import core, implicit_small, jaxopt_peer
 from .children import run_child
 from .core import Impl, peer
 from .report import STANDARD_COLUMNS, Report, log, standard_cells
@@ -321,36 +321,22 @@ def torchopt_impl(problem: Problem, solve: Any) -> Callable[[], Tensor]:
     return run
 
 
-def jaxopt_impl(problem: Problem) -> Callable[[], Tensor] | None:
-    """JAXopt's implicit differentiation of the same problem (jitted, float64, CPU)."""
-    import jax
-    import jax.numpy as jnp
-    from jaxopt import implicit_diff, linear_solve
+JAXOPT = "jaxopt cg"
 
-    jax.config.update("jax_enable_x64", True)
-    (dtrain, s_tr), (dval, s_val) = problem.train, problem.val
-    if dtrain.X is None or dval.X is None:
-        return None  # row-sparse designs: not ported
-    X, s, Xv, sv = (jnp.asarray(t.detach().cpu().numpy()) for t in (dtrain.X, s_tr, dval.X, s_val))
-    h0 = jnp.asarray(problem.h.detach().cpu().numpy())
-    w0 = jnp.asarray(problem.w_star.detach().cpu().numpy())
 
-    def inner(w: Any, h: Any) -> Any:
-        return jax.nn.softplus(-s * (X @ w)).mean() + 0.5 * (jnp.exp(h) * w * w).sum()
-
-    def solve(matvec: Any, b: Any, **kw: Any) -> Any:
-        return linear_solve.solve_cg(matvec, b, tol=TOL, maxiter=10 * w0.size)
-
-    @implicit_diff.custom_root(jax.grad(inner), solve=solve)
-    def solution(init: Any, h: Any) -> Any:
-        return init  # the precomputed minimiser, as given to every implementation
-
-    hypergrad = jax.jit(jax.grad(lambda h: jax.nn.softplus(-sv * (Xv @ solution(w0, h))).mean()))
-
-    def run() -> Tensor:
-        return torch.from_numpy(np.asarray(hypergrad(h0).block_until_ready()).copy())
-
-    return run
+def jaxopt_impls(problem: Problem, notes: list[str]) -> list[Impl]:
+    """JAXopt's hypergradient at ``w*`` (jitted, x64, ``solve_cg`` at ``TOL``), compiled here;
+    a note says why it is absent (missing, or JAX has no such device)."""
+    j = jaxopt_peer.peer()
+    if not j.available:
+        notes.append(f"{JAXOPT}: missing ({j.note})")
+        return []
+    why = jaxopt_peer.device_mismatch(problem.w_star.device)
+    if why is not None:
+        notes.append(f"{JAXOPT} skipped: {why}")
+        return []
+    run = jaxopt_peer.logistic_given_solution(problem, TOL)
+    return [Impl(JAXOPT, run, note=f"custom_root + solve_cg(tol={TOL:g}), jit; {run.note}")]
 
 
 def tutorial_dense_impl(problem: Problem) -> Callable[[], Tensor]:
@@ -446,21 +432,7 @@ def implicit_impls(
                 note="solve_normal_cg(), rtol=1e-5",
             )
         )
-    j = peer("jaxopt")
-    if j.available:
-        run_j = jaxopt_impl(problem)
-        if run_j is not None:
-            impls.append(
-                Impl(
-                    "jaxopt cg",
-                    run_j,
-                    note=f"implicit_diff.custom_root + solve_cg(tol={TOL:g}), jit, x64",
-                )
-            )
-        else:
-            notes.append("jaxopt skipped: row-sparse designs are not ported to JAX")
-    else:
-        notes.append(f"jaxopt missing: {j.note}")
+    impls.extend(jaxopt_impls(problem, notes))
     need = dense_bytes(problem.p, n_h)
     if need <= dense_max_bytes:
         impls.append(
@@ -567,15 +539,18 @@ def run_implicit(s: Settings, report: Report) -> None:
                         ),
                     }
                 )
+            if not jaxopt_peer.peer().available:
+                table.append(
+                    {"data": name, "h": hname, **jaxopt_peer.missing_cells(JAXOPT), "peak RSS": "-"}
+                )
     cols = ["data", "h", *STANDARD_COLUMNS[:-1], "peak RSS", "note"]
-    report.tables.append(
-        core.format_table(
-            table,
-            cols,
-            "== implicit: L2-regularised logistic regression, hypergradient w.r.t. log L2 weights given w* "
-            "(rel.err vs the exact closed-form Hessian solve; linear solves at tol 1e-12) ==",
-        )
+    main_table = core.format_table(
+        table,
+        cols,
+        "== implicit: L2-regularised logistic regression, hypergradient w.r.t. log L2 weights given w* "
+        "(rel.err vs the exact closed-form Hessian solve; linear solves at tol 1e-12) ==",
     )
+    report.tables.append(main_table + "\n\n" + implicit_small.run_small(s, report))
 
 
 def _implicit_memory(s: Settings, problem: Any, p: int, per_feature: bool) -> dict[str, Any]:

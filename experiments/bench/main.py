@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
-from . import core, implicit, maml, memory, unroll
+from . import core, implicit, jaxopt_peer, maml, memory, unroll
 from .children import measure_rss
 from .report import Report, targets_table
-from .settings import PROG, Settings, UsageError, build_parser, settings_from
+from .settings import PEERS, PROG, Settings, UsageError, build_parser, settings_from
 
 
 def child_main(spec: dict[str, Any]) -> int:
@@ -28,7 +28,7 @@ def child_main(spec: dict[str, Any]) -> int:
 def environment(s: Settings) -> dict[str, Any]:
     import bilevel
 
-    peers = [core.peer(n) for n in ("higher", "torchopt", "jaxopt")]
+    peers = [core.peer(n) for n in PEERS]
     return {
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(s: Settings) -> int:
     import warnings
 
+    jaxopt_peer.configure(s.threads)  # before JAX's backend starts (environment imports it)
     env = environment(s)
     print(header(env), flush=True)
     report = Report(s)

@@ -13,8 +13,9 @@ import torch
 
 from . import core
 
-DESCRIPTION = "speed and memory of bilevel's hypergradients against higher and TorchOpt"
+DESCRIPTION = "speed and memory of bilevel's hypergradients against higher, TorchOpt and JAXopt"
 PROBLEMS = ("unroll", "memory", "implicit", "maml")
+PEERS = ("higher", "torchopt", "jaxopt")  # the optional peer libraries, in the header's order
 PROG = "python -m experiments bench"
 
 
