@@ -80,6 +80,12 @@ def derive_seed(seed: int, *keys: Any) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
 
+def warn(message: str) -> None:
+    """One ``warning:`` line on stderr (rank 0 only): legal but degenerate input or results."""
+    if distributed.is_main():
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 def nonfinite_values(tree: Any, prefix: str = "") -> list[tuple[str, float]]:
     """``(path, value)`` of every NaN or infinite float (or tensor element) in ``tree``.
 
