@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     module = load_experiment(args.experiment)
     previous_threads = torch.get_num_threads()
-    started = False
+    started = clean = False
     # on every rank but 0 of a torchrun launch, messages are left to rank 0
     say = functools.partial(print, file=sys.stderr) if distributed.is_main() else _silent
     try:
@@ -229,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         # usage errors, step limits and interrupts happen at the same point on every rank;
         # any other failure ends this rank at once so the others do not wait for it
         with distributed.fail_fast(expected=(UsageError, Interrupted, Stopped, Diverged)):
-            return _run(module, args)
+            code = _run(module, args)
+            clean = True
+            return code
     except UsageError as exc:
         say(f"{PROG} {args.experiment}: error: {exc}")
         return 2
@@ -252,8 +254,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         torch.set_num_threads(previous_threads)
-        if started:
+        if started and clean:
             distributed.shutdown()
+        elif started:
+            # every rank meets an exception that gets here at the same point; tearing gloo
+            # down then races with the other rank's exit and can abort it ("terminate called
+            # without an active exception"): wait for each other and leave the group to exit
+            distributed.barrier()
 
 
 def _silent(*args: Any, **kwargs: Any) -> None:

@@ -400,3 +400,48 @@ def test_non_finite_final_metrics_exit_3(capsys, monkeypatch, tmp_path):
     # the summary is kept (NaN as null) and printed: the record of what happened
     assert json.loads((out / "summary.json").read_text())["table"][0]["val_loss"] is None
     assert "nan" in captured.out
+
+
+MAML = ["maml", "--quick", "--methods", "maml-1", "--outer-steps", "3", *FAST]
+
+
+def test_a_nonfinite_meta_gradient_stops_naming_the_method_and_step(capsys, tmp_path):
+    code = main([*MAML, "--inner-lr", "1e30", "--out", str(tmp_path / "r")])
+    line = one_line(capsys, code, expected_code=3)
+    assert "maml-1: the meta-gradient of outer step 1 is not finite" in line
+    assert "--skip-nonfinite" in line
+
+
+def test_skip_nonfinite_counts_and_a_method_with_every_step_skipped_fails(
+    capsys, monkeypatch, tmp_path
+):
+    import experiments.maml as maml
+
+    real = maml.meta_value_and_grad
+    calls = {"n": 0}
+
+    def second_call_nan(params, tasks, cfg):
+        calls["n"] += 1
+        loss, grads = real(params, tasks, cfg)
+        if calls["n"] == 2:
+            grads = {k: g * float("nan") for k, g in grads.items()}
+        return loss, grads
+
+    monkeypatch.setattr(maml, "meta_value_and_grad", second_call_nan)
+    out = tmp_path / "r"
+    assert main([*MAML, "--skip-nonfinite", "--out", str(out)]) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in rows if r["phase"] == "maml-1"] == [0, 1, 0]
+    assert json.loads((out / "summary.json").read_text())["results"]["maml-1"]["skipped_steps"] == 1
+    monkeypatch.undo()
+    capsys.readouterr()
+    code = main([*MAML, "--inner-lr", "1e30", "--skip-nonfinite", "--out", str(tmp_path / "s")])
+    line = one_line(capsys, code, expected_code=3)
+    assert "all 3 meta-steps were skipped" in line
+
+
+def test_a_meta_batch_that_cannot_fit_is_refused_with_the_estimate(capsys, tmp_path):
+    code = main([*MAML, "--meta-batch", "100000000", "--out", str(tmp_path / "r")])
+    line = one_line(capsys, code)
+    assert "a meta-step needs about" in line and "TiB" in line and "available" in line
+    assert not (tmp_path / "r").exists()  # refused up front, before the run started
