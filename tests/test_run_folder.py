@@ -445,3 +445,49 @@ def test_a_meta_batch_that_cannot_fit_is_refused_with_the_estimate(capsys, tmp_p
     line = one_line(capsys, code)
     assert "a meta-step needs about" in line and "TiB" in line and "available" in line
     assert not (tmp_path / "r").exists()  # refused up front, before the run started
+
+
+# --------------------------------------------------------------------------- resume anywhere
+
+_REFERENCE: dict[str, Path] = {}
+
+
+def _reference(tmp_path_factory) -> Path:
+    if "ref" not in _REFERENCE:
+        out = tmp_path_factory.mktemp("ref") / "r"
+        assert main([*TINY, "--outer-steps", "4", "--out", str(out)]) == 0
+        _REFERENCE["ref"] = out
+    return _REFERENCE["ref"]
+
+
+def _rows(out: Path) -> list[dict]:
+    strip = lambda d: {k: v for k, v in d.items() if not k.endswith(("_s", "_ms"))}  # noqa: E731
+    return [strip(json.loads(x)) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@settings(
+    max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    stops=st.lists(st.integers(1, 7), min_size=1, max_size=2, unique=True).map(sorted),
+    every=st.sampled_from([0, 1, 3]),
+    torn=st.booleans(),
+)
+def test_resume_at_random_interruption_points_is_exact(
+    capsys, tmp_path_factory, stops, every, torn
+):
+    ref = _reference(tmp_path_factory)
+    total = len(_rows(ref))
+    out = tmp_path_factory.mktemp("stop") / "r"
+    args = [*TINY, "--outer-steps", "4", "--checkpoint-every", str(every), "--out", str(out)]
+    resume = []
+    for stop in [s for s in stops if s < total]:
+        assert main([*args, *resume, "--max-outer-steps", str(stop)]) == 0
+        if torn:  # what a kill leaves: metrics lines after the checkpoint, a torn last one
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write('{"phase": "x", "step": 99}\n{"pha')
+        resume = ["--resume"]
+    assert main([*args, *resume]) == 0
+    capsys.readouterr()
+    assert summary(out) == summary(ref)
+    assert _rows(out) == _rows(ref)
