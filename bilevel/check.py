@@ -182,10 +182,11 @@ def hypergradcheck(
         directions = directions.to(value.device)
         numeric, analytic = [], []
         for d in directions:
+            # the differences need no graph (and an unroll told nothing requires grad warns)
             with torch.no_grad():
                 plus = {**point, name: value + eps * d}
                 minus = {**point, name: value - eps * d}
-            numeric.append((evaluate(plus) - evaluate(minus)).detach() / (2 * eps))
+                numeric.append((evaluate(plus) - evaluate(minus)).detach() / (2 * eps))
             analytic.append((analytic_full[name] * d).sum())
         num, ana = torch.stack(numeric), torch.stack(analytic)
         diff = (ana - num).abs()

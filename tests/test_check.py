@@ -86,10 +86,13 @@ def _ridge_outer(dtype, wrong=False):
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(20, 5, generator=g).to(dtype), torch.randn(20, generator=g).to(dtype)
 
-    def outer(h):
+    def inner(p, h):
         l2 = WrongBackward.apply(h["l2"].sqrt()) if wrong else h["l2"]
+        return ((x @ p["w"] - y) ** 2).mean() + l2 * (p["w"] ** 2).sum()
+
+    def outer(h):
         result = bilevel.unroll(
-            lambda p, h: ((x @ p["w"] - y) ** 2).mean() + l2 * (p["w"] ** 2).sum(),
+            inner,
             {"w": torch.zeros(5, dtype=dtype)},
             h,
             bilevel.optim.sgd(lr=0.05),

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor
 
 from bilevel.unroll.result import NonFiniteLossError
 from bilevel.unroll.step import in_functorch_transform
+
+
+def _raise_non_finite_params(params: Mapping[str, Tensor]) -> None:
+    bad = [k for k, p in params.items() if not bool(torch.isfinite(p).all())]
+    raise NonFiniteLossError(
+        f"the final params {bad} are not finite although every inner loss is: the gradient "
+        "of the last step is NaN or infinite (a non-differentiable point, e.g. sqrt or norm "
+        "at 0, or an overflow); pass check_finite=False to skip this check"
+    )
 
 
 def _raise_non_finite(losses: Tensor, offset: int = 0) -> None:
@@ -36,11 +47,31 @@ class FiniteChecker:
             raise ValueError(f"check_finite must be a bool or a positive int, got {check_finite!r}")
         self.checked = 0
 
-    def __call__(self, losses: list[Tensor], done: int, final: bool = False) -> None:
-        if not self.every or self.checked >= done or in_functorch_transform():
+    def __call__(
+        self,
+        losses: list[Tensor],
+        done: int,
+        final: bool = False,
+        params: Mapping[str, Tensor] | None = None,
+    ) -> None:
+        """Check the losses not checked yet (every ``every`` steps, and at the ``final``
+        call); at the final call also ``params``, the result, in the same synchronisation:
+        a finite last loss can come with a NaN last gradient."""
+        if not self.every or in_functorch_transform():
             return  # under vmap a check would branch on batched values: skipped
-        if final or done - self.checked >= self.every:
-            chunk = torch.stack(losses[self.checked : done])
-            if not bool(torch.isfinite(chunk).all()):
+        fresh = self.checked < done and (final or done - self.checked >= self.every)
+        with_params = final and params is not None
+        if not fresh and not with_params:
+            return
+        chunk = torch.stack(losses[self.checked : done]) if fresh else None
+        flags = [] if chunk is None else [torch.isfinite(chunk).all()]
+        if with_params:
+            assert params is not None
+            flags += [torch.isfinite(p).all() for p in params.values()]
+        if not bool(torch.stack(flags).all()):
+            if chunk is not None and not bool(torch.isfinite(chunk).all()):
                 _raise_non_finite(chunk, self.checked)
+            assert params is not None
+            _raise_non_finite_params(params)
+        if fresh:
             self.checked = done
