@@ -80,6 +80,14 @@ def test_an_error_on_one_rank_only_is_printed_with_its_rank(tmp_path):
     assert "Traceback" not in logs and "Connection closed" not in logs, logs
 
 
+def test_every_rank_prints_its_own_error_prefixed_with_its_rank(tmp_path):
+    codes, _, logs = launch("fail", tmp_path)  # test_distributed's worker: rank 1 raises
+    assert all(c not in (0, None) for c in codes), logs
+    rank1 = (tmp_path / "log1.txt").read_text()
+    assert "[rank 1/2] ValueError: deliberate failure on rank 1" in rank1, logs
+    assert "[rank 0/2] " in (tmp_path / "log0.txt").read_text(), logs  # its own, prefixed
+
+
 if __name__ == "__main__":
     scenario, out = sys.argv[1], Path(sys.argv[2])
     run = {"maml_nan": _maml_nan_on_rank_1, "csv_rank0": _csv_only_on_rank_0}[scenario]
