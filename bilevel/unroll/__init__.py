@@ -51,7 +51,7 @@ from bilevel.unroll.preflight import (
     first_batch_cached,
     warn_if_graph_will_not_fit,
 )
-from bilevel.unroll.ranges import check_tensor_ranges
+from bilevel.unroll.ranges import tensor_range_check
 from bilevel.unroll.result import NonFiniteLossError, UnrollResult
 from bilevel.unroll.step import Carry, InnerLoss, InnerStep, call_loss, in_functorch_transform
 from bilevel.unroll.validation import (
@@ -138,8 +138,9 @@ def unroll(
     requires grad it warns (and runs without a graph). In ``"reverse"`` and ``"truncated"``
     modes it warns when the bytes the first step saved for backward, times the steps kept,
     exceed half of the available memory. With ``check_finite`` on, tensor hyperparameters
-    are range-checked once at the start (one synchronisation), the final params are checked
-    with the losses, and ``"checkpoint"`` mode raises if data or a captured tensor was
+    are range-checked (queued at the start and read with the first finiteness check, so no
+    synchronisation of its own; the range error comes before the NaN it would cause), the
+    final params are checked with the losses, and ``"checkpoint"`` mode raises if data or a captured tensor was
     modified in place between the forward pass and ``backward()``.
 
     Returns:
@@ -177,8 +178,10 @@ def unroll(
     persistent: tuple[Any, ...] = ()
     no_graph = False
     if not in_functorch_transform():  # under vmap: no graph to walk, no value to branch on
-        if check_finite is not False:
-            check_tensor_ranges(optimizer, hparams)
+        ranges = tensor_range_check(optimizer, hparams)
+        if ranges is not None:
+            # queued now, read with the first finiteness check: no synchronisation of its own
+            checker.add_pending(ranges)
         batch_at, first_batch = first_batch_cached(batch_at)
         first = FirstStep(
             inner_loss,

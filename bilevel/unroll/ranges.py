@@ -46,18 +46,39 @@ def _bounds(optimizer: Any, setting: str) -> tuple[float, float, bool] | None:
     return (low, own[1], own[2] and table[2])
 
 
-def check_tensor_ranges(optimizer: Any, hparams: Mapping[str, Any]) -> None:
-    """Raise ``ValueError`` naming the setting when a tensor value is outside its range.
+class RangeCheck:
+    """The range check of every tensor setting, queued on the device: ``ok`` is a 0-d bool
+    tensor (no synchronisation yet), :meth:`raise_error` explains a violation."""
 
-    Example:
-        >>> import torch, bilevel
-        >>> opt = bilevel.optim.adam(betas=(0.9, torch.tensor(1.5)))
-        >>> try:
-        ...     check_tensor_ranges(opt, {"lr": torch.tensor(0.1)})
-        ... except ValueError as exc:
-        ...     print(exc)
-        adam: hyperparameter 'betas[1]' (a tensor) has values up to 1.5, outside [0.0, 1.0)
-    """
+    def __init__(self, optimizer: Any, checks: list[tuple[str, Tensor, tuple[float, float, bool]]]):
+        self.optimizer = optimizer
+        self.checks = checks
+        self.bad = torch.stack(
+            [
+                (t.isnan() | (t < low) | (t > high) | ((t == high) & (not inclusive))).any()
+                for _, t, (low, high, inclusive) in checks
+            ]
+        )
+        self.ok = ~self.bad.any()
+
+    def raise_error(self) -> None:
+        """Raise ``ValueError`` naming the first setting out of range (synchronises)."""
+        for (label, t, (low, high, inclusive)), is_bad in zip(self.checks, self.bad.tolist()):
+            if not is_bad:
+                continue
+            name = getattr(self.optimizer, "name", type(self.optimizer).__name__)
+            interval = f"[{low}, {high}{']' if inclusive else ')'}"
+            if bool(t.isnan().any()):
+                raise ValueError(f"{name}: hyperparameter {label!r} (a tensor) contains NaN")
+            lo, hi = float(t.min()), float(t.max())
+            where = f"values down to {lo:g}" if lo < low else f"values up to {hi:g}"
+            raise ValueError(
+                f"{name}: hyperparameter {label!r} (a tensor) has {where}, outside {interval}"
+            )
+
+
+def tensor_range_check(optimizer: Any, hparams: Mapping[str, Any]) -> RangeCheck | None:
+    """The :class:`RangeCheck` of the optimizer's tensor settings (None: no tensor setting)."""
     checks: list[tuple[str, Tensor, tuple[float, float, bool]]] = []
     flags = set(getattr(optimizer, "flags", ()))
     for setting in getattr(optimizer, "defaults", {}):
@@ -73,26 +94,22 @@ def check_tensor_ranges(optimizer: Any, hparams: Mapping[str, Any]) -> None:
             for leaf in tree_flatten(part)[0]:
                 if isinstance(leaf, Tensor) and leaf.is_floating_point() and leaf.numel():
                     checks.append((label, leaf.detach(), bounds))
-    if not checks:
-        return
-    bad = torch.stack(
-        [
-            (t.isnan() | (t < low) | (t > high) | ((t == high) if not inclusive else t.isnan()))
-            .any()
-            .to(checks[0][1].device)
-            for _, t, (low, high, inclusive) in checks
-        ]
-    )
-    flags_bad = bad.tolist()  # the one synchronisation
-    for (label, t, (low, high, inclusive)), is_bad in zip(checks, flags_bad):
-        if not is_bad:
-            continue
-        name = getattr(optimizer, "name", type(optimizer).__name__)
-        interval = f"[{low}, {high}{']' if inclusive else ')'}"
-        if bool(t.isnan().any()):
-            raise ValueError(f"{name}: hyperparameter {label!r} (a tensor) contains NaN")
-        lo, hi = float(t.min()), float(t.max())
-        where = f"values down to {lo:g}" if lo < low else f"values up to {hi:g}"
-        raise ValueError(
-            f"{name}: hyperparameter {label!r} (a tensor) has {where}, outside {interval}"
-        )
+    return RangeCheck(optimizer, checks) if checks else None
+
+
+def check_tensor_ranges(optimizer: Any, hparams: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` naming the setting when a tensor value is outside its range
+    (one synchronisation; ``unroll`` instead rides on its first finiteness check).
+
+    Example:
+        >>> import torch, bilevel
+        >>> opt = bilevel.optim.adam(betas=(0.9, torch.tensor(1.5)))
+        >>> try:
+        ...     check_tensor_ranges(opt, {"lr": torch.tensor(0.1)})
+        ... except ValueError as exc:
+        ...     print(exc)
+        adam: hyperparameter 'betas[1]' (a tensor) has values up to 1.5, outside [0.0, 1.0)
+    """
+    check = tensor_range_check(optimizer, hparams)
+    if check is not None and not bool(check.ok):
+        check.raise_error()
