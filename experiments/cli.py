@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -234,33 +235,37 @@ def main(argv: list[str] | None = None) -> int:
             return code
     except UsageError as exc:
         say(f"{PROG} {args.experiment}: error: {exc}")
-        return 2
+        code = 2
     except Diverged as exc:
         say(f"{PROG} {args.experiment}: error: {exc}")
-        return 3
+        code = 3
     except OSError as exc:  # the run folder cannot be written: disk full, read-only, ...
-        say(
-            f"{PROG} {args.experiment}: error: {describe_os_error(exc)}; {_resume_hint(getattr(args, 'out_folder', None))}"
-        )
-        return 2
+        hint = _resume_hint(getattr(args, "out_folder", None))
+        say(f"{PROG} {args.experiment}: error: {describe_os_error(exc)}; {hint}")
+        code = 2
     except Interrupted as exc:
         say(f"{PROG} {args.experiment}: {exc}")
-        return 130
+        code = 130
     except Stopped as exc:
         say(f"{PROG} {args.experiment}: {exc}")
-        return 0
+        code = 0
     except KeyboardInterrupt:
         say(f"{PROG} {args.experiment}: aborted (no checkpoint saved for the current step)")
-        return 130
+        code = 130
     finally:
         torch.set_num_threads(previous_threads)
         if started and clean:
             distributed.shutdown()
-        elif started:
-            # every rank meets an exception that gets here at the same point; tearing gloo
-            # down then races with the other rank's exit and can abort it ("terminate called
-            # without an active exception"): wait for each other and leave the group to exit
-            distributed.barrier()
+    if started:
+        # every rank meets an exception that gets here at the same point. Tearing gloo down,
+        # or leaving it to the interpreter's exit, races with the other ranks' exits and can
+        # abort this one ("terminate called without an active exception"): wait for each
+        # other, then leave at once, as fail_fast does
+        distributed.barrier()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _silent(*args: Any, **kwargs: Any) -> None:
@@ -311,7 +316,8 @@ def _setup(module: ModuleType, args: argparse.Namespace) -> dict[str, Any]:
     if len(failed) == len(errors) and len(set(errors)) == 1:
         raise UsageError(failed[0][1])  # the same on every rank: rank 0 says it once
     message = "; ".join(f"[rank {r}/{len(errors)}] {e}" for r, e in failed)
-    print(f"{PROG} {args.experiment}: error: {message}", file=sys.stderr, flush=True)
+    if not distributed.is_main():  # rank 0 prints it with every other usage error
+        print(f"{PROG} {args.experiment}: error: {message}", file=sys.stderr, flush=True)
     raise UsageError(message)
 
 
