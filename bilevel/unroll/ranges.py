@@ -3,13 +3,13 @@
 Python numbers are range-checked by the optimizer when it validates its settings; tensors
 are not (a check needs their values, so a synchronisation), and a negative learning rate,
 a momentum above 1 or ``beta2 = 1.5`` would run and end in NaNs far from the cause. Every
-tensor setting is checked here against the optimizer's own valid interval, all of them in one
-reduction and one transfer, and only when ``check_finite`` allows synchronising.
+tensor setting is checked here against the optimizer's own ``ranges``
+(:mod:`bilevel.optim.validation`), narrowed where ``torch.optim`` is looser than
+convergence allows, all in one reduction, read with ``unroll``'s finiteness check.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,61 +17,61 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
-# the valid interval of common settings, for an optimizer that does not declare its own
-DEFAULT_RANGES: dict[str, tuple[float, float, bool]] = {
-    "lr": (0.0, math.inf, True),
-    "momentum": (0.0, 1.0, True),
-    "dampening": (0.0, 1.0, True),
-    "betas": (0.0, 1.0, False),
-    "alpha": (0.0, 1.0, True),
-    "eps": (0.0, math.inf, True),
-    "weight_decay": (0.0, math.inf, True),
-    "lr_decay": (0.0, math.inf, True),
+from bilevel.optim.validation import Range
+
+# limits beyond those an optimizer declares for Python numbers (``torch.optim`` accepts any
+# momentum >= 0 but above 1 it diverges), for a tensor that nothing else checks
+EXTRA_RANGES: dict[str, Range] = {
+    "momentum": Range(0.0, 1.0),
+    "dampening": Range(0.0, 1.0),
+    "alpha": Range(0.0, 1.0),
 }
 
 
-def _bounds(optimizer: Any, setting: str) -> tuple[float, float, bool] | None:
-    """The optimizer's declared interval intersected with the table's (momentum above 1
-    diverges whatever an optimizer accepts from Python numbers)."""
-    declared = getattr(optimizer, "_number_range", None)
-    own = declared(setting) if callable(declared) else None
-    table = DEFAULT_RANGES.get(setting)
-    if own is None or table is None:
-        return own or table
-    low = max(own[0], table[0])
-    if own[1] < table[1]:
-        return (low, own[1], own[2])
-    if table[1] < own[1]:
-        return (low, table[1], table[2])
-    return (low, own[1], own[2] and table[2])
+def _intersect(a: Range | None, b: Range | None) -> Range | None:
+    if a is None or b is None:
+        return a or b
+    if a.low > b.low or (a.low == b.low and not a.low_inclusive):
+        low, low_inc = a.low, a.low_inclusive
+    else:
+        low, low_inc = b.low, b.low_inclusive
+    if a.high < b.high or (a.high == b.high and not a.high_inclusive):
+        high, high_inc = a.high, a.high_inclusive
+    else:
+        high, high_inc = b.high, b.high_inclusive
+    return Range(low, high, low_inc, high_inc)
+
+
+def _bounds(optimizer: Any, setting: str, label: str) -> Range | None:
+    """The optimizer's declared range of ``label`` (``"betas[1]"``) or ``setting``,
+    narrowed by :data:`EXTRA_RANGES`."""
+    declared = getattr(optimizer, "ranges", {}) or {}
+    own = declared.get(label, declared.get(setting))
+    return _intersect(own, EXTRA_RANGES.get(setting))
 
 
 class RangeCheck:
     """The range check of every tensor setting, queued on the device: ``ok`` is a 0-d bool
     tensor (no synchronisation yet), :meth:`raise_error` explains a violation."""
 
-    def __init__(self, optimizer: Any, checks: list[tuple[str, Tensor, tuple[float, float, bool]]]):
+    def __init__(self, optimizer: Any, checks: list[tuple[str, Tensor, Range]]):
         self.optimizer = optimizer
         self.checks = checks
-        self.bad = torch.stack(
-            [
-                (t.isnan() | (t < low) | (t > high) | ((t == high) & (not inclusive))).any()
-                for _, t, (low, high, inclusive) in checks
-            ]
-        )
+        self.bad = torch.stack([(~bounds.contains(t)).any() for _, t, bounds in checks])
         self.ok = ~self.bad.any()
 
     def raise_error(self) -> None:
         """Raise ``ValueError`` naming the first setting out of range (synchronises)."""
-        for (label, t, (low, high, inclusive)), is_bad in zip(self.checks, self.bad.tolist()):
+        for (label, t, bounds), is_bad in zip(self.checks, self.bad.tolist()):
             if not is_bad:
                 continue
             name = getattr(self.optimizer, "name", type(self.optimizer).__name__)
-            interval = f"[{low}, {high}{']' if inclusive else ')'}"
+            interval = str(bounds)
             if bool(t.isnan().any()):
                 raise ValueError(f"{name}: hyperparameter {label!r} (a tensor) contains NaN")
             lo, hi = float(t.min()), float(t.max())
-            where = f"values down to {lo:g}" if lo < low else f"values up to {hi:g}"
+            below = lo < bounds.low or (lo == bounds.low and not bounds.low_inclusive)
+            where = f"values down to {lo:g}" if below else f"values up to {hi:g}"
             raise ValueError(
                 f"{name}: hyperparameter {label!r} (a tensor) has {where}, outside {interval}"
             )
@@ -79,18 +79,18 @@ class RangeCheck:
 
 def tensor_range_check(optimizer: Any, hparams: Mapping[str, Any]) -> RangeCheck | None:
     """The :class:`RangeCheck` of the optimizer's tensor settings (None: no tensor setting)."""
-    checks: list[tuple[str, Tensor, tuple[float, float, bool]]] = []
+    checks: list[tuple[str, Tensor, Range]] = []
     flags = set(getattr(optimizer, "flags", ()))
     for setting in getattr(optimizer, "defaults", {}):
         if setting in flags:
-            continue
-        bounds = _bounds(optimizer, setting)
-        if bounds is None:
             continue
         value = optimizer.raw(setting, hparams)
         parts = list(enumerate(value)) if isinstance(value, (tuple, list)) else [(None, value)]
         for i, part in parts:
             label = setting if i is None else f"{setting}[{i}]"
+            bounds = _bounds(optimizer, setting, label)
+            if bounds is None:
+                continue
             for leaf in tree_flatten(part)[0]:
                 if isinstance(leaf, Tensor) and leaf.is_floating_point() and leaf.numel():
                     checks.append((label, leaf.detach(), bounds))
