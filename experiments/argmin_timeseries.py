@@ -26,6 +26,7 @@ and of the naive last-value forecast.
 from __future__ import annotations
 
 import csv
+import datetime
 import gzip
 import io
 import math
@@ -43,7 +44,7 @@ import bilevel
 
 from . import plot
 from .options import Option, positive_float, positive_int
-from .run import Run, UsageError
+from .run import Run, UsageError, warn
 
 DESCRIPTION = (
     "the tutorial's CNN encoder / ridge-regression argmin layer (learned regularization) / "
@@ -96,13 +97,92 @@ OPTIONS = [
 
 
 _CSV_CACHE: dict[tuple[str, float, int], dict[str, list[float]]] = {}
+# the date formats accepted; one file uses one of them throughout
+DATE_FORMATS = ("%Y-%m-%d", "%Y/%m/%d", "%Y%m%d", "%d.%m.%Y", "%m/%d/%Y", "%d/%m/%Y")
+# a Close value farther than this from its series' median, in units of the series' median
+# absolute deviation (at least 1e-3 of the median), is a data error, not a price
+OUTLIER_DEVIATIONS = 1e6
+
+
+def _parse_dates(path: str, dates: list[tuple[int, str]]) -> list[datetime.date]:
+    """``dates`` (line, text) parsed in the one format that reads them all."""
+    texts = [t for _, t in dates]
+    try:  # ISO dates: the common case, fast
+        return [datetime.date.fromisoformat(t) for t in texts]
+    except ValueError:
+        pass
+    readers = []
+    for fmt in DATE_FORMATS:
+        try:
+            readers.append((fmt, [datetime.datetime.strptime(t, fmt).date() for t in texts]))
+        except ValueError:
+            continue
+    if len(readers) > 1 and any(r[1] != readers[0][1] for r in readers[1:]):
+        raise UsageError(
+            f"--csv {path}: the Date column is ambiguous (it reads as "
+            f"{' and as '.join(f for f, _ in readers)}); write dates as YYYY-MM-DD"
+        )
+    if readers:
+        return readers[0][1]
+    # no single format reads every date: name a line of each format met
+    first_fmt = next((f for f in DATE_FORMATS if _reads(dates[0][1], f)), None)
+    if first_fmt is None:
+        line, text = dates[0]
+        raise UsageError(f"--csv {path}: line {line}: Date {text!r} is not a date (YYYY-MM-DD)")
+    line, text = next((ln, t) for ln, t in dates if not _reads(t, first_fmt))
+    raise UsageError(
+        f"--csv {path}: the Date column mixes formats (line {dates[0][0]}: {dates[0][1]!r}, "
+        f"line {line}: {text!r}); write every date in one format, e.g. YYYY-MM-DD"
+    )
+
+
+def _reads(text: str, fmt: str) -> bool:
+    try:
+        datetime.datetime.strptime(text, fmt)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_series(path: str, name: str, rows: list[tuple[datetime.date, float, int]]) -> None:
+    """A duplicated date or an impossible outlier is an error; a constant series a warning."""
+    seen: dict[datetime.date, int] = {}
+    for date, _, line in rows:
+        if date in seen:
+            raise UsageError(
+                f"--csv {path}: series {name!r} has two rows for {date} (lines {seen[date]} and "
+                f"{line}); keep one"
+            )
+        seen[date] = line
+    values = torch.tensor([v for _, v, _ in rows], dtype=torch.float64)
+    median = values.median()
+    spread = (values - median).abs()
+    floor = (1e-3 * median.abs()).clamp_min(torch.finfo(torch.float64).tiny)
+    mad = torch.maximum(spread.median(), floor)
+    worst = int(spread.argmax())
+    if float(spread[worst] / mad) > OUTLIER_DEVIATIONS:
+        date, value, line = rows[worst]
+        raise UsageError(
+            f"--csv {path}: line {line}: Close value {value:g} of series {name!r} ({date}) is "
+            f"off its series' median {float(median):g} by {float(spread[worst] / mad):.1e} "
+            "median deviations: a data error; fix or remove the row"
+        )
+    if bool((values == values[0]).all()) and len(rows) > 1:
+        warn(
+            f"--csv {path}: series {name!r} is constant ({float(values[0]):g}): every window of "
+            "it normalizes to zeros and teaches nothing"
+        )
 
 
 def read_stock_csv(path: str) -> dict[str, list[float]]:
     """Close prices per Name, ordered by Date, from the tutorial's CSV format (gzip allowed).
 
-    Empty Close cells are skipped; a missing column, a non-numeric value, or an unreadable
-    file raises :class:`UsageError` with a one-line message naming the problem.
+    Empty Close cells are skipped. A missing column, a row with too many or too few fields
+    (an unquoted decimal comma such as ``12,5`` adds one), a non-numeric or non-finite value,
+    dates in more than one format (or ambiguous between day-first and month-first), two rows
+    of one series on one date, a value impossibly far from the rest of its series, or an
+    unreadable file raises :class:`UsageError` with a one-line message naming the problem;
+    a constant series is kept with a warning, and a file of constant series only is refused.
     """
     try:
         st = os.stat(path)
@@ -130,13 +210,18 @@ def read_stock_csv(path: str) -> dict[str, list[float]]:
             f"--csv {path}: missing column(s) {', '.join(missing)}; expected {', '.join(COLUMNS)}"
         )
     i_date, i_close, i_name = header.index("Date"), header.index("Close"), header.index("Name")
-    rows: dict[str, list[tuple[str, float]]] = {}
+    records: list[tuple[int, str, str, float]] = []
     for line, rec in enumerate(reader, start=2):
         if not rec:
             continue
-        if len(rec) < len(header):
+        if len(rec) != len(header):
+            hint = (
+                " (an unquoted decimal comma such as 12,5? quote the field or write 12.5)"
+                if len(rec) > len(header)
+                else ""
+            )
             raise UsageError(
-                f"--csv {path}: line {line} has {len(rec)} fields, expected {len(header)}"
+                f"--csv {path}: line {line} has {len(rec)} fields, expected {len(header)}{hint}"
             )
         close = rec[i_close].strip()
         if close == "":
@@ -149,10 +234,20 @@ def read_stock_csv(path: str) -> dict[str, list[float]]:
             ) from None
         if not math.isfinite(value):
             raise UsageError(f"--csv {path}: line {line}: Close value {close!r} is not finite")
-        rows.setdefault(rec[i_name].strip(), []).append((rec[i_date].strip(), value))
-    if not rows:
+        records.append((line, rec[i_name].strip(), rec[i_date].strip(), value))
+    if not records:
         raise UsageError(f"--csv {path}: no rows with a Close value")
-    series = {name: [v for _, v in sorted(vals)] for name, vals in sorted(rows.items())}
+    dates = _parse_dates(path, [(line, d) for line, _, d, _ in records])
+    rows: dict[str, list[tuple[datetime.date, float, int]]] = {}
+    for (line, name, _, value), date in zip(records, dates):
+        rows.setdefault(name, []).append((date, value, line))
+    series = {}
+    for name, vals in sorted(rows.items()):
+        vals.sort(key=lambda r: r[0])
+        _check_series(path, name, vals)
+        series[name] = [v for _, v, _ in vals]
+    if all(len(set(v)) <= 1 for v in series.values()):
+        raise UsageError(f"--csv {path}: every series is constant: there is nothing to learn")
     _CSV_CACHE[key] = series
     return series
 
@@ -192,9 +287,17 @@ def windows(
         segs = v.unfold(0, size, stride)  # (num, size)
         starts = torch.arange(segs.shape[0]) * stride
         ends = starts + size
+        # divide by the window's largest magnitude first: the statistics below are
+        # scale-free, and prices near 1e306 would overflow the squares of the std
+        big = segs.abs().amax(1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+        segs = segs / big
         x, y = segs[:, :base], segs[:, base:]
         last = x[:, -1:]
-        scale = x.std(1, keepdim=True).clamp_min(1e-6 * last.abs().clamp_min(1.0))
+        scale = (
+            x.std(1, keepdim=True)
+            .clamp_min(1e-6 * last.abs())
+            .clamp_min(torch.finfo(torch.float64).tiny)
+        )
         x, y = (x - last) / scale, (y - last) / scale
         for name, mask in (
             ("train", ends <= int(0.7 * n)),

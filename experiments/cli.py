@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -16,8 +17,20 @@ import torch
 from bilevel import distributed
 
 from . import EXPERIMENTS
+from .io import describe_os_error
+from .lock import FolderBusy, RunFolderLock
 from .options import add_options, choice, nonneg_int, positive_int, resolve
-from .run import Interrupted, Run, Stopped, UsageError, format_table
+from .run import (
+    CHECKPOINT,
+    Diverged,
+    Interrupted,
+    Run,
+    Stopped,
+    UsageError,
+    format_table,
+    nonfinite_values,
+    read_json_file,
+)
 
 PROG = f"python -m {__package__}"
 # intra-op threads of every experiment unless --threads says otherwise: at the bundled sizes
@@ -96,7 +109,8 @@ def _add_shared(parser: argparse.ArgumentParser, default_dtype: str) -> None:
     g.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace an existing run in --out instead of refusing",
+        help="replace an existing run in --out instead of refusing (its *.json, *.jsonl, *.pt "
+        "and *.png files are deleted first)",
     )
     g.add_argument(
         "--checkpoint-every",
@@ -261,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     module = load_experiment(args.experiment)
     previous_threads = torch.get_num_threads()
-    started = False
+    started = clean = False
     # on every rank but 0 of a torchrun launch, messages are left to rank 0
     say = functools.partial(print, file=sys.stderr) if distributed.is_main() else _silent
     try:
@@ -271,24 +285,43 @@ def main(argv: list[str] | None = None) -> int:
         say = functools.partial(print, file=sys.stderr) if distributed.is_main() else _silent
         # usage errors, step limits and interrupts happen at the same point on every rank;
         # any other failure ends this rank at once so the others do not wait for it
-        with distributed.fail_fast(expected=(UsageError, Interrupted, Stopped)):
-            return _run(module, args)
+        with distributed.fail_fast(expected=(UsageError, Interrupted, Stopped, Diverged)):
+            code = _run(module, args)
+            clean = True
+            return code
     except UsageError as exc:
         say(f"{PROG} {args.experiment}: error: {exc}")
-        return 2
+        code = 2
+    except Diverged as exc:
+        say(f"{PROG} {args.experiment}: error: {exc}")
+        code = 3
+    except OSError as exc:  # the run folder cannot be written: disk full, read-only, ...
+        hint = _resume_hint(getattr(args, "out_folder", None))
+        say(f"{PROG} {args.experiment}: error: {describe_os_error(exc)}; {hint}")
+        code = 2
     except Interrupted as exc:
         say(f"{PROG} {args.experiment}: {exc}")
-        return 130
+        code = 130
     except Stopped as exc:
         say(f"{PROG} {args.experiment}: {exc}")
-        return 0
+        code = 0
     except KeyboardInterrupt:
         say(f"{PROG} {args.experiment}: aborted (no checkpoint saved for the current step)")
-        return 130
+        code = 130
     finally:
         torch.set_num_threads(previous_threads)
-        if started:
+        if started and clean:
             distributed.shutdown()
+    if started:
+        # every rank meets an exception that gets here at the same point. Tearing gloo down,
+        # or leaving it to the interpreter's exit, races with the other ranks' exits and can
+        # abort this one ("terminate called without an active exception"): wait for each
+        # other, then leave at once, as fail_fast does
+        distributed.barrier()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _silent(*args: Any, **kwargs: Any) -> None:
@@ -318,15 +351,65 @@ def default_out(experiment: str, quick: bool, preset: str | None = None) -> Path
     return Path("runs") / f"{experiment}{suffix}"
 
 
-def _check_out(args: argparse.Namespace, out: Path) -> tuple[str, str | None]:
+def _resume_hint(out: Path | None) -> str:
+    if out is not None and (out / CHECKPOINT).exists():
+        return (
+            f"the last checkpoint in {out} is intact: fix this, then continue with the same "
+            "command and --resume"
+        )
+    return "nothing to resume from: fix this, then run the command again"
+
+
+def _setup(module: ModuleType, args: argparse.Namespace) -> dict[str, Any]:
+    """The run's configuration, validated on every rank; in a distributed run the ranks'
+    verdicts are gathered, so that an error met by one rank only (a file that rank cannot
+    read) is reported by every rank, prefixed with the rank that met it."""
+    error: str | None = None
+    cfg: dict[str, Any] = {}
+    try:
+        cfg = run_config(module, args)
+        if hasattr(module, "validate"):
+            module.validate(cfg)
+    except UsageError as exc:
+        if not distributed.is_distributed():
+            raise
+        error = str(exc)
+    if not distributed.is_distributed():
+        return cfg
+    errors: list[str | None] = [None] * distributed.world_size()
+    torch.distributed.all_gather_object(errors, error)
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if not failed:
+        return cfg
+    if len(failed) == len(errors) and len(set(errors)) == 1:
+        raise UsageError(failed[0][1])  # the same on every rank: rank 0 says it once
+    message = "; ".join(f"[rank {r}/{len(errors)}] {e}" for r, e in failed)
+    if not distributed.is_main():  # rank 0 prints it with every other usage error
+        print(f"{PROG} {args.experiment}: error: {message}", file=sys.stderr, flush=True)
+    raise UsageError(message)
+
+
+def _check_out(
+    args: argparse.Namespace, out: Path, lock: RunFolderLock | None
+) -> tuple[str, str | None]:
     """Whether the run folder can be used: ``("go", None)``, ``("finished", None)`` (a
-    finished run on --resume) or ``("usage", message)``."""
+    finished run on --resume) or ``("usage", message)``. Takes the folder's lock first."""
     try:
         if out.exists() and not out.is_dir():
             raise UsageError(f"--out {out}: exists and is not a folder")
+        if lock is not None:
+            try:
+                lock.acquire()
+            except FolderBusy as exc:
+                raise UsageError(f"--out {exc}") from None
+            except OSError as exc:
+                raise UsageError(
+                    f"--out {out}: {describe_os_error(exc)}; {_resume_hint(out)}"
+                ) from None
         if args.resume:
-            if not (out / "checkpoint.pt").exists():
+            if not (out / CHECKPOINT).exists():
                 if (out / "summary.json").exists():
+                    read_json_file(out / "summary.json", dict, "the finished run's summary")
                     return "finished", None
                 raise UsageError(
                     f"--resume: no checkpoint in {out}; start the run without --resume"
@@ -342,27 +425,36 @@ def _check_out(args: argparse.Namespace, out: Path) -> tuple[str, str | None]:
 
 
 def _run(module: ModuleType, args: argparse.Namespace) -> int:
-    import json
-
-    cfg = run_config(module, args)
-    if hasattr(module, "validate"):
-        module.validate(cfg)
+    cfg = _setup(module, args)
     out: Path = (
         args.out
         if args.out is not None
         else default_out(args.experiment, args.quick, getattr(args, "preset", None))
     )
-    # rank 0 alone reads the folder and decides, so that every rank acts the same
-    verdict, message = distributed.broadcast_object(
-        _check_out(args, out) if distributed.is_main() else None
-    )
-    if verdict == "usage":
-        raise UsageError(message)
-    if verdict == "finished":
-        if distributed.is_main():
-            print(f"{out} holds a finished run; nothing to resume. Its summary:")
-            _print_summary(json.loads((out / "summary.json").read_text()), out)
-        return 0
+    # rank 0 alone locks and reads the folder and decides, so that every rank acts the same
+    # (the other ranks share rank 0's lock: they never write the folder)
+    lock = RunFolderLock(out) if distributed.is_main() else None
+    try:
+        verdict, message = distributed.broadcast_object(
+            _check_out(args, out, lock) if distributed.is_main() else None
+        )
+        if verdict == "usage":
+            raise UsageError(message)
+        if verdict == "finished":
+            if distributed.is_main():
+                print(f"{out} holds a finished run; nothing to resume. Its summary:")
+                _print_summary(read_json_file(out / "summary.json", dict, "summary"), out)
+            return 0
+        args.out_folder = out
+        return _run_locked(module, args, cfg, out)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(
+    module: ModuleType, args: argparse.Namespace, cfg: dict[str, Any], out: Path
+) -> int:
     torch.set_num_threads(args.threads or DEFAULT_THREADS)
     run = Run(
         name=args.experiment,
@@ -394,9 +486,17 @@ def _run(module: ModuleType, args: argparse.Namespace) -> int:
     }
     from .io import atomic_write_json
 
+    # NaN / inf would be written as null: a diverged run must not pass for a result
+    bad = nonfinite_values({k: v for k, v in summary.items() if k != "config"})
     if run.writer:
         atomic_write_json(out / "summary.json", summary)
     run.finished()
     if run.writer:
         _print_summary(summary, out)
+    if bad:
+        shown = ", ".join(f"{k}={v}" for k, v in bad[:4]) + (", ..." if len(bad) > 4 else "")
+        raise Diverged(
+            f"{len(bad)} final metric(s) are not finite ({shown}): the run diverged; "
+            f"summary.json records them as null. Try a smaller step size"
+        )
     return 0

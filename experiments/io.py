@@ -7,6 +7,9 @@ moved over the target with :func:`os.replace`, so a crash or a kill never leaves
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import io
 import json
 import math
 import os
@@ -26,6 +29,9 @@ def _umask() -> int:
 _MODE = 0o666 & ~_umask()  # what open() would give; mkstemp alone gives 0600
 
 
+TMP_SUFFIX = ".tmp"
+
+
 class CheckpointError(Exception):
     """A checkpoint file cannot be read back (truncated, not a checkpoint, wrong format)."""
 
@@ -40,17 +46,50 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         b'abc'
     """
     target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=TMP_SUFFIX)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(target)) from None
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            _write_all(f, data, target)
         os.chmod(tmp, _MODE)
         os.replace(tmp, target)
+    except OSError as exc:
+        _remove_quietly(tmp)
+        # name the file being written, not the temporary that was its first draft
+        raise OSError(exc.errno, exc.strerror, str(target)) from None
     except BaseException:
         _remove_quietly(tmp)
         raise
+
+
+def _write_all(f: Any, data: bytes, target: Path) -> None:
+    """Write, flush and fsync: the one place bytes reach the disk (tests inject faults here)."""
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[str]:
+    """Delete the temporaries (``.NAME.*.tmp``) that a killed writer left in ``folder``.
+
+    Only call it while holding the folder's lock: another writer's temporary is not stale.
+    Returns the names removed.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp()); (d / ".checkpoint.pt.x1.tmp").write_bytes(b"")
+        0
+        >>> remove_stale_temporaries(d)
+        ['.checkpoint.pt.x1.tmp']
+    """
+    removed = []
+    for entry in sorted(Path(folder).glob(f".*{TMP_SUFFIX}")):
+        if entry.is_file():
+            _remove_quietly(str(entry))
+            removed.append(entry.name)
+    return removed
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
@@ -89,24 +128,61 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, sort_keys=False) + "\n")
 
 
+def _serialize(obj: Any) -> bytes:
+    # in memory first: torch.save on a full disk raises a RuntimeError about zip offsets
+    # ("unexpected pos ..."), while a plain write raises OSError(ENOSPC) that names the cause
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
 def save_checkpoint(path: str | os.PathLike[str], obj: dict[str, Any]) -> None:
-    """``torch.save`` ``obj`` to ``path`` atomically.
+    """``torch.save`` ``obj`` to ``path`` atomically (a plain torch file, e.g. final weights).
 
     ``obj`` must hold only what ``torch.load(..., weights_only=True)`` reads back: tensors,
     numbers, strings, None, and dicts / lists / tuples of them.
     """
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    atomic_write_bytes(path, _serialize(obj))
+
+
+VERIFIED_FORMAT = "bilevel-checkpoint-sha256"
+
+
+def save_verified_checkpoint(path: str | os.PathLike[str], obj: dict[str, Any]) -> None:
+    """Save ``obj`` with the SHA-256 of its serialized bytes, in one atomically written file.
+
+    The file is a torch file holding ``{"format", "sha256", "payload"}``, ``payload`` being
+    the bytes of ``torch.save(obj)`` as a uint8 tensor: the hash and the content it covers
+    are written (and replaced) together, so they cannot disagree after a crash. Read it
+    back with :func:`load_verified_checkpoint`, which refuses a modified file.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "c.pt"
+        >>> save_verified_checkpoint(p, {"w": torch.ones(2)})
+        >>> load_verified_checkpoint(p)["w"]
+        tensor([1., 1.])
+    """
+    payload = _serialize(obj)
+    digest = hashlib.sha256(payload).hexdigest()
+    wrapper = {
+        "format": VERIFIED_FORMAT,
+        "sha256": digest,
+        "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8),
+    }
+    atomic_write_bytes(path, _serialize(wrapper))
+
+
+def _load(path: str | os.PathLike[str] | io.BytesIO, what: str) -> Any:
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _MODE)
-        os.replace(tmp, target)
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"no checkpoint at {what}") from None
+    except Exception as exc:  # torch raises many types for a corrupt file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"checkpoint {what} is unreadable or malformed ({first[:120]})"
+        ) from None
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -116,20 +192,69 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         CheckpointError: the file is missing, truncated, not a torch checkpoint, or holds
             something other than a dict.
     """
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"no checkpoint at {path}") from None
-    except Exception as exc:  # torch raises many types for a corrupt file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"checkpoint {path} is unreadable or malformed ({first[:120]})"
-        ) from None
+    obj = _load(path, str(path))
     if not isinstance(obj, dict):
         raise CheckpointError(
             f"checkpoint {path} is malformed: expected a dict, got {type(obj).__name__}"
         )
     return obj
+
+
+def load_verified_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_verified_checkpoint`, checking its hash.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable, not a verified checkpoint, or its
+            content does not match the SHA-256 recorded with it (modified or damaged).
+    """
+    wrapper = load_checkpoint(path)
+    payload = wrapper.get("payload")
+    digest = wrapper.get("sha256")
+    if (
+        wrapper.get("format") != VERIFIED_FORMAT
+        or not isinstance(digest, str)
+        or not isinstance(payload, torch.Tensor)
+        or payload.dtype != torch.uint8
+    ):
+        raise CheckpointError(
+            f"checkpoint {path} is malformed: not a checkpoint written by this program "
+            "(no content hash)"
+        )
+    data = payload.numpy().tobytes()
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise CheckpointError(
+            f"checkpoint {path} fails its content check (SHA-256 mismatch): it was modified "
+            "or damaged after it was written"
+        )
+    obj = _load(io.BytesIO(data), str(path))
+    if not isinstance(obj, dict):
+        raise CheckpointError(
+            f"checkpoint {path} is malformed: expected a dict, got {type(obj).__name__}"
+        )
+    return obj
+
+
+_CAUSES = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exhausted",
+    errno.EFBIG: "the file-size limit was reached (ulimit -f)",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+}
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line saying which file could not be written or read, and why.
+
+    Example:
+        >>> describe_os_error(OSError(errno.ENOSPC, "No space left on device", "runs/x/a.json"))
+        'cannot write runs/x/a.json: No space left on device (the disk is full)'
+    """
+    name = exc.filename if exc.filename is not None else "a file of the run folder"
+    cause = _CAUSES.get(exc.errno or -1)
+    text = exc.strerror or str(exc)
+    return f"cannot write {name}: {text}" + (f" ({cause})" if cause else "")
 
 
 def _remove_quietly(path: str) -> None:

@@ -189,7 +189,8 @@ class Problem:
         n = self.cfg["eval_runs"]
         for e in range(n):
             try:
-                result = self.train(hp, self.run.rng("eval", e), mode="first_order")
+                with torch.no_grad():  # an evaluation: no hypergradient wanted
+                    result = self.train(hp, self.run.rng("eval", e), mode="first_order")
             except bilevel.NonFiniteLossError:
                 return {
                     "val_loss": None,

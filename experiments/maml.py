@@ -47,11 +47,12 @@ import bilevel.linalg
 import bilevel.optim
 import bilevel.solvers
 from bilevel import distributed
+from bilevel._memory import available_bytes, format_bytes
 
 from . import plot
 from .io import save_checkpoint
 from .options import Option, choice_list, int_list, positive_float, positive_int
-from .run import Run
+from .run import Diverged, Run, UsageError
 
 DESCRIPTION = (
     "few-shot sinusoid regression: MAML (1 and 5 steps), first-order MAML and iMAML, tasks "
@@ -92,6 +93,56 @@ OPTIONS = [
         "monitor_tasks", 100, quick=50, type=positive_int, help="validation tasks of the estimate"
     ),
 ]
+# what fraction of the available memory a run may plan to use
+MEMORY_FRACTION = 0.8
+
+
+def add_arguments(parser: Any) -> None:
+    parser.add_argument(
+        "--skip-nonfinite",
+        action="store_true",
+        help="skip (and count) a meta-step whose meta-gradient is not finite instead of "
+        "stopping; a method whose steps were all skipped still fails",
+    )
+
+
+def memory_estimate(cfg: dict[str, Any], dtype_bytes: int) -> int:
+    """Bytes a meta-step needs at its peak, whole batch in one process (an upper estimate).
+
+    Per task and adaptation step, the vmapped inner loop keeps the adapted weights, their
+    gradient and the step's update (3 copies of the 1761 weights) and, per support or query
+    point, the two hidden layers' activations and their ReLU masks and gradients (4 x 81
+    values); the held-out evaluation keeps one step's worth per test task.
+    """
+    weights = sum(p.numel() for p in MODEL.parameters())
+    steps = max(
+        [
+            cfg["imaml_steps"] + cfg["cg_steps"] if m == "imaml" else int(m.split("-")[1])
+            for m in cfg["methods"]
+        ]
+        + [1]
+    )
+    per_point = 4 * 81
+    train = cfg["meta_batch"] * steps * (3 * weights + per_point * (cfg["shots"] + cfg["queries"]))
+    test = cfg["test_tasks"] * (3 * weights + per_point * (cfg["shots"] + cfg["test_points"]))
+    monitor = (
+        cfg["monitor_tasks"] * steps * (3 * weights + per_point * (cfg["shots"] + cfg["queries"]))
+    )
+    return int(max(train, test, monitor) * dtype_bytes)
+
+
+def validate(cfg: dict[str, Any]) -> None:
+    """Refuse a configuration whose meta-step cannot fit in memory, before allocating it."""
+    need = memory_estimate(cfg, torch.finfo(getattr(torch, cfg["dtype"])).bits // 8)
+    device = torch.device(cfg["device"])
+    have = available_bytes(device)
+    if have is not None and need > MEMORY_FRACTION * have:
+        raise UsageError(
+            f"--meta-batch {cfg['meta_batch']} / --test-tasks {cfg['test_tasks']}: a meta-step "
+            f"needs about {format_bytes(need)}, more than the {format_bytes(have)} available on "
+            f"{device.type}; lower --meta-batch (or the task counts)"
+        )
+
 
 # Finn et al. 2017 (sinusoid regression, section 5.1): 70,000 meta-steps of Adam (lr 1e-3) on
 # meta-batches of 25 tasks, K = 10 shots, one adaptation step of SGD with lr 0.01 during
@@ -317,15 +368,18 @@ def per_task_values(fn: Any, params: dict[str, Tensor], tasks: Task) -> Tensor:
 
 def mean_value_and_grad(
     value_and_grad: Any, tasks: Task, like: dict[str, Tensor]
-) -> tuple[Tensor, dict[str, Tensor]]:
+) -> tuple[Tensor, dict[str, Tensor], list[int]]:
     """``value_and_grad(tasks)`` of a mean over tasks, for a batch split across processes.
 
     Each process evaluates its block; one all-reduce sums the blocks weighted by their
     task counts, which gives the mean over the whole batch on every process. In one
-    process: ``value_and_grad(tasks)`` itself.
+    process: ``value_and_grad(tasks)`` itself. Also returns the ranks whose own block gave
+    a non-finite loss or gradient (``[0]`` or ``[]`` in one process), found in the same
+    all-reduce: after it, one rank's NaN is everybody's and could not be traced back.
     """
     if not distributed.is_distributed():
-        return value_and_grad(tasks)
+        loss, grads = value_and_grad(tasks)
+        return loss, grads, [] if _finite(loss, grads) else [0]
     n = tasks[0].shape[0]
     local = _local(tasks)
     m = local[0].shape[0]
@@ -335,8 +389,24 @@ def mean_value_and_grad(
         loss = torch.zeros((), dtype=tasks[0].dtype, device=tasks[0].device)
         grads = {k: torch.zeros_like(v) for k, v in like.items()}
     w = m / n
-    return distributed.all_reduce_sum(
-        (loss.detach() * w, {k: g.detach() * w for k, g in grads.items()})
+    bad = torch.zeros(distributed.world_size(), dtype=loss.dtype, device=loss.device)
+    bad[distributed.rank()] = float(not _finite(loss, grads))
+    loss, grads, bad = distributed.all_reduce_sum(
+        (loss.detach() * w, {k: g.detach() * w for k, g in grads.items()}, bad)
+    )
+    return loss, grads, [r for r, b in enumerate(bad.tolist()) if b > 0]
+
+
+def _finite(loss: Tensor, grads: dict[str, Tensor]) -> bool:
+    return bool(torch.isfinite(loss)) and all(bool(torch.isfinite(g).all()) for g in grads.values())
+
+
+def _nonfinite_step(cfg: dict[str, Any], method: str, k: int, ranks: list[int]) -> str:
+    where = f" on rank {', '.join(map(str, ranks))}" if distributed.is_distributed() else ""
+    return (
+        f"{method}: the meta-gradient of outer step {k + 1} is not finite{where} (the "
+        f"adaptation diverged: lower --inner-lr {cfg['inner_lr']:g}); pass --skip-nonfinite to "
+        "skip such steps and count them"
     )
 
 
@@ -409,7 +479,9 @@ def run(run: Run, cfg: dict[str, Any]) -> dict[str, Any]:
             return loss.detach(), dict(zip(params, grads))
 
         state["outer"].zero_grad()
-        loss, grads = mean_value_and_grad(value_and_grad, tasks, params)
+        loss, grads, bad = mean_value_and_grad(value_and_grad, tasks, params)
+        if bad:
+            raise Diverged(_nonfinite_step(cfg, "pretrained", k, bad))
         for name, p in params.items():
             p.grad = grads[name]
         state["outer"].step()
@@ -434,24 +506,38 @@ def run(run: Run, cfg: dict[str, Any]) -> dict[str, Any]:
             )
             params = state["params"]
             detached = {k_: v.detach() for k_, v in params.items()}
-            loss, grads = mean_value_and_grad(
+            loss, grads, bad = mean_value_and_grad(
                 lambda block: meta_value_and_grad(detached, block, mcfg), tasks, detached
             )
             state["outer"].zero_grad()
-            finite = bool(torch.isfinite(loss)) and all(
-                bool(torch.isfinite(g).all()) for g in grads.values()
-            )
-            if finite:  # a rare non-finite meta-gradient is skipped, not applied
+            finite = not bad
+            if not finite and not cfg.get("skip_nonfinite"):
+                raise Diverged(_nonfinite_step(cfg, method, k, bad))
+            if finite:
                 for name, p in params.items():
                     p.grad = grads[name].detach()
                 state["outer"].step()
+            else:  # --skip-nonfinite: not applied, counted
+                state["skipped"] += 1
             return {
                 "train_loss": float(loss) if finite else None,
                 "skipped": int(not finite),
                 **outer_estimate(state, k, mcfg),
             }
 
-        results[method] = run.phase(method, cfg["outer_steps"], init, step, finish)
+        def finish_method(state: dict[str, Any], method: str = method) -> dict[str, Any]:
+            if state["skipped"] == cfg["outer_steps"]:
+                raise Diverged(
+                    f"{method}: all {cfg['outer_steps']} meta-steps were skipped (non-finite "
+                    "meta-gradients): the method never left its initialisation; lower "
+                    f"--inner-lr {cfg['inner_lr']:g}"
+                )
+            return {**finish(state), "skipped_steps": state["skipped"]}
+
+        def init_method() -> dict[str, Any]:
+            return {**init(), "skipped": 0}
+
+        results[method] = run.phase(method, cfg["outer_steps"], init_method, step, finish_method)
 
     if run.writer:
         final = {m: {k: v.cpu() for k, v in res["params"].items()} for m, res in results.items()}

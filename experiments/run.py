@@ -41,8 +41,9 @@ from .io import (
     CheckpointError,
     atomic_write_json,
     atomic_write_text,
-    load_checkpoint,
-    save_checkpoint,
+    load_verified_checkpoint,
+    remove_stale_temporaries,
+    save_verified_checkpoint,
     to_jsonable,
 )
 
@@ -55,6 +56,10 @@ StepFn = Callable[[State, int], dict[str, Any]]
 
 class UsageError(Exception):
     """Bad options or input data: the CLI prints the message on one line and exits with 2."""
+
+
+class Diverged(Exception):
+    """The run produced non-finite values (a diverged method): the CLI exits with 3."""
 
 
 class Stopped(Exception):
@@ -74,6 +79,58 @@ def derive_seed(seed: int, *keys: Any) -> int:
     """
     text = json.dumps([seed, *[str(k) for k in keys]])
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+
+
+def warn(message: str) -> None:
+    """One ``warning:`` line on stderr (rank 0 only): legal but degenerate input or results."""
+    if distributed.is_main():
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def nonfinite_values(tree: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """``(path, value)`` of every NaN or infinite float (or tensor element) in ``tree``.
+
+    Example:
+        >>> nonfinite_values({"table": [{"loss": 1.0}, {"loss": float("nan")}]})
+        [('table[1].loss', nan)]
+    """
+    found: list[tuple[str, float]] = []
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            found += nonfinite_values(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            found += nonfinite_values(v, f"{prefix}[{i}]")
+    elif isinstance(tree, torch.Tensor) and tree.is_floating_point():
+        bad = ~torch.isfinite(tree.detach())
+        if bool(bad.any()):
+            found.append((prefix, float(tree.detach()[bad].flatten()[0])))
+    elif isinstance(tree, float) and not math.isfinite(tree):
+        found.append((prefix, tree))
+    return found
+
+
+def read_json_file(path: Path, kind: type, what: str) -> Any:
+    """``path`` parsed as JSON of type ``kind``, or a :class:`UsageError` naming the damage."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"--resume: {path} ({what}) is missing") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(
+            f"--resume: {path} ({what}) is damaged ({exc}); restore it, or start over with "
+            "--overwrite"
+        ) from None
+    if not isinstance(value, kind):
+        raise UsageError(
+            f"--resume: {path} ({what}) is damaged: expected a JSON {kind.__name__}, got "
+            f"{type(value).__name__}; restore it, or start over with --overwrite"
+        )
+    return value
+
+
+# files a run writes at the top of its folder; --overwrite deletes them
+RUN_FILES = ("*.json", "*.jsonl", "*.pt", "*.png")
 
 
 # -- RNG state ------------------------------------------------------------------------------
@@ -216,14 +273,20 @@ class Run:
         """Create or reopen the run folder; on resume, load and check the checkpoint."""
         if self.writer:
             self.out.mkdir(parents=True, exist_ok=True)
+            # the caller holds the folder's lock: a temporary here is a killed writer's
+            remove_stale_temporaries(self.out)
         seed_everything(self.seed)
         ckpt_path = self.out / CHECKPOINT
         if self.resume:
             try:
-                ckpt = load_checkpoint(ckpt_path)
+                ckpt = load_verified_checkpoint(ckpt_path)
             except CheckpointError as exc:
-                raise UsageError(f"--resume: {exc}; delete it to start over") from None
+                raise UsageError(
+                    f"--resume: {exc}; delete it to start over (--overwrite)"
+                ) from None
             self._check_resumable(ckpt)
+            if self.writer:
+                self._check_folder_files(ckpt)
             self._resume_from = ckpt
             self.results = _to_device(ckpt["results"], self.device)
             self.global_step = int(ckpt["global_step"])
@@ -233,9 +296,12 @@ class Run:
             else:
                 self._metric_lines = int(ckpt["metric_lines"])
         elif self.writer:
-            for stale in (ckpt_path, self.out / "metrics.jsonl", self.out / "summary.json"):
-                if stale.exists():
-                    stale.unlink()
+            # a new run (or --overwrite): nothing of an earlier run may remain beside it
+            if (self.out / "config.json").exists() or ckpt_path.exists():
+                for pattern in RUN_FILES:
+                    for stale in self.out.glob(pattern):
+                        if stale.is_file():
+                            stale.unlink()
             atomic_write_json(self.out / "config.json", self.config)
             (self.out / "metrics.jsonl").touch()
         if self.writer:
@@ -264,13 +330,45 @@ class Run:
                 "resume with the same options or use another --out"
             )
 
+    def _check_folder_files(self, ckpt: dict[str, Any]) -> None:
+        """Before any work: the files a resumed run reads or extends must be intact."""
+        config = read_json_file(self.out / "config.json", dict, "the run's options")
+        if config != json.loads(ckpt["config"]):
+            raise UsageError(
+                f"--resume: {self.out / 'config.json'} does not match the checkpoint's options "
+                "(edited by hand?); restore it, or start over with --overwrite"
+            )
+        summary = self.out / "summary.json"
+        if summary.exists():  # a kill between the summary and the checkpoint's removal
+            read_json_file(summary, dict, "the summary of a finished run")
+        path = self.out / "metrics.jsonl"
+        lines = int(ckpt["metric_lines"])
+        try:
+            kept = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        except FileNotFoundError:
+            kept = []
+        except UnicodeDecodeError as exc:
+            raise UsageError(
+                f"--resume: {path} is damaged ({exc}); start over with --overwrite"
+            ) from None
+        for number, line in enumerate(kept[:lines], start=1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if not isinstance(row, dict) or not line.endswith("\n"):
+                raise UsageError(
+                    f"--resume: {path} line {number} is damaged ({line.strip()[:40]!r}); "
+                    "restore it, or start over with --overwrite"
+                )
+
     def _truncate_metrics(self, lines: int) -> None:
         path = self.out / "metrics.jsonl"
         kept = path.read_text(encoding="utf-8").splitlines(keepends=True) if path.exists() else []
         if len(kept) < lines:
             raise UsageError(
                 f"--resume: {path} has {len(kept)} lines but the checkpoint expects {lines}; "
-                "the run folder is inconsistent, start over without --resume"
+                "the run folder is inconsistent, start over with --overwrite"
             )
         atomic_write_text(path, "".join(kept[:lines]))
         self._metric_lines = lines
@@ -415,7 +513,7 @@ class Run:
             return
         self._metrics_file.flush()
         os.fsync(self._metrics_file.fileno())
-        save_checkpoint(
+        save_verified_checkpoint(
             self.out / CHECKPOINT,
             {
                 "format": CHECKPOINT_FORMAT,

@@ -80,3 +80,46 @@ def test_bad_input():
         bilevel.hypergradcheck(lambda h: h["x"], {"x": 1.0})
     with pytest.raises(ValueError, match="scalar"):
         bilevel.hypergradcheck(lambda h: h["x"] * 2, {"x": torch.ones(2, dtype=DT)})
+
+
+def _ridge_outer(dtype, wrong=False):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(20, 5, generator=g).to(dtype), torch.randn(20, generator=g).to(dtype)
+
+    def inner(p, h):
+        l2 = WrongBackward.apply(h["l2"].sqrt()) if wrong else h["l2"]
+        return ((x @ p["w"] - y) ** 2).mean() + l2 * (p["w"] ** 2).sum()
+
+    def outer(h):
+        result = bilevel.unroll(
+            inner,
+            {"w": torch.zeros(5, dtype=dtype)},
+            h,
+            bilevel.optim.sgd(lr=0.05),
+            20,
+        )
+        return ((x @ result.params["w"] - y + 0.3) ** 2).mean()
+
+    return outer
+
+
+def test_float32_steps_and_tolerances_come_from_the_dtype():
+    h = {"l2": torch.tensor(0.1, dtype=torch.float32)}
+    report = bilevel.hypergradcheck(_ridge_outer(torch.float32), h)
+    # with float64's step (1e-6) the same correct gradient is 85% off and FAILS
+    assert not bilevel.hypergradcheck(_ridge_outer(torch.float32), h, eps=1e-6, rtol=1e-2)
+    assert report.passed, str(report)
+    assert report.dtype == torch.float32 and 1e-3 < report.eps < 1e-2
+    # float64 keeps its tight defaults
+    h64 = {"l2": torch.tensor(0.1, dtype=DT)}
+    r64 = bilevel.hypergradcheck(_ridge_outer(DT), h64)
+    assert r64.passed and (r64.eps, r64.rtol) == (1e-6, 1e-6)
+
+
+def test_a_wrong_float32_gradient_still_fails_and_the_report_suggests_float64():
+    h = {"l2": torch.tensor(0.1, dtype=torch.float32)}
+    report = bilevel.hypergradcheck(_ridge_outer(torch.float32, wrong=True), h)
+    assert not report.passed
+    assert "rerun the check in float64" in str(report)
+    h64 = {"l2": torch.tensor(0.1, dtype=DT)}
+    assert "float64" not in str(bilevel.hypergradcheck(_ridge_outer(DT, wrong=True), h64))

@@ -49,8 +49,13 @@ def fail_fast(
 def _die(err: BaseException, exit_code: int) -> None:
     try:
         traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
+        # the traceback's last line, again, prefixed: with several ranks' outputs
+        # interleaved on one console, each rank's own error stays attributable
+        text = str(err).strip().splitlines()[0] if str(err).strip() else ""
         sys.stderr.write(
-            f"[rank {rank()}/{world_size()}] failed; exiting so that the other ranks stop\n"
+            f"[rank {rank()}/{world_size()}] {type(err).__name__}"
+            + (f": {text[:300]}" if text else "")
+            + "; exiting so that the other ranks stop\n"
         )
         sys.stdout.flush()
         sys.stderr.flush()

@@ -32,6 +32,8 @@ existed; import the modules with ``from bilevel.unroll.forward import ...``.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -46,8 +48,15 @@ from bilevel.unroll.data import batch_source
 from bilevel.unroll.finite import FiniteChecker
 from bilevel.unroll.forward import forward_mode
 from bilevel.unroll.loop import Run, run_autograd
+from bilevel.unroll.preflight import (
+    FirstStep,
+    check_first_step,
+    first_batch_cached,
+    warn_if_graph_will_not_fit,
+)
+from bilevel.unroll.ranges import tensor_range_check
 from bilevel.unroll.result import NonFiniteLossError, UnrollResult
-from bilevel.unroll.step import Carry, InnerLoss, InnerStep, in_functorch_transform
+from bilevel.unroll.step import Carry, InnerLoss, InnerStep, call_loss, in_functorch_transform
 from bilevel.unroll.validation import (
     MODES,
     validate_mode,
@@ -75,6 +84,7 @@ def unroll(
     vectorize: bool | None = None,
     memory_budget: int | None = None,
     compiled: bool = False,
+    check_hparams: bool = True,
 ) -> UnrollResult:
     """Run ``steps`` optimizer steps on ``inner_loss``; the result is differentiable w.r.t.
     the hyperparameters.
@@ -119,6 +129,22 @@ def unroll(
         vectorize: in ``"forward"`` mode, batch the H tangent directions with ``vmap`` (True),
             or loop over them with core forward-mode AD (False: also for inner losses that
             ``vmap`` cannot batch). Default: batch when H > 2.
+        check_hparams: raise when an ``hparams`` key is read by neither the optimizer nor
+            ``inner_loss`` during the first step (a misspelling; the error names the closest
+            known name). Turn it off for keys that are read only at later steps.
+
+    Before the loop, the first step is run once eagerly (outside ``torch.func`` transforms,
+    random state restored) to give the same error in every mode for: an unread ``hparams``
+    key, a complex inner loss, an inner loss that does not depend on ``params``, and, in
+    ``"forward"`` and ``"checkpoint"`` modes, a tensor requiring grad that ``inner_loss`` or
+    a schedule function captures instead of reading it from ``hparams``. When nothing
+    requires grad it warns (and runs without a graph). In ``"reverse"`` and ``"truncated"``
+    modes it warns when the bytes the first step saved for backward, times the steps kept,
+    exceed half of the available memory. With ``check_finite`` on, tensor hyperparameters
+    are range-checked (queued at the start and read with the first finiteness check, so no
+    synchronisation of its own; the range error comes before the NaN it would cause), the
+    final params are checked with the losses, and ``"checkpoint"`` mode raises if data or a captured tensor was
+    modified in place between the forward pass and ``backward()``.
 
     Returns:
         An :class:`UnrollResult` with ``params``, ``state``, ``losses`` and ``buffers``.
@@ -152,21 +178,58 @@ def unroll(
     if state is None:
         state = optimizer.init(params, hparams)
     own_buffers = None if buffers is None else {k: v.detach() for k, v in buffers.items()}
-    run = Run(InnerStep(inner_loss, optimizer, hparams), steps, batch_at, checker)
+    persistent: tuple[Any, ...] = ()
+    no_graph = False
+    if not in_functorch_transform():  # under vmap: no graph to walk, no value to branch on
+        ranges = tensor_range_check(optimizer, hparams)
+        if ranges is not None:
+            # queued now, read with the first finiteness check: no synchronisation of its own
+            checker.add_pending(ranges)
+        batch_at, first_batch = first_batch_cached(batch_at)
+        first = FirstStep(
+            inner_loss,
+            params,
+            hparams,
+            optimizer,
+            state,
+            own_buffers,
+            first_batch,
+            mode,
+            steps,
+            truncate,
+            call_loss,
+            check_hparams,
+        )
+        report = check_first_step(first)
+        if torch.is_grad_enabled() and not report.differentiable:
+            warnings.warn(
+                f"unroll(mode={mode!r}): nothing in this unroll requires grad (no tensor in "
+                "hparams, in the optimizer's settings or in params does): the result is a "
+                "constant and backward() through it fails; make a hyperparameter a tensor "
+                "with requires_grad=True, or call unroll under torch.no_grad()",
+                stacklevel=2,
+            )
+            no_graph = True
+        if torch.is_grad_enabled():
+            warn_if_graph_will_not_fit(report, first)
+        persistent = tuple(report.persistent)
+    run = Run(InnerStep(inner_loss, optimizer, hparams), steps, batch_at, checker, persistent)
     carry = Carry(params, state, own_buffers)
-    if torch.is_grad_enabled():
-        if mode == "auto":
-            assert memory_budget is not None
-            choice, run = choose(run, carry, memory_budget)
-            options = _ModeOptions(None, choice.segments, vectorize)
-            result = _run_mode(run, carry, choice.mode, options)
-            result.auto = choice
-            return result
-        return _run_mode(run, carry, mode, _ModeOptions(truncate, segments, vectorize, compiled))
-    # without grad mode every mode is the same loop without graphs
-    return run_autograd(
-        run, carry, mode if mode in ("truncated", "first_order") else "reverse", truncate
-    )
+    with torch.no_grad() if no_graph else contextlib.nullcontext():
+        if torch.is_grad_enabled():
+            if mode == "auto":
+                assert memory_budget is not None
+                choice, run = choose(run, carry, memory_budget)
+                options = _ModeOptions(None, choice.segments, vectorize)
+                result = _run_mode(run, carry, choice.mode, options)
+                result.auto = choice
+                return result
+            options = _ModeOptions(truncate, segments, vectorize, compiled)
+            return _run_mode(run, carry, mode, options)
+        # without grad mode every mode is the same loop without graphs
+        return run_autograd(
+            run, carry, mode if mode in ("truncated", "first_order") else "reverse", truncate
+        )
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,13 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_flatten
 
 from bilevel.unroll.explicit import Explicit, join_state, split_state
 from bilevel.unroll.loop import Run, finish
 from bilevel.unroll.result import UnrollResult
 from bilevel.unroll.step import Carry, InnerLoss, InnerStep, autograd_step
+from bilevel.unroll.versions import check_versions, tensor_versions
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,9 @@ class Segment:
     buffers_in: dict[str, Tensor] | None
     batches: list[Any]
     start: int
+    # weak references and version counters of the tensors the segment reads besides its
+    # inputs (data, buffers, tensors captured by the inner loss), taken when it first runs
+    versions: tuple[Any, ...] = ()
 
     def run(
         self, tensors: Sequence[Tensor], n_p: int, n_s: int, create_graph: bool
@@ -78,6 +83,12 @@ class _CheckpointSegment(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, *grad_outputs: Tensor) -> Any:  # type: ignore[override]
         seg, n_p, n_s = ctx.seg, ctx.n_p, ctx.n_s
+        # an in-place change since the forward would make the recomputation differ silently
+        # (reverse mode gets autograd's own error for it): raise the same kind of error
+        check_versions(
+            list(seg.versions),
+            f"the checkpointed segment of steps {seg.start}-{seg.start + len(seg.batches) - 1}",
+        )
         inputs = [
             x.detach().requires_grad_(need)
             for x, need in zip(ctx.saved_tensors, ctx.needs_input_grad[4:])
@@ -103,6 +114,13 @@ class _CheckpointSegment(torch.autograd.Function):
         return (None, None, None, None, *[next(grads) if x.requires_grad else None for x in inputs])
 
 
+def _read_tensors(run: Run, batches: list[Any], buffers: Any) -> list[Tensor]:
+    alive = [t for ref in run.persistent if (t := ref()) is not None]
+    leaves = [x for x in tree_flatten((batches, buffers))[0] if isinstance(x, Tensor)]
+    unique = {id(t): t for t in [*alive, *leaves]}
+    return list(unique.values())
+
+
 def run_checkpoint(run: Run, carry: Carry, segments: int | None) -> UnrollResult:
     """The checkpointed unroll (grad mode on): ``segments`` segments, default ceil(sqrt(T))."""
     steps = run.steps
@@ -120,8 +138,9 @@ def run_checkpoint(run: Run, carry: Carry, segments: int | None) -> UnrollResult
             names=names,
             skeleton_in=tuple(skeleton_in),
             buffers_in=carry.buffers,
-            batches=[run.batch_at(t) for t in range(start, stop)],
+            batches=(batches := [run.batch_at(t) for t in range(start, stop)]),
             start=start,
+            versions=tuple(tensor_versions(_read_tensors(run, batches, carry.buffers))),
         )
         side = SegmentOutputs()
         out = _CheckpointSegment.apply(

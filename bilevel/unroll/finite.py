@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from bilevel.unroll.result import NonFiniteLossError
 from bilevel.unroll.step import in_functorch_transform
+
+
+def _raise_non_finite_params(params: Mapping[str, Tensor]) -> None:
+    bad = [k for k, p in params.items() if not bool(torch.isfinite(p).all())]
+    raise NonFiniteLossError(
+        f"the final params {bad} are not finite although every inner loss is: the gradient "
+        "of the last step is NaN or infinite (a non-differentiable point, e.g. sqrt or norm "
+        "at 0, or an overflow); pass check_finite=False to skip this check"
+    )
 
 
 def _raise_non_finite(losses: Tensor, offset: int = 0) -> None:
@@ -34,13 +46,50 @@ class FiniteChecker:
             self.every = check_finite
         else:
             raise ValueError(f"check_finite must be a bool or a positive int, got {check_finite!r}")
+        self.steps = steps
         self.checked = 0
+        # a pending check that rides on the first synchronisation (the hyperparameter ranges)
+        self.pending: Any = None
 
-    def __call__(self, losses: list[Tensor], done: int, final: bool = False) -> None:
-        if not self.every or self.checked >= done or in_functorch_transform():
+    def add_pending(self, check: Any) -> None:
+        """Check ``check.ok`` (a 0-d bool tensor, already queued on the device) with the
+        first synchronisation, and call ``check.raise_error()`` when it is False: the range
+        check of the hyperparameters costs no synchronisation of its own."""
+        if self.every:
+            self.pending = check
+
+    def __call__(
+        self,
+        losses: list[Tensor],
+        done: int,
+        final: bool = False,
+        params: Mapping[str, Tensor] | None = None,
+    ) -> None:
+        """Check the losses not checked yet (every ``every`` steps, and at the ``final``
+        call); at the final call also ``params``, the result, in the same synchronisation:
+        a finite last loss can come with a NaN last gradient."""
+        if not self.every or in_functorch_transform():
             return  # under vmap a check would branch on batched values: skipped
-        if final or done - self.checked >= self.every:
-            chunk = torch.stack(losses[self.checked : done])
-            if not bool(torch.isfinite(chunk).all()):
+        if not final and done >= self.steps:
+            return  # the final call checks the last losses together with the params
+        fresh = self.checked < done and (final or done - self.checked >= self.every)
+        with_params = final and params is not None
+        if not fresh and not with_params:
+            return
+        chunk = torch.stack(losses[self.checked : done]) if fresh else None
+        flags = [] if chunk is None else [torch.isfinite(chunk).all()]
+        if with_params:
+            assert params is not None
+            flags += [torch.isfinite(p).all() for p in params.values()]
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            flags.append(pending.ok.to(flags[0].device) if flags else pending.ok)
+        if not bool(torch.stack(flags).all()):
+            if pending is not None and not bool(pending.ok):
+                pending.raise_error()  # the cause (a hyperparameter out of range) first
+            if chunk is not None and not bool(torch.isfinite(chunk).all()):
                 _raise_non_finite(chunk, self.checked)
+            assert params is not None
+            _raise_non_finite_params(params)
+        if fresh:
             self.checked = done

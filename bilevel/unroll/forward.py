@@ -291,7 +291,7 @@ class _ForwardUnroll(torch.autograd.Function):
             state = tree_detach(state)
             losses.append(loss.detach())
             fwd.run.checker(losses, t + 1)
-        fwd.run.checker(losses, fwd.run.steps, final=True)
+        fwd.run.checker(losses, fwd.run.steps, final=True, params=params)
 
         side.state = state
         side.buffers = buffers

@@ -30,11 +30,14 @@ class Run:
     steps: int
     batch_at: Callable[[int], Any]
     checker: FiniteChecker
+    # tensors the first step read that outlive it (data, captured tensors): checkpoint
+    # recomputation checks their version counters
+    persistent: tuple[Any, ...] = ()
 
 
 def finish(run: Run, carry: Carry, losses: list[Tensor]) -> UnrollResult:
     """The last finiteness check and the result, with buffers that carry no graph."""
-    run.checker(losses, run.steps, final=True)
+    run.checker(losses, run.steps, final=True, params=carry.params)
     buffers = None if carry.buffers is None else tree_detach(carry.buffers)
     return UnrollResult(carry.params, carry.state, torch.stack(losses), buffers)
 

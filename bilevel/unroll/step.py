@@ -57,6 +57,11 @@ def check_loss(loss: Any, step: int) -> None:
             f"inner_loss must return a 0-d tensor (a scalar loss); at step {step} it returned "
             f"{shape}; reduce it, e.g. with .mean()"
         )
+    if loss.is_complex():
+        raise TypeError(
+            f"inner_loss returned a complex tensor ({loss.dtype}) at step {step}: a loss to "
+            "minimise must be real; return e.g. its .abs() ** 2 or its .real"
+        )
 
 
 def in_functorch_transform() -> bool:
