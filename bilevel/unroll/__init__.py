@@ -182,9 +182,10 @@ def unroll(
     no_graph = False
     if not in_functorch_transform():  # under vmap: no graph to walk, no value to branch on
         ranges = tensor_range_check(optimizer, hparams)
-        if ranges is not None:
-            # queued now, read with the first finiteness check: no synchronisation of its own
-            checker.add_pending(ranges)
+        if ranges is not None and check_finite is not False and not bool(ranges.ok):
+            # one documented synchronisation before any step: a negative lr or beta2 = 1.5
+            # fails here, not as NaNs at the end of a long run
+            ranges.raise_error()
         batch_at, first_batch = first_batch_cached(batch_at)
         first = FirstStep(
             inner_loss,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -48,15 +47,6 @@ class FiniteChecker:
             raise ValueError(f"check_finite must be a bool or a positive int, got {check_finite!r}")
         self.steps = steps
         self.checked = 0
-        # a pending check that rides on the first synchronisation (the hyperparameter ranges)
-        self.pending: Any = None
-
-    def add_pending(self, check: Any) -> None:
-        """Check ``check.ok`` (a 0-d bool tensor, already queued on the device) with the
-        first synchronisation, and call ``check.raise_error()`` when it is False: the range
-        check of the hyperparameters costs no synchronisation of its own."""
-        if self.every:
-            self.pending = check
 
     def __call__(
         self,
@@ -81,12 +71,7 @@ class FiniteChecker:
         if with_params:
             assert params is not None
             flags += [torch.isfinite(p).all() for p in params.values()]
-        pending, self.pending = self.pending, None
-        if pending is not None:
-            flags.append(pending.ok.to(flags[0].device) if flags else pending.ok)
         if not bool(torch.stack(flags).all()):
-            if pending is not None and not bool(pending.ok):
-                pending.raise_error()  # the cause (a hyperparameter out of range) first
             if chunk is not None and not bool(torch.isfinite(chunk).all()):
                 _raise_non_finite(chunk, self.checked)
             assert params is not None

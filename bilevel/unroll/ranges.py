@@ -5,7 +5,7 @@ are not (a check needs their values, so a synchronisation), and a negative learn
 a momentum above 1 or ``beta2 = 1.5`` would run and end in NaNs far from the cause. Every
 tensor setting is checked here against the optimizer's own ``ranges``
 (:mod:`bilevel.optim.validation`), narrowed where ``torch.optim`` is looser than
-convergence allows, all in one reduction, read with ``unroll``'s finiteness check.
+convergence allows, all in one reduction, read once before the first step (skipped with ``check_finite=False``).
 """
 
 from __future__ import annotations
