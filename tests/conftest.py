@@ -7,7 +7,11 @@ but missing is an error, not a skip, so a GPU run cannot pass by running nothing
 
 from __future__ import annotations
 
+import gzip
 import os
+from collections.abc import Callable
+from datetime import date, timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,3 +50,34 @@ def pytest_report_header(config: pytest.Config) -> str:
 def device() -> torch.device:
     """The device under test (``BILEVEL_TEST_DEVICE``, default CPU)."""
     return device_under_test()
+
+
+DJIA_ENV = "BILEVEL_DJIA_CSV"
+
+
+@pytest.fixture
+def stock_csv(tmp_path: Path) -> Callable[..., Path]:
+    """The course tutorial's DJIA CSV where ``BILEVEL_DJIA_CSV`` names it (``.ci/run`` sets it
+    when ``../shared/data`` has the file), else a synthetic file in the same format
+    (Date,Open,High,Low,Close,Volume,Name; gzipped; geometric random walks, tickers one after
+    another), so the tests that read it always run."""
+
+    def make(tickers: int = 4, days: int = 1200) -> Path:
+        given = os.environ.get(DJIA_ENV)
+        if given:
+            assert Path(given).is_file(), f"{DJIA_ENV}={given}: no such file"
+            return Path(given)
+        g = torch.Generator().manual_seed(0)
+        lines = ["Date,Open,High,Low,Close,Volume,Name"]
+        start = date(2006, 1, 3)
+        for i in range(tickers):
+            steps = 0.01 * torch.randn(days, generator=g, dtype=torch.float64)
+            close = 50.0 * torch.exp(torch.cumsum(steps, 0))
+            for d, c in enumerate(close.tolist()):
+                day = (start + timedelta(days=d)).isoformat()
+                lines.append(f"{day},{c:.2f},{c * 1.01:.2f},{c * 0.99:.2f},{c:.2f},1000,T{i}")
+        path = tmp_path / "stocks.csv.gz"
+        path.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+        return path
+
+    return make

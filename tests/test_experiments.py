@@ -12,8 +12,6 @@ from __future__ import annotations
 import gzip
 import json
 import math
-import os
-from datetime import date, timedelta
 from pathlib import Path
 
 import pytest
@@ -218,31 +216,8 @@ def test_read_stock_csv_groups_sorts_and_skips_missing(tmp_path):
         assert read_stock_csv(str(path)) == {"AAA": [20.5], "BBB": [10.0, 11.0]}
 
 
-def _synthetic_stock_csv(path: Path, tickers: int = 4, days: int = 1200) -> Path:
-    """Geometric random walks in the DJIA file's format (Date,Open,High,Low,Close,Volume,Name),
-    gzipped, tickers one after another as in the real file."""
-    g = torch.Generator().manual_seed(0)
-    lines = ["Date,Open,High,Low,Close,Volume,Name"]
-    start = date(2006, 1, 3)
-    for i in range(tickers):
-        steps = 0.01 * torch.randn(days, generator=g, dtype=torch.float64)
-        close = 50.0 * torch.exp(torch.cumsum(steps, 0))
-        for d, c in enumerate(close.tolist()):
-            day = (start + timedelta(days=d)).isoformat()
-            lines.append(f"{day},{c:.2f},{c * 1.01:.2f},{c * 0.99:.2f},{c:.2f},1000,T{i}")
-    path.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
-    return path
-
-
-def test_argmin_timeseries_on_the_tutorial_stock_csv(tmp_path):
-    # BILEVEL_DJIA_CSV names the real file (.ci/run sets it when ../shared/data has it); without
-    # it the same run reads a synthetic file in the same format, so the test always runs
-    given = os.environ.get(DJIA_ENV)
-    if given:
-        csv = Path(given)
-        assert csv.is_file(), f"{DJIA_ENV}={given}: no such file"
-    else:
-        csv = _synthetic_stock_csv(tmp_path / "stocks.csv.gz")
+def test_argmin_timeseries_on_the_tutorial_stock_csv(tmp_path, stock_csv):
+    csv = stock_csv()
     out = tmp_path / "djia"
     assert run_quick("argmin-timeseries", out, "--csv", str(csv), "--outer-steps", "4") == 0
     summary = json.loads((out / "summary.json").read_text())

@@ -11,16 +11,6 @@ import pytest
 from experiments.__main__ import main
 
 COMMON = ["--quick", "--threads", "1", "--progress", "off", "--checkpoint-every", "3"]
-REPO = Path(__file__).resolve().parents[1]
-# the shared data folder sits beside the checkout (or two levels up, for a worktree)
-DJIA = next(
-    (
-        d / "shared" / "data" / "DJIA_30.csv.gz"
-        for d in (REPO.parent, REPO.parent.parent)
-        if (d / "shared" / "data" / "DJIA_30.csv.gz").exists()
-    ),
-    REPO.parent / "shared" / "data" / "DJIA_30.csv.gz",
-)
 SMALL = {
     "lasso": ["--datasets", "diabetes,synthetic", "--outer-steps", "4", "--grid-size", "4"],
     "portfolio": ["--outer-steps", "6"],
@@ -76,13 +66,12 @@ def test_quick_run_and_exact_resume(tmp_path, name):
     assert untimed(got) == untimed(summary)
 
 
-def test_portfolio_on_the_djia_csv(tmp_path):
-    if not DJIA.exists():
-        pytest.skip("the DJIA file is not in this checkout's shared data")
+def test_portfolio_on_the_djia_stock_csv(tmp_path, stock_csv):
+    csv = stock_csv(tickers=8)
     out = tmp_path / "djia"
-    assert run("portfolio", out, "--csv", str(DJIA), "--assets", "8") == 0
+    assert run("portfolio", out, "--csv", str(csv), "--assets", "8") == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["assets"] == 8 and summary["data"] == str(DJIA)
+    assert summary["assets"] == 8 and summary["data"] == str(csv)
 
 
 def test_portfolio_bad_options(tmp_path, capsys):
