@@ -29,10 +29,15 @@ class _TorchHD(torch.optim.Optimizer):
     step count.
     """
 
+    # the functional optimizer and the names of its settings, which are also the group keys
+    _factory: Callable[..., Optimizer]
     _settings: tuple[str, ...] = ()
 
     def _functional(self, group: dict[str, Any]) -> Optimizer:
-        raise NotImplementedError  # pragma: no cover - abstract
+        settings = {k: group[k] for k in self._settings}
+        if "betas" in settings:  # a state_dict round trip turns the pair into a list
+            settings["betas"] = tuple(settings["betas"])
+        return type(self)._factory(**settings)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -104,6 +109,17 @@ class SGDHD(_TorchHD):
         tensor(0.1162)
     """
 
+    _factory = staticmethod(sgd_hd)
+    _settings = (
+        "lr",
+        "hypergrad_lr",
+        "momentum",
+        "dampening",
+        "weight_decay",
+        "nesterov",
+        "maximize",
+    )
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -116,17 +132,7 @@ class SGDHD(_TorchHD):
         *,
         maximize: bool = False,
     ) -> None:
-        # Built once here for its checks: torch.optim rejects these values at construction.
-        sgd_hd(
-            lr=lr,
-            hypergrad_lr=hypergrad_lr,
-            momentum=momentum,
-            dampening=dampening,
-            weight_decay=weight_decay,
-            nesterov=nesterov,
-            maximize=maximize,
-        )._check_combination({})
-        defaults = dict(
+        defaults: dict[str, Any] = dict(
             lr=lr,
             hypergrad_lr=hypergrad_lr,
             momentum=momentum,
@@ -135,18 +141,9 @@ class SGDHD(_TorchHD):
             nesterov=nesterov,
             maximize=maximize,
         )
+        # built once for its checks: torch.optim rejects these values at construction
+        sgd_hd(**defaults)._check_combination({})
         super().__init__(params, defaults)
-
-    def _functional(self, group: dict[str, Any]) -> Optimizer:
-        return sgd_hd(
-            lr=group["lr"],
-            hypergrad_lr=group["hypergrad_lr"],
-            momentum=group["momentum"],
-            dampening=group["dampening"],
-            weight_decay=group["weight_decay"],
-            nesterov=group["nesterov"],
-            maximize=group["maximize"],
-        )
 
 
 class AdamHD(_TorchHD):
@@ -167,6 +164,9 @@ class AdamHD(_TorchHD):
         tensor(0.1534)
     """
 
+    _factory = staticmethod(adam_hd)
+    _settings = ("lr", "hypergrad_lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -179,7 +179,7 @@ class AdamHD(_TorchHD):
         *,
         maximize: bool = False,
     ) -> None:
-        adam_hd(
+        defaults: dict[str, Any] = dict(
             lr=lr,
             hypergrad_lr=hypergrad_lr,
             betas=betas,
@@ -188,24 +188,5 @@ class AdamHD(_TorchHD):
             amsgrad=amsgrad,
             maximize=maximize,
         )
-        defaults = dict(
-            lr=lr,
-            hypergrad_lr=hypergrad_lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            amsgrad=amsgrad,
-            maximize=maximize,
-        )
+        adam_hd(**defaults)  # built once for its checks, as torch.optim does
         super().__init__(params, defaults)
-
-    def _functional(self, group: dict[str, Any]) -> Optimizer:
-        return adam_hd(
-            lr=group["lr"],
-            hypergrad_lr=group["hypergrad_lr"],
-            betas=tuple(group["betas"]),  # type: ignore[arg-type]
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            amsgrad=group["amsgrad"],
-            maximize=group["maximize"],
-        )
