@@ -14,6 +14,7 @@ from bilevel.implicit._leaves import _zeros_like_leaves
 from bilevel.implicit.batched_problem import _BatchedProblem
 from bilevel.implicit.linear_problem import _LinearProblem
 from bilevel.implicit.problem import _Problem
+from bilevel.implicit.warm_start import is_wrapped
 
 
 def _linear_of(problem: _Problem, transpose: bool) -> _Problem:
@@ -64,6 +65,14 @@ class _Implicit(torch.autograd.Function):
         if not which:
             return tuple(out)
         g = [torch.zeros_like(s) if x is None else x for x, s in zip(grads, sol)]
+        if not torch.is_grad_enabled() and not is_wrapped([*theta, *sol, *g]):
+            # no double backward asked (create_graph=False), no functorch transform: one
+            # first-order graph serves the linear solve's products and the final vjp
+            plain = problem.plain_vjp(sol, theta, g, which)
+            if plain is not None:
+                for i, gt in zip(which, plain):
+                    out[2 + n_sol + i] = gt
+                return tuple(out)
         # u solves (dF/dw)^T u = -g; it is itself an implicit solution, so differentiable
         lin = _linear_of(problem, transpose=True)
         u = _Implicit.apply(lin, n_sol, *_zeros_like_leaves(sol), *theta, *sol, *g)

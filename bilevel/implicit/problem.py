@@ -118,6 +118,18 @@ class _Problem:
         self.strict = parent.strict
         self.warm_start = parent.warm_start
 
+    def plain_vjp(
+        self,
+        sol: Sequence[Tensor],
+        theta: Sequence[Tensor],
+        g: Sequence[Tensor],
+        which: Sequence[int],
+    ) -> list[Tensor] | None:
+        """The backward pass ``(dF/dtheta_i)^T u`` with ``(dF/dsol)^T u = -g``, for ``i`` in
+        ``which``, on one plain autograd graph; None when this problem has no such path
+        (the general path, a differentiable linear solve, is then used)."""
+        return None
+
     def reused_operator(
         self, sol: Sequence[Tensor], theta: Sequence[Tensor]
     ) -> Callable[[Sequence[Tensor]], list[Tensor]] | None:

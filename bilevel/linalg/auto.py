@@ -34,6 +34,9 @@ class Auto(LinearSolver):
     def _options(self) -> dict[str, Any]:
         return dict(iterative=self.iterative, max_dense=self.max_dense)
 
+    def forms_matrix(self, n: int) -> bool:
+        return n <= self.max_dense
+
     def _solve(
         self, A: Callable[[Vec], Vec], b: Vec, x0: Vec | None
     ) -> tuple[Vec, LinearSolveInfo]:

@@ -122,6 +122,8 @@ class _Operator:
         self.spec = tree_flatten(b)[1]
         self.damping = damping
         self.checked = False
+        # a matvec may also offer matmat(V): the products of a stack of vectors at once
+        self.batched = getattr(matvec, "matmat", None)
 
     def __call__(self, v: Vec) -> Vec:
         out_tree = self.matvec(tree_unflatten(list(v), self.spec))
@@ -131,7 +133,17 @@ class _Operator:
             except ValueError as e:
                 raise ValueError(f"{e} (matvec(v) must return A v, shaped like b)") from None
             self.checked = True
-        out = tree_flatten(out_tree)[0]
+        return self._damped(tree_flatten(out_tree)[0], v)
+
+    def matmat(self, V: Vec) -> Vec | None:
+        """``A v + damping v`` for a stack of vectors (leading dimension), or None when the
+        matvec offers no batched form."""
+        if self.batched is None:
+            return None
+        out = self.batched(tree_unflatten(list(V), self.spec))
+        return self._damped(tree_flatten(out)[0], V)
+
+    def _damped(self, out: Vec, v: Vec) -> Vec:
         damping = self.damping
         if isinstance(damping, Tensor):
             return [torch.addcmul(av, vi, damping) for av, vi in zip(out, v)]
@@ -180,6 +192,10 @@ class LinearSolver:
         self, A: Callable[[Vec], Vec], b: Vec, x0: Vec | None
     ) -> tuple[Vec, LinearSolveInfo]:  # pragma: no cover - abstract
         raise NotImplementedError  # pragma: no cover - abstract: every subclass defines it
+
+    def forms_matrix(self, n: int) -> bool:
+        """Whether a solve with ``n`` unknowns forms the operator's matrix (``dense``)."""
+        return False
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self._options().items())

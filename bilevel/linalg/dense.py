@@ -9,11 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bilevel._tree import (
-    tree_map2,
-    tree_ravel,
-    tree_unravel,
-)
+from bilevel._tree import tree_ravel, tree_unravel
 from bilevel.linalg._vec import Vec, _safe
 from bilevel.linalg.base import LinearSolver, _check_nonneg, _is_batched, _to_host
 from bilevel.linalg.info import LinearSolveInfo
@@ -21,13 +17,22 @@ from bilevel.linalg.info import LinearSolveInfo
 
 def _materialize(A: Callable[[Vec], Vec], b: Vec, vectorize: bool) -> Tensor:
     """The ``n x n`` matrix of ``A`` in the raveled coordinates of ``b``."""
-    flat_b = tree_ravel(b)
+    flat_b = _ravel(b)
     n = flat_b.numel()
     eye = torch.eye(n, dtype=flat_b.dtype, device=flat_b.device)
 
     def column(e: Tensor) -> Tensor:
         return tree_ravel(A(tree_unravel(e, b)))
 
+    matmat = getattr(A, "matmat", None)
+    if vectorize and matmat is not None:
+        # the operator's own batched products (one pass through its graph) when it has them
+        try:
+            rows = _rows(matmat(_basis_leaves(eye, b)), n)
+        except (RuntimeError, NotImplementedError, ValueError):
+            rows = None
+        if rows is not None:
+            return rows.transpose(0, 1)
     if vectorize:
         try:
             rows = torch.func.vmap(column)(eye)
@@ -35,6 +40,37 @@ def _materialize(A: Callable[[Vec], Vec], b: Vec, vectorize: bool) -> Tensor:
         except (RuntimeError, NotImplementedError, ValueError):
             pass  # matvecs with in-place or data-dependent code: fall back to columns
     return torch.stack([column(eye[i]) for i in range(n)], dim=1)
+
+
+def _basis_leaves(eye: Tensor, b: Vec) -> Vec:
+    """The ``n`` basis vectors as leaves shaped like ``b``'s, stacked in dimension 0."""
+    out, start = [], 0
+    for leaf in b:
+        k = leaf.numel()
+        out.append(eye[:, start : start + k].reshape(-1, *leaf.shape).to(leaf.dtype))
+        start += k
+    return out
+
+
+def _ravel(b: Vec) -> Tensor:
+    return b[0].reshape(-1) if len(b) == 1 else torch.cat([x.reshape(-1) for x in b])
+
+
+def _unravel(flat: Tensor, b: Vec) -> Vec:
+    """``flat`` split into leaves shaped like ``b``'s, each in its own dtype."""
+    out, start = [], 0
+    for leaf in b:
+        k = leaf.numel()
+        out.append(flat[start : start + k].reshape(leaf.shape).to(leaf.dtype))
+        start += k
+    return out
+
+
+def _rows(out: Vec | None, n: int) -> Tensor | None:
+    """``[A e_1, ..., A e_n]`` as rows from batched leaves, or None."""
+    if out is None:
+        return None
+    return torch.cat([o.reshape(n, -1) for o in out], dim=1)
 
 
 class Dense(LinearSolver):
@@ -64,31 +100,31 @@ class Dense(LinearSolver):
     def _options(self) -> dict[str, Any]:
         return dict(method=self.method, rcond=self.rcond, damping=self.damping)
 
+    def forms_matrix(self, n: int) -> bool:
+        return True
+
     def _solve(
         self, A: Callable[[Vec], Vec], b: Vec, x0: Vec | None
     ) -> tuple[Vec, LinearSolveInfo]:
         M = _materialize(A, b, self.vectorize)
-        flat_b = tree_ravel(b).to(M.dtype)
+        flat_b = _ravel(b).to(M.dtype)
         n = flat_b.numel()
         eps = torch.finfo(M.dtype).eps
         rcond = self.rcond if self.rcond is not None else n * eps
         if self.method == "solve":
             LU, pivots, lu_info = torch.linalg.lu_factor_ex(M)
-            diag = LU.diagonal().abs()
-            # a pivot at rounding level means numerically singular (partial pivoting keeps
-            # the others at the scale of A): LU would return garbage, so refuse.
-            ratio = diag.min() / diag.max().clamp_min(torch.finfo(M.dtype).tiny)
             flat_x = torch.linalg.lu_solve(LU, pivots, flat_b.unsqueeze(-1)).squeeze(-1)
-            extra = torch.stack([ratio, lu_info.to(M.dtype)])
+            # the pivots travel to the host with the residual (one read, few device ops)
+            extra = torch.cat([lu_info.to(M.dtype).reshape(1), LU.diagonal().abs()])
         else:
             U, s, Vh = torch.linalg.svd(M)
             keep = s > rcond * s.max()
             s_inv = torch.where(keep, 1.0 / _safe(s, keep), torch.zeros_like(s))
             flat_x = Vh.transpose(-2, -1) @ (s_inv * (U.transpose(-2, -1) @ flat_b))
             extra = torch.stack([keep.sum().to(M.dtype), s.max(), s.min()])
-        rnorm = torch.linalg.vector_norm(M @ flat_x - flat_b)
+        rnorm = torch.linalg.vector_norm(torch.addmv(flat_b, M, flat_x, alpha=-1))
         # leaves of mixed dtypes were promoted by the ravel: give each its own back
-        x = tree_map2(lambda xi, bi: xi.to(bi.dtype), tree_unravel(flat_x, b), b)
+        x = _unravel(flat_x, b)
         summary = torch.cat([rnorm.reshape(1), extra])
         if _is_batched(summary):
             info = LinearSolveInfo(
@@ -104,7 +140,13 @@ class Dense(LinearSolver):
         vals = _to_host(summary)
         rn = vals[0]
         if self.method == "solve":
-            ratio_v, lu_flag = vals[1], vals[2]
+            lu_flag, pivots_abs = vals[1], vals[2:]
+            # a pivot at rounding level means numerically singular (partial pivoting keeps
+            # the others at the scale of A): LU would return garbage, so refuse.
+            if any(math.isnan(v) for v in pivots_abs):
+                ratio_v = math.nan
+            else:
+                ratio_v = min(pivots_abs) / max(max(pivots_abs), torch.finfo(M.dtype).tiny)
             if lu_flag != 0 or not ratio_v > rcond:
                 raise torch.linalg.LinAlgError(
                     f"dense(method='solve'): the operator is singular to working precision "
