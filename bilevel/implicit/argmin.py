@@ -90,10 +90,10 @@ def argmin(
         raise TypeError(
             f"solver must be callable solver(objective, init) or None, got {type(solver).__name__}"
         )
-    from bilevel import linalg
-
     if linear_solver is None:
-        linear_solver = linalg.auto()
+        from bilevel.linalg.auto import _shared_auto
+
+        linear_solver = _shared_auto()
     elif not callable(linear_solver):
         raise TypeError(
             f"linear_solver must be a bilevel.linalg solver, got {type(linear_solver).__name__}"
@@ -102,10 +102,6 @@ def argmin(
 
     def objective(w: Any, h: Any, d: Any) -> Tensor:
         return _scalar_loss(loss3(w, h, d), "inner_loss")
-
-    # fail early on a non-scalar loss (shapes only; values are not read)
-    with torch.no_grad():
-        objective(solution_or_init, hparams, data)
 
     def residual(w: Any, h: Any, d: Any) -> Any:
         return torch.func.grad(lambda ww: objective(ww, h, d))(w)

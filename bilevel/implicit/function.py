@@ -35,6 +35,17 @@ class _Implicit(torch.autograd.Function):
 
     generate_vmap_rule = False
 
+    @classmethod
+    def apply(cls, *args: Any) -> Any:  # type: ignore[override]
+        """``torch.autograd.Function.apply`` without its per-call ``inspect.signature``
+        binding (measured 15-25 us of a 3-unknown hypergradient): ``forward`` takes
+        positional arguments only and has no defaults, so there is nothing to bind.
+        Under functorch transforms the stock path runs."""
+        if torch._C._are_functorch_transforms_active():
+            return super().apply(*args)
+        args = torch._functorch.utils.unwrap_dead_wrappers(args)
+        return super(torch.autograd.Function, cls).apply(*args)  # type: ignore[misc]
+
     @staticmethod
     def forward(problem: _Problem, n_sol: int, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
         init = [t.detach() for t in tensors[:n_sol]]

@@ -102,4 +102,6 @@ def solve_layer(
     """The solution of ``layer`` from ``init_leaves``, attached to the autograd graph."""
     packer = _Packer((hparams, data))
     problem = _UserProblem(layer, init_leaves, spec, packer)
+    if layer.objective is not None:
+        problem.check_objective(init_leaves, packer.tensors)
     return _call_implicit(problem, init_leaves, packer, spec)

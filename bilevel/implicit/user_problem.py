@@ -16,7 +16,7 @@ from bilevel.implicit._leaves import _check_like, _Packer
 from bilevel.implicit._products import _ForwardModeSwitch, _jvp
 from bilevel.implicit.diagnostics import ImplicitDiagnostics, _record
 from bilevel.implicit.problem import _Problem
-
+from bilevel.implicit.warm_start import is_wrapped
 
 _BATCHED_BACKWARD_MAX = 64  # unknowns up to which dense matrices come from one batched backward
 
@@ -84,6 +84,8 @@ class _UserProblem(_Problem):
         self.warm_start = layer.warm_start
         self.n_sol = len(sol_like)
         self.n_theta = len(packer.tensors)
+        # the inner loss's graph at the given solution, built by check_objective
+        self._graph: tuple[list[Tensor], list[Tensor], Tensor, list[bool]] | None = None
 
     def _trees(self, sol: Sequence[Tensor], theta: Sequence[Tensor]) -> tuple[Any, Any, Any]:
         w = tree_unflatten(list(sol), self.sol_spec)
@@ -145,6 +147,40 @@ class _UserProblem(_Problem):
 
         return hvp
 
+    def check_objective(self, init: Sequence[Tensor], theta: Sequence[Tensor]) -> None:
+        """Fail early on a loss that is not a scalar (before any solve).
+
+        With the solution given (``solver=None``) and hyperparameters that require grad,
+        the evaluation is the first half of the backward pass: its graph is kept for
+        :meth:`plain_vjp` instead of being built again there.
+        """
+        theta = list(theta)
+        if (
+            self.solver is None
+            and not self.switch.ok
+            and torch.is_grad_enabled()
+            and any(t.requires_grad for t in theta)
+            and not is_wrapped([*init, *theta])
+        ):
+            self._graph = self._loss_graph(init, theta, [t.requires_grad for t in theta])
+            return
+        with torch.no_grad():
+            self._objective_leaves(theta)(list(init))
+
+    def _loss_graph(
+        self, sol: Sequence[Tensor], theta: Sequence[Tensor], keep: Sequence[bool]
+    ) -> tuple[list[Tensor], list[Tensor], Tensor, list[bool]]:
+        """The inner loss at ``sol`` on fresh leaves (``theta[i]`` differentiable where
+        ``keep[i]``): ``(sol leaves, theta leaves, loss, keep)``."""
+        with torch.enable_grad():
+            s = [x.detach().requires_grad_() for x in sol]
+            th = [
+                t.detach().requires_grad_() if k and t.is_floating_point() else t.detach()
+                for t, k in zip(theta, keep)
+            ]
+            loss = self._objective_leaves(th)(s)
+        return s, th, loss, list(keep)
+
     def plain_vjp(
         self,
         sol: Sequence[Tensor],
@@ -170,14 +206,26 @@ class _UserProblem(_Problem):
             # batched products of an expanded matrix (measured 10-20x slower than the
             # general path's vmapped products at 300 unknowns)
             return None
-        keep = set(which)
-        with torch.enable_grad():
-            s = [x.detach().requires_grad_() for x in sol]
-            th = [t.detach().requires_grad_() if i in keep else t for i, t in enumerate(theta)]
-            if self.objective is not None:
-                loss = self._objective_leaves(th)(s)
-                F = torch.autograd.grad(loss, s, create_graph=True, allow_unused=True)
-            else:
+        graph = self._graph
+        if graph is not None and not all(graph[3][i] for i in which):
+            graph = None  # (cannot happen: backward asks for a subset of what required grad)
+        if self.objective is not None:
+            if graph is None:
+                keep = [i in which for i in range(len(theta))]
+                graph = self._loss_graph(sol, theta, keep)
+            s, th, loss, _ = graph
+            with torch.enable_grad():
+                # the forward's graph may serve several backward passes (retain_graph)
+                F = torch.autograd.grad(
+                    loss, s, create_graph=True, retain_graph=True, allow_unused=True
+                )
+        else:
+            chosen = set(which)
+            with torch.enable_grad():
+                s = [x.detach().requires_grad_() for x in sol]
+                th = [
+                    t.detach().requires_grad_() if i in chosen else t for i, t in enumerate(theta)
+                ]
                 F = tuple(self.residual(s, th))
         if any(f is None or not f.requires_grad for f in F):
             return None  # F constant in some leaf: the general path handles it
@@ -194,7 +242,10 @@ class _UserProblem(_Problem):
         lin = _LinearProblem(self, transpose=True)
         u = lin.run((operator, list(g)), [torch.zeros_like(x) for x in sol])
         sel = [th[i] for i in which]
-        out = torch.autograd.grad(F, sel, u, allow_unused=True)
+        # the forward's graph stays usable for another backward (retain_graph=True upstream)
+        out = torch.autograd.grad(
+            F, sel, u, retain_graph=self._graph is not None, allow_unused=True
+        )
         return [torch.zeros_like(t) if o is None else o for t, o in zip(sel, out)]
 
     def target(self, theta: Sequence[Tensor]) -> Any:

@@ -88,3 +88,15 @@ def auto(iterative: LinearSolver | None = None, max_dense: int = 64) -> Auto:
 
         iterative = cg()
     return Auto(iterative, max_dense)
+
+
+_SHARED: list[Auto] = []
+
+
+def _shared_auto() -> Auto:
+    """One default ``auto()`` for every call that names no linear solver: building the
+    solvers' option checks per call costs more than a 3-unknown solve. Its only state is
+    ``last_info``, which then is the latest default solve's."""
+    if not _SHARED:
+        _SHARED.append(auto())
+    return _SHARED[0]
