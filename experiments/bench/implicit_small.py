@@ -16,6 +16,14 @@ classes, no intercept: 640 unknowns), L2 weight ``exp(h)``, half the images for 
 half for validation; bilevel against JAXopt with the solution given and with L-BFGS from
 zero, at the same tolerances. Ratios are bilevel's time over JAXopt's.
 
+The course tutorial's training step: the ``argmin-timeseries`` network (CNN encoder,
+``bilevel.nn.RidgeArgMin`` layer with its exact forward solve and implicit cg backward, CNN
+decoder; the experiment's own settings, one batch of 32 synthetic windows, float64): zero
+the gradients, forward, MSE, backward and an Adam step (learning rate 0, so that every call
+sees the same weights), against the same network whose ridge layer is the hand-written
+closed form ``torch.linalg.solve(X^T X + lambda I, X^T Y)`` under autograd. The gradients
+of every parameter are compared before timing.
+
 Every hypergradient is checked against the exact one (NumPy: closed form for ridge; Newton
 with the dense Hessian for digits) before its time is shown.
 """
@@ -49,7 +57,16 @@ LBFGS_HISTORY = 20
 RTOL = 1e-9  # agreement with the exact hypergradient
 
 CLOSED_FORM = "closed form"
-TARGETS = {"bilevel cg": 2.0, "bilevel dense": 2.0, "bilevel lbfgs": 3.0}  # x closed form
+TARGETS = {
+    "bilevel auto": 2.0,
+    "bilevel cg": 2.0,
+    "bilevel dense": 2.0,
+    "bilevel lbfgs": 3.0,
+}  # x closed form
+TUTORIAL_TARGET = 1.5  # bilevel's training step / the closed-form layer's
+TUTORIAL_RTOL = 1e-6  # gradients of the two networks (the experiment's cg tolerance is 1e-6)
+TUTORIAL_CLOSED = "closed-form ridge layer"
+TUTORIAL_BILEVEL = "bilevel RidgeArgMin"
 PAIRS = (("bilevel cg", "jaxopt cg"), ("bilevel lbfgs", "jaxopt LBFGS"))  # digits: bilevel / JAXopt
 
 
@@ -279,6 +296,9 @@ def small_impls(problem: Small, *, closed_form: bool, dense: bool, lbfgs: bool) 
     from bilevel import linalg, solvers
 
     impls = [Impl(CLOSED_FORM, closed_form_impl(problem))] if closed_form else []
+    impls.append(
+        Impl("bilevel auto", bilevel_impl(problem, None), note="default linear_solver: auto()")
+    )
     impls.append(Impl("bilevel cg", bilevel_impl(problem, linalg.cg(tol=TOL))))
     if dense:
         impls.append(Impl("bilevel dense", bilevel_impl(problem, linalg.dense())))
@@ -329,6 +349,95 @@ def jaxopt_impls(problem: Small, lbfgs: bool) -> list[Impl]:
     return impls
 
 
+# --------------------------------------------------------------------------- tutorial step
+
+
+class _ClosedFormRidge(torch.nn.Module):
+    """The hand-written ridge layer: ``solve(X^T X + lambda I, X^T Y)`` under autograd."""
+
+    def __init__(self, log_l2: Tensor) -> None:
+        super().__init__()
+        self.log_l2 = torch.nn.Parameter(log_l2.detach().clone())
+
+    def forward(self, X: Tensor, Y: Tensor) -> Tensor:
+        eye = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)
+        gram = X.transpose(-2, -1) @ X
+        return torch.linalg.solve(gram + self.log_l2.exp() * eye, X.transpose(-2, -1) @ Y)
+
+
+def tutorial_impls(seed: int) -> list[Impl]:
+    """One training step of the tutorial's network, with bilevel's layer and the closed form."""
+    from experiments import argmin_timeseries as T
+
+    cfg = {o.name: o.default for o in T.OPTIONS}
+    x, y = T.load_data(cfg, torch.Generator().manual_seed(seed))["train"]
+    pick = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed + 1))
+    x, y = x[pick[: cfg["batch_size"]]], y[pick[: cfg["batch_size"]]]
+    ours = T.Forecaster(cfg, "argmin").double()
+    T.init_weights(ours, torch.Generator().manual_seed(seed + 2))
+    hand = T.Forecaster(cfg, "argmin").double()
+    hand.load_state_dict(ours.state_dict())
+    hand.ridge = _ClosedFormRidge(ours.ridge.log_l2)  # type: ignore[assignment]
+
+    def step_of(model: torch.nn.Module) -> Callable[[], Tensor]:
+        opt = torch.optim.Adam(model.parameters(), lr=0.0)  # same cost, weights unchanged
+
+        def step() -> Tensor:
+            opt.zero_grad()
+            F.mse_loss(model(x), y).backward()
+            opt.step()
+            return torch.cat([p.grad.reshape(-1) for _, p in model.named_parameters()])  # type: ignore[union-attr]
+
+        return step
+
+    n_w = cfg["batch_size"] * (cfg["base"] - cfg["horizon"]) * cfg["horizon"]
+    return [
+        Impl(TUTORIAL_CLOSED, step_of(hand)),
+        Impl(
+            TUTORIAL_BILEVEL,
+            step_of(ours),
+            note=f"exact forward, cg(tol={cfg['cg_tol']:g}) backward; {n_w} unknowns per batch",
+        ),
+    ]
+
+
+def run_tutorial(s: Settings, report: Report) -> list[dict[str, str]]:
+    """Time the tutorial's training step; add its rows and target; return the table rows."""
+    log(s, "[implicit] small: tutorial training step")
+    results = s.measure(tutorial_impls(s.seed), TUTORIAL_CLOSED, TUTORIAL_RTOL)
+    config = {"data": "tutorial step", "unknowns": "-"}
+    rows = report.add_rows("implicit-small", config, results, TUTORIAL_CLOSED)
+    floor = results[TUTORIAL_CLOSED].median
+    cells = []
+    for row in rows:
+        ratio = row["median_s"] / floor if floor and row["median_s"] else None
+        row["ratio_to_closed_form"] = ratio
+        target = None
+        if row["implementation"] == TUTORIAL_BILEVEL:
+            target = TUTORIAL_TARGET
+            report.target(
+                "implicit-small",
+                "tutorial training step: bilevel RidgeArgMin / closed-form layer",
+                ratio,
+                f"<= {TUTORIAL_TARGET:g}x",
+                None if ratio is None else ratio <= TUTORIAL_TARGET,
+            )
+        from .report import standard_cells
+
+        met = "" if target is None or ratio is None else ("ok" if ratio <= target else "MISS")
+        cells.append(
+            {
+                **standard_cells(row),
+                "data": "tutorial step",
+                "unknowns": "-",
+                "x closed form": core.fmt_ratio(ratio),
+                "target": "" if target is None else f"<={target:g}",
+                "met": met,
+            }
+        )
+    return cells
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -362,6 +471,7 @@ def run_small(s: Settings, report: Report) -> str:
             ridge_rows.append(_cells(problem, row, ratio, TARGETS.get(name)))
         if not j.available:
             ridge_rows.append(_missing(problem))
+    ridge_rows.extend(run_tutorial(s, report))
     problem = digits(s.seed)
     log(s, f"[implicit] small: {problem.name}")
     results = s.measure(
@@ -395,8 +505,9 @@ def run_small(s: Settings, report: Report) -> str:
             core.format_table(
                 ridge_rows,
                 [*cols, "x closed form", "target", "met", "note"],
-                "== implicit, small problems: ridge regression, hypergradient w.r.t. log lambda "
-                "(x closed form = time / autograd through torch.linalg.solve; float64) ==",
+                "== implicit, small problems: ridge regression, hypergradient w.r.t. log lambda, "
+                "and the tutorial's training step (x closed form = time / autograd through "
+                "torch.linalg.solve; float64) ==",
             ),
             core.format_table(
                 digits_rows,
