@@ -109,14 +109,25 @@ def test_quick_run_small_implicit_rows(quick):
     _, data = quick
     rows = _rows(data, "implicit-small")
     names = {(r["data"], r["implementation"]) for r in rows}
-    expected = {
-        ("ridge 10x3", n) for n in ("closed form", "bilevel cg", "bilevel dense", "bilevel lbfgs")
-    } | {("digits", "bilevel cg")}
+    ridge_names = ("closed form", "bilevel auto", "bilevel cg", "bilevel dense", "bilevel lbfgs")
+    expected = (
+        {("ridge 10x3", n) for n in ridge_names}
+        | {("digits", "bilevel cg"), ("digits", "bilevel auto")}
+        | {("tutorial step", "closed-form ridge layer"), ("tutorial step", "bilevel RidgeArgMin")}
+    )
     if bench_core.peer("jaxopt").available:
         expected |= {("ridge 10x3", "jaxopt cg"), ("ridge 10x3", "jaxopt LBFGS")}
         expected |= {("digits", "jaxopt cg")}
     assert names == expected
-    assert all(r["agree"] is True and r["rel_error"] <= 1e-9 for r in rows)
+    # the tutorial's two networks agree to the experiment's cg tolerance, the rest exactly
+    assert all(
+        r["agree"] is True and r["rel_error"] <= (1e-6 if r["data"] == "tutorial step" else 1e-9)
+        for r in rows
+        if not r["reference"]
+    )
+    assert [r["implementation"] for r in rows if r["reference"]] == ["closed-form ridge layer"]
+    tutorial = [r for r in rows if r["data"] == "tutorial step"]
+    assert all(r["ratio_to_closed_form"] > 0 for r in tutorial)
     ridge = [r for r in rows if r["data"] == "ridge 10x3"]
     assert all(r["ratio_to_closed_form"] > 0 for r in ridge)
 

@@ -122,10 +122,14 @@ class _Operator:
         self.spec = tree_flatten(b)[1]
         self.damping = damping
         self.checked = False
+        self.plain = False
         # a matvec may also offer matmat(V): the products of a stack of vectors at once
         self.batched = getattr(matvec, "matmat", None)
 
     def __call__(self, v: Vec) -> Vec:
+        if self.checked and self.plain:
+            # b was a list of tensors and matvec returned one: no tree conversions per product
+            return self._damped(self.matvec(v), v)
         out_tree = self.matvec(tree_unflatten(list(v), self.spec))
         if not self.checked:
             try:
@@ -133,6 +137,11 @@ class _Operator:
             except ValueError as e:
                 raise ValueError(f"{e} (matvec(v) must return A v, shaped like b)") from None
             self.checked = True
+            self.plain = (
+                isinstance(self.b, list)
+                and isinstance(out_tree, list)
+                and all(isinstance(t, Tensor) for t in self.b)
+            )
         return self._damped(tree_flatten(out_tree)[0], v)
 
     def matmat(self, V: Vec) -> Vec | None:
