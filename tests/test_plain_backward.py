@@ -170,3 +170,36 @@ def test_the_plain_path_keeps_the_honest_warnings():
     )
     with pytest.raises(bilevel.solvers.NotMinimumError):
         torch.autograd.grad(w.sum() + (w**2).sum(), h)
+
+
+def test_the_default_dense_solve_finds_a_maximum():
+    # the Hessian at w = 0 is 2 (h - 1) I = -I: the LU solve succeeds, Cholesky does not
+    def loss(w, h):
+        return (w**4 - w**2 + h * w**2).sum()
+
+    h = torch.tensor(0.5, dtype=D, requires_grad=True)
+    diag = bilevel.ImplicitDiagnostics()
+    w = bilevel.argmin(loss, torch.zeros(3, dtype=D), h, diagnostics=diag)
+    with pytest.warns(bilevel.solvers.NotMinimumWarning, match="smallest eigenvalue is -1"):
+        torch.autograd.grad((w**2).sum() + w.sum(), h)
+    info = diag.last_backward
+    assert info.method == "dense" and info.indefinite()
+    assert info.min_curvature == pytest.approx(-1.0) and info.max_curvature == pytest.approx(-1.0)
+    w = bilevel.argmin(loss, torch.zeros(3, dtype=D), h, strict=True)
+    with pytest.raises(bilevel.solvers.NotMinimumError, match="eigenvalue"):
+        torch.autograd.grad((w**2).sum() + w.sum(), h)
+
+
+def test_the_default_dense_solve_of_a_minimum_is_silent(recwarn):
+    X, y = _data(10, 3, seed=7)
+
+    def loss(w, h):
+        return ((X @ w - y) ** 2).sum() + h * (w**2).sum()
+
+    h = torch.tensor(0.5, dtype=D, requires_grad=True)
+    w_star = torch.linalg.solve(X.T @ X + 0.5 * torch.eye(3, dtype=D), X.T @ y)
+    diag = bilevel.ImplicitDiagnostics()
+    w = bilevel.argmin(loss, w_star, h, diagnostics=diag)
+    torch.autograd.grad((w**2).sum(), h)
+    assert not recwarn.list
+    assert not diag.last_backward.indefinite()

@@ -52,7 +52,8 @@ def argmin(
         strict: raise instead of warning when the solution is not stationary, and (in the
             backward pass) when it is not a minimum: a backward solve meeting negative
             curvature of the Hessian (:meth:`bilevel.linalg.LinearSolveInfo.indefinite`, cg
-            and minres) warns :class:`bilevel.solvers.NotMinimumWarning` naming it.
+            and minres; the exact path of dense/auto tests the formed Hessian by Cholesky)
+            warns :class:`bilevel.solvers.NotMinimumWarning` naming it.
         diagnostics: an :class:`ImplicitDiagnostics` collecting the solves' info records.
         hvp: ``"reverse"`` (default): Hessian-vector products by reverse-over-reverse,
             measured 2.5-4x faster on CPU than forward-over-reverse for losses dominated by

@@ -81,6 +81,8 @@ class _LinearProblem(_Problem):
         lo, hi = info.min_curvature, info.max_curvature
         if info.negative_curvature:
             found = f"a direction with p^T H p / p^T p = {lo:.3e} <= 0"
+        elif info.method == "dense":
+            found = f"its smallest eigenvalue is {lo:.3e} (largest {hi:.3e})"
         else:
             found = (
                 f"its Lanczos matrix is not positive definite (smallest diagonal entry v^T H v "

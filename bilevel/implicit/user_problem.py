@@ -236,7 +236,9 @@ class _UserProblem(_Problem):
             )
             return [torch.zeros_like(vi) if o is None else o for vi, o in zip(v, out)]
 
-        operator = _Products(lambda v: vjp(v), lambda V: vjp(V, batched=True))
+        operator = _Products(
+            lambda v: vjp(v), lambda V: vjp(V, batched=True), definite=self.minimum
+        )
         from bilevel.implicit.linear_problem import _LinearProblem
 
         lin = _LinearProblem(self, transpose=True)
@@ -354,15 +356,18 @@ class _UserProblem(_Problem):
 class _Products:
     """``v -> (dF/dw)^T v`` with ``matmat``: the products of a stack of vectors at once
     (leaves with a leading batch dimension), which :func:`bilevel.linalg.dense` uses to
-    form the matrix in one pass."""
+    form the matrix in one pass; ``definite``: the operator should be symmetric positive
+    definite (the Hessian at a minimum), so dense checks it."""
 
     def __init__(
         self,
         matvec: Callable[[Sequence[Tensor]], list[Tensor]],
         matmat: Callable[[Sequence[Tensor]], list[Tensor]],
+        definite: bool = False,
     ) -> None:
         self.matvec = matvec
         self.matmat = matmat
+        self.definite = definite
 
     def __call__(self, v: Sequence[Tensor]) -> list[Tensor]:
         return self.matvec(v)

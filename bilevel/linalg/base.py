@@ -123,8 +123,10 @@ class _Operator:
         self.damping = damping
         self.checked = False
         self.plain = False
-        # a matvec may also offer matmat(V): the products of a stack of vectors at once
+        # a matvec may also offer matmat(V): the products of a stack of vectors at once,
+        # and say that its operator should be symmetric positive definite (dense tests it)
         self.batched = getattr(matvec, "matmat", None)
+        self.definite = bool(getattr(matvec, "definite", False))
 
     def __call__(self, v: Vec) -> Vec:
         if self.checked and self.plain:

@@ -123,6 +123,11 @@ class Dense(LinearSolver):
             flat_x = Vh.transpose(-2, -1) @ (s_inv * (U.transpose(-2, -1) @ flat_b))
             extra = torch.stack([keep.sum().to(M.dtype), s.max(), s.min()])
         rnorm = torch.linalg.vector_norm(torch.addmv(flat_b, M, flat_x, alpha=-1))
+        # an operator that should be symmetric positive definite (the Hessian at a minimum)
+        # is tested by a Cholesky factorisation, read with the rest (no extra host read)
+        definite = bool(getattr(A, "definite", False))
+        if definite:
+            extra = torch.cat([torch.linalg.cholesky_ex(M).info.to(M.dtype).reshape(1), extra])
         # leaves of mixed dtypes were promoted by the ravel: give each its own back
         x = _unravel(flat_x, b)
         summary = torch.cat([rnorm.reshape(1), extra])
@@ -138,6 +143,12 @@ class Dense(LinearSolver):
             )
             return x, info
         vals = _to_host(summary)
+        curvature = (math.nan, math.nan)
+        if definite:
+            if vals[1] != 0:  # not positive definite: the extreme eigenvalues say how far
+                eig = torch.linalg.eigvalsh(M)
+                curvature = (float(eig[0]), float(eig[-1]))
+            vals = vals[:1] + vals[2:]
         rn = vals[0]
         if self.method == "solve":
             lu_flag, pivots_abs = vals[1], vals[2:]
@@ -170,6 +181,8 @@ class Dense(LinearSolver):
             False,
             message if finite else "the solution is not finite; check the operator",
             threshold=math.nan,
+            min_curvature=curvature[0],
+            max_curvature=curvature[1],
         )
         return x, info
 

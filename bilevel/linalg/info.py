@@ -27,8 +27,10 @@ class LinearSolveInfo:
             minres: the largest diagonal entry of the Lanczos matrix ``T_k`` (Rayleigh
             quotients of the Lanczos vectors) and the smallest of those entries and of
             the pivots of ``T_k = L D L^T``, so ``min_curvature < 0`` exactly when
-            ``T_k`` (hence ``A``) is not positive definite. ``nan`` for solvers that do
-            not track them. See :meth:`indefinite`.
+            ``T_k`` (hence ``A``) is not positive definite. dense, for an operator that
+            should be positive definite (an implicit layer's Hessian): the extreme
+            eigenvalues when a Cholesky test fails, else ``nan``. ``nan`` for solvers
+            that do not track them. See :meth:`indefinite`.
 
     Example:
         >>> info = LinearSolveInfo("cg", 3, 1e-12, True, False, "", threshold=1e-10)
