@@ -68,7 +68,8 @@ def auto(iterative: LinearSolver | None = None, max_dense: int = 64) -> Auto:
     """An exact dense solve when the unknowns are few, else an iterative solver.
 
     With ``n <= max_dense`` unknowns the operator is formed by applying it to the ``n``
-    basis vectors at once (``torch.func.vmap``) and solved by LU: one batched product and
+    basis vectors at once (its own ``matmat`` when it has one, as the implicit layers'
+    plain backward does, else ``torch.func.vmap``) and solved by LU: one batched product and
     a factorisation instead of up to ``n`` sequential products with their Python and
     synchronisation overhead, which dominate small problems. A singular matrix falls
     back to ``iterative``. Larger problems go to ``iterative`` (default :func:`cg`,

@@ -195,9 +195,13 @@ def dense(
 ) -> Dense:
     """Direct solve with the operator formed as a dense ``n x n`` matrix (small ``n``).
 
-    The matrix is built by applying ``matvec`` to the ``n`` basis vectors (batched
-    with ``torch.func.vmap``, or column by column if ``vectorize=False`` or the
-    matvec cannot be vmapped). Cost ``O(n)`` matvecs, ``O(n^2)`` memory and
+    The matrix is built by applying ``matvec`` to the ``n`` basis vectors (batched:
+    by ``matvec.matmat(V)`` when the matvec has that method, taking and returning
+    stacks of vectors with a leading dimension, else with ``torch.func.vmap``; column
+    by column if ``vectorize=False`` or the matvec cannot be vmapped). A matvec with
+    ``definite = True`` promises a symmetric positive definite operator (a Hessian at
+    a minimum): it is then tested by a Cholesky factorisation, and when that fails the
+    info record carries the extreme eigenvalues (``min_curvature``, ``max_curvature``). Cost ``O(n)`` matvecs, ``O(n^2)`` memory and
     ``O(n^3)`` time: the tutorial's approach, for small problems and for checking
     the iterative solvers.
 
