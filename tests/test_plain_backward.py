@@ -203,3 +203,45 @@ def test_the_default_dense_solve_of_a_minimum_is_silent(recwarn):
     torch.autograd.grad((w**2).sum(), h)
     assert not recwarn.list
     assert not diag.last_backward.indefinite()
+
+
+def test_dense_uses_an_operators_matmat_and_tests_definiteness():
+    g = torch.Generator().manual_seed(8)
+    M = torch.randn(5, 5, generator=g, dtype=D)
+    S = M + M.T  # symmetric, indefinite
+    b = torch.randn(5, generator=g, dtype=D)
+
+    class Op:
+        definite = True
+
+        def __init__(self):
+            self.stacks = 0
+
+        def __call__(self, v):
+            return S @ v
+
+        def matmat(self, V):
+            self.stacks += 1
+            return V @ S.T
+
+    op = Op()
+    x, info = linalg.dense()(op, b)
+    assert op.stacks == 1  # the matrix came from one batched call
+    torch.testing.assert_close(x, torch.linalg.solve(S, b), rtol=1e-10, atol=1e-12)
+    eig = torch.linalg.eigvalsh(S)
+    assert info.indefinite()
+    assert info.min_curvature == pytest.approx(float(eig[0]))
+    assert info.max_curvature == pytest.approx(float(eig[-1]))
+    # positive definite: silent, no curvature computed
+    x, info = linalg.dense()(_PD(S), b)
+    assert not info.indefinite() and info.min_curvature != info.min_curvature  # nan
+
+
+class _PD:
+    definite = True
+
+    def __init__(self, S):
+        self.A = S @ S.T + torch.eye(S.shape[0], dtype=D)
+
+    def __call__(self, v):
+        return self.A @ v
