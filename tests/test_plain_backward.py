@@ -2,6 +2,8 @@
 to the general, twice-differentiable path, with the matrix of dense solves formed from one
 batched backward, and the forward's graph reused safely."""
 
+import math
+
 import pytest
 import torch
 
@@ -234,7 +236,7 @@ def test_dense_uses_an_operators_matmat_and_tests_definiteness():
     assert info.max_curvature == pytest.approx(float(eig[-1]))
     # positive definite: silent, no curvature computed
     x, info = linalg.dense()(_PD(S), b)
-    assert not info.indefinite() and info.min_curvature != info.min_curvature  # nan
+    assert not info.indefinite() and math.isnan(info.min_curvature)
 
 
 class _PD:
