@@ -267,6 +267,8 @@ class _UserProblem(_Problem):
             if self.stationarity_tol is not None:
                 self._check_residual(sol, theta)
             return sol
+        if self.solver is None and self.stationarity_tol is None:
+            return self.run(None, init)  # the solution given and nothing to check it against
         return self.run(self.target(theta), init)
 
     def run(self, target: Any, init: Sequence[Tensor]) -> list[Tensor]:
