@@ -16,6 +16,11 @@ One function, :func:`unroll`, and five ways to differentiate through it (``mode`
 ``"first_order"``  the inner gradients are constants (first-order MAML); cheap and biased.
 ``"auto"``         with ``memory_budget=`` bytes: the fastest of reverse, checkpoint and
                    forward whose memory, estimated from two measured steps, fits.
+``"reversible"``   SGD with momentum only (Maclaurin et al. 2015): weights and velocities
+                   in exact fixed-point arithmetic, the bits each multiplication by the
+                   momentum discards kept in a compact buffer (about log2(1/momentum) bits
+                   per weight per step), the trajectory retraced exactly backwards; exact
+                   along the quantised trajectory; memory O(P) plus that buffer.
 
 Whatever the mode, the result's ``params`` are attached to the autograd graph, so
 ``outer_loss.backward()`` fills ``.grad`` on the hyperparameter leaves.
@@ -34,7 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,7 +60,14 @@ from bilevel.unroll.preflight import (
     warn_if_graph_will_not_fit,
 )
 from bilevel.unroll.ranges import tensor_range_check
-from bilevel.unroll.result import NonFiniteLossError, UnrollResult
+from bilevel.unroll.result import NonFiniteLossError, ReversibleReport, UnrollResult
+from bilevel.unroll.reversible import (
+    check_options,
+    check_supported,
+    float_momentum,
+    momentum_ratio,
+    run_reversible,
+)
 from bilevel.unroll.step import Carry, InnerLoss, InnerStep, call_loss, in_functorch_transform
 from bilevel.unroll.validation import (
     MODES,
@@ -64,7 +76,7 @@ from bilevel.unroll.validation import (
     validate_problem,
 )
 
-__all__ = ["MODES", "NonFiniteLossError", "UnrollResult", "unroll"]
+__all__ = ["MODES", "NonFiniteLossError", "ReversibleReport", "UnrollResult", "unroll"]
 
 
 def unroll(
@@ -85,6 +97,8 @@ def unroll(
     memory_budget: int | None = None,
     compiled: bool = False,
     check_hparams: bool = True,
+    radix_bits: int | None = None,
+    momentum_denominator: int | None = None,
 ) -> UnrollResult:
     """Run ``steps`` optimizer steps on ``inner_loss``; the result is differentiable w.r.t.
     the hyperparameters.
@@ -108,8 +122,8 @@ def unroll(
         data: None, a fixed batch (tensor, tuple or dict), a sequence of at least T batches,
             an iterable of batches (restarted when exhausted if re-iterable), or a function
             ``step -> batch``.
-        mode: ``"reverse"``, ``"truncated"``, ``"checkpoint"``, ``"forward"`` or
-            ``"first_order"`` (see the module docstring).
+        mode: ``"reverse"``, ``"truncated"``, ``"checkpoint"``, ``"forward"``,
+            ``"first_order"``, ``"auto"`` or ``"reversible"`` (see the module docstring).
         truncate: with ``mode="truncated"``, the number K of last steps differentiated.
         segments: with ``mode="checkpoint"``, the number of segments (default ceil(sqrt(T))).
         buffers: non-differentiable state of the model (BatchNorm statistics), carried across
@@ -129,6 +143,12 @@ def unroll(
         vectorize: in ``"forward"`` mode, batch the H tangent directions with ``vmap`` (True),
             or loop over them with core forward-mode AD (False: also for inner losses that
             ``vmap`` cannot batch). Default: batch when H > 2.
+        radix_bits: with ``mode="reversible"``, the fixed-point grid ``2**-radix_bits`` of
+            the weights and velocities (default 44: values up to ``2**18``); see
+            :mod:`bilevel.unroll.reversible`.
+        momentum_denominator: with ``mode="reversible"``, multiply by the momentum rounded
+            to ``round(momentum·d)/d``; by default the momentum must be a ratio of integers
+            with a denominator up to 2**15 (0.9 is 9/10), or a ``fractions.Fraction``.
         check_hparams: raise when an ``hparams`` key is read by neither the optimizer nor
             ``inner_loss`` during the first step (a misspelling; the error names the closest
             known name). Turn it off for keys that are read only at later steps.
@@ -147,7 +167,8 @@ def unroll(
     modified in place between the forward pass and ``backward()``.
 
     Returns:
-        An :class:`UnrollResult` with ``params``, ``state``, ``losses`` and ``buffers``.
+        An :class:`UnrollResult` with ``params``, ``state``, ``losses`` and ``buffers``
+        (and ``reversible``, what the bit buffer held, in that mode).
 
     Example:
         >>> import torch, bilevel
@@ -164,10 +185,15 @@ def unroll(
     validate_problem(inner_loss, params, hparams, optimizer, steps)
     validate_mode(mode, steps, truncate, segments, memory_budget)
     validate_placement(params, hparams, buffers)
+    check_options(mode, radix_bits, momentum_denominator)
+    if mode == "reversible":
+        check_supported(optimizer, hparams, buffers, state)
+        momentum_ratio(optimizer, hparams, momentum_denominator)  # its error before any step
+        optimizer, hparams = float_momentum(optimizer, hparams)
     optimizer.validate(dict(params), hparams, steps)
     if compiled is not False and mode != "forward":
         raise ValueError(f"compiled=True is only used with mode='forward' (mode={mode!r})")
-    if mode in ("checkpoint", "forward", "auto") and in_functorch_transform():
+    if mode in ("checkpoint", "forward", "auto", "reversible") and in_functorch_transform():
         raise ValueError(
             f"mode={mode!r} cannot run inside torch.func transforms (vmap, grad); use "
             "mode='reverse', 'truncated' or 'first_order' there"
@@ -217,6 +243,10 @@ def unroll(
     run = Run(InnerStep(inner_loss, optimizer, hparams), steps, batch_at, checker, persistent)
     carry = Carry(params, state, own_buffers)
     with torch.no_grad() if no_graph else contextlib.nullcontext():
+        if mode == "reversible":  # with or without grad: the same fixed-point trajectory
+            return run_reversible(
+                run, carry, radix_bits, momentum_denominator, _iterator_only(data)
+            )
         if torch.is_grad_enabled():
             if mode == "auto":
                 assert memory_budget is not None
@@ -231,6 +261,13 @@ def unroll(
         return run_autograd(
             run, carry, mode if mode in ("truncated", "first_order") else "reverse", truncate
         )
+
+
+def _iterator_only(data: Any) -> bool:
+    """Whether ``data`` can only be iterated once in order (its batches cannot be asked
+    for again by step): the reversible mode then keeps them for its backward pass."""
+    replayable = (Tensor, tuple, Mapping, Sequence)
+    return data is not None and not isinstance(data, replayable) and not callable(data)
 
 
 @dataclass(frozen=True)

@@ -260,7 +260,7 @@ def check_first_step(first: FirstStep) -> FirstStepReport:
     params_grad = any(p.requires_grad for p in first.params.values())
     roots = [loss, *new_params.values()]
     captured = _captured_leaf(roots, [*live.values(), *hyper])
-    if captured is not None and first.mode in ("forward", "checkpoint", "auto"):
+    if captured is not None and first.mode in ("forward", "checkpoint", "auto", "reversible"):
         raise ValueError(
             f"inner_loss (or a schedule function) uses a tensor of shape {tuple(captured.shape)} "
             f"that requires grad and is not in hparams: mode={first.mode!r} differentiates "

@@ -10,7 +10,7 @@ from torch import Tensor
 from bilevel._tree import tree_flatten
 from bilevel.optim.base import Optimizer
 
-MODES = ("reverse", "truncated", "checkpoint", "forward", "first_order", "auto")
+MODES = ("reverse", "truncated", "checkpoint", "forward", "first_order", "auto", "reversible")
 
 
 def validate_problem(
