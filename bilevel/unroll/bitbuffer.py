@@ -86,39 +86,45 @@ class BitBuffer:
         # words suffice; one more for a spill that a pop takes straight back
         capacity = max(1, math.ceil(max_bits / WORD_BITS) + 1)
         self.stack = torch.zeros((capacity, self.numel), dtype=torch.int32, device=device)
-        self.columns = torch.arange(self.numel, device=device)
         # set (on the device) if a push found the spill table full, or a pop took more
         # than the buffer held
         self.overflowed = torch.zeros((), dtype=torch.bool, device=device)
 
-    def push(self, values: Tensor, modulus: int) -> None:
-        """Store ``values`` (int64, each in ``[0, modulus)``), one per element."""
+    def push(self, values: Tensor, modulus: int, where: Tensor | None = None) -> None:
+        """Store ``values`` (int64, each in ``[0, modulus)``), one per element (only
+        where the bool mask ``where`` is set, when given)."""
         x = self.state
         spill = x >= (self.low // modulus) * _WORD
-        row = self.height.long()
-        full = row >= self.stack.shape[0]
-        self.overflowed = self.overflowed | (spill & full).any()
+        if where is not None:
+            spill = spill & where
+        row = self.height.long()[None]
+        self.overflowed = self.overflowed | (spill & (row[0] >= self.stack.shape[0])).any()
         row = row.clamp(max=self.stack.shape[0] - 1)
-        word = (x & (_WORD - 1)) - _HALF  # the low 32 bits, as a signed int32
-        kept = self.stack[row, self.columns]
+        word = ((x & (_WORD - 1)) - _HALF).to(torch.int32)  # the low 32 bits, signed
         # a slot a pop freed is written again: the mirror image of that pop rewrites it
-        self.stack[row, self.columns] = torch.where(spill, word.to(torch.int32), kept)
+        kept = self.stack.gather(0, row)[0]
+        self.stack.scatter_(0, row, torch.where(spill, word, kept)[None])
         self.height = self.height + spill.to(torch.int32)
         x = torch.where(spill, x >> WORD_BITS, x)
-        self.state = x * modulus + values
+        pushed = x * modulus + values
+        self.state = pushed if where is None else torch.where(where, pushed, x)
 
-    def pop(self, modulus: int) -> Tensor:
+    def pop(self, modulus: int, where: Tensor | None = None) -> Tensor:
         """The last values pushed with this modulus (or, bits back, values drawn from the
-        store: each is uniquely undone by pushing it back)."""
+        store: each is uniquely undone by pushing it back); only where ``where`` is set,
+        when given (elsewhere the values returned mean nothing)."""
         x = self.state
         values = torch.remainder(x, modulus)
-        x = torch.div(x, modulus, rounding_mode="floor")
-        refill = x < self.low
+        y = torch.div(x, modulus, rounding_mode="floor")
+        refill = y < self.low
+        if where is not None:
+            refill = refill & where
         self.height = self.height - refill.to(torch.int32)
         self.overflowed = self.overflowed | (self.height < 0).any()
-        row = self.height.long().clamp(min=0)
-        word = self.stack[row, self.columns].to(torch.int64) + _HALF
-        self.state = torch.where(refill, (x << WORD_BITS) | word, x)
+        row = self.height.long().clamp(min=0)[None]
+        word = self.stack.gather(0, row)[0].to(torch.int64) + _HALF
+        y = torch.where(refill, (y << WORD_BITS) | word, y)
+        self.state = y if where is None else torch.where(where, y, x)
         return values
 
     def is_empty(self) -> Tensor:

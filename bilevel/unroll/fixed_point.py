@@ -1,26 +1,26 @@
 """SGD with momentum in exact fixed-point arithmetic, one step forward and its exact inverse.
 
-Weights and velocities are int64 tensors holding ``value · 2**radix_bits``. One step at
-the weights ``w`` (``g`` the float gradient at them after ``maximize`` and weight decay,
-torch's order of operations; ``n/d`` the momentum)::
+Weights and velocities are int64 vectors (all parameters end to end) holding
+``value · 2**radix_bits``. One step at the weights ``w`` (``g`` the float gradient at them
+after ``maximize`` and weight decay, torch's order of operations; ``n/d`` the momentum)::
 
     v = (v div d)·n + pop(n), after push(v mod d, d)      exact v·n/d (bits back)
     v = v + q((1 - dampening)·g)                          q: round to the fixed-point grid
     w = w - q(lr · v)
 
 As :class:`torch.optim.SGD`, a parameter's first update sets ``v = q(g)``, and a parameter
-without a gradient at a step (unused by the loss) is left as it is. :func:`reverse_step`
-undoes the three lines in the opposite order: it adds ``q(lr · v)`` back (the same float
-number from the same ``v``), recomputes ``g`` at the weights so recovered, subtracts
-``q(...)`` and divides by the momentum with the mirror image ``(v div n)·d + pop(d)``
-after ``push(v mod n, n)``. Nothing is approximate: the trajectory is retraced bit for bit
-as long as the inner loss and the data give the same gradient at the same weights.
+without a gradient at a step (unused by the loss) is left as it is. The inverse undoes the
+three lines in the opposite order: it adds ``q(lr · v)`` back (the same float number from
+the same ``v``), recomputes ``g`` at the weights so recovered, subtracts ``q(...)`` and
+divides by the momentum with the mirror image ``(v div n)·d + pop(d)`` after
+``push(v mod n, n)``. Nothing is approximate: the trajectory is retraced bit for bit as
+long as the inner loss and the data give the same gradient at the same weights.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
@@ -32,6 +32,7 @@ from bilevel.unroll.bitbuffer import BitBuffer
 
 # |value| < 2**62 after scaling: a sum of two such values still fits in int64
 _INT_BITS = 62
+_LIMIT = 2**_INT_BITS
 
 
 @dataclass(frozen=True)
@@ -48,30 +49,87 @@ class FixedPoint:
 
     radix_bits: int
 
-    @property
-    def limit(self) -> float:
-        """The largest magnitude the grid holds (exclusive)."""
-        return 2.0 ** (_INT_BITS - self.radix_bits)
-
     def to_int(self, x: Tensor) -> Tensor:
-        """Round float ``x`` to the grid (values out of range are caught by :meth:`bad`)."""
+        """Round float ``x`` to the grid; values out of range or not finite become
+        ``±2**62``, which :func:`out_of_range` reports."""
         scaled = x.double() * 2.0**self.radix_bits  # a power of two: exact
-        return scaled.round().clamp(-(2.0**_INT_BITS), 2.0**_INT_BITS).to(torch.int64)
+        scaled = scaled.nan_to_num(nan=float(_LIMIT)).clamp(-float(_LIMIT), float(_LIMIT))
+        return scaled.round().to(torch.int64)
 
     def to_float(self, k: Tensor, dtype: torch.dtype) -> Tensor:
         """The value of grid points ``k`` in ``dtype``."""
         return (k.double() * 2.0**-self.radix_bits).to(dtype)
 
-    def bad(self, x: Tensor) -> Tensor:
-        """Whether any element of float ``x`` is out of range or not finite (0-d bool)."""
-        return ~(x.double().abs() < self.limit).all()
+
+def out_of_range(*ks: Tensor) -> Tensor:
+    """Whether any grid point reached ``±2**62`` (0-d bool): a value the grid cannot hold."""
+    return torch.stack([k.abs().max() for k in ks]).max() >= _LIMIT
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each parameter lies in the flat vectors."""
+
+    names: list[str]
+    shapes: list[torch.Size]
+    dtypes: list[torch.dtype]
+    device: torch.device
+    # storage-free stand-ins of the parameters, for resolving per-element settings
+    likes: list[Tensor]
+    masks: dict[Any, Tensor] = field(default_factory=dict, compare=False)
+
+    @staticmethod
+    def of(params: Mapping[str, Tensor]) -> Layout:
+        ref = next(iter(params.values()))
+        return Layout(
+            list(params),
+            [p.shape for p in params.values()],
+            [p.dtype for p in params.values()],
+            ref.device,
+            [torch.empty(p.shape, dtype=p.dtype, device="meta") for p in params.values()],
+        )
+
+    @property
+    def sizes(self) -> list[int]:
+        return [s.numel() for s in self.shapes]
+
+    def split(self, flat: Tensor) -> dict[str, Tensor]:
+        """Per-parameter tensors in their dtypes (copies, never views of ``flat``)."""
+        parts = flat.split(self.sizes)
+        return {
+            k: x.reshape(s).to(dt, copy=True)
+            for k, x, s, dt in zip(self.names, parts, self.shapes, self.dtypes)
+        }
+
+    def join(self, tensors: Mapping[str, Tensor | None], dtype: torch.dtype) -> Tensor:
+        """One flat vector; zeros for a missing (``None``) tensor."""
+        return torch.cat(
+            [
+                torch.zeros(s.numel(), dtype=dtype, device=self.device)
+                if tensors.get(k) is None
+                else tensors[k].reshape(-1).to(dtype)  # type: ignore[union-attr]
+                for k, s in zip(self.names, self.shapes)
+            ]
+        )
+
+    def mask(self, names: frozenset[str]) -> Tensor | None:
+        """The elements of ``names`` (None: all of them)."""
+        if names.issuperset(self.names):
+            return None
+        if names not in self.masks:
+            parts = [
+                torch.full((n,), k in names, device=self.device)
+                for k, n in zip(self.names, self.sizes)
+            ]
+            self.masks[names] = torch.cat(parts)
+        return self.masks[names]
 
 
 @dataclass(frozen=True)
 class QuantisedSGD:
     """What a fixed-point step computes with: the SGD settings (read with the optimizer's
-    own resolution: numbers, tensors, schedules, mappings), the momentum ``n/d``, the grid
-    and the gradient of the inner loss at float weights."""
+    own resolution: numbers, tensors, schedules, mappings), the momentum ``n/d``, the grid,
+    the parameters' layout and the gradient of the inner loss at float weights."""
 
     optimizer: Optimizer
     hparams: HParams
@@ -80,53 +138,102 @@ class QuantisedSGD:
     # gradient(weights, batch, step) -> (loss, {name: gradient or None}), weights in the
     # params' dtypes
     gradient: Callable[[dict[str, Tensor], Any, int], tuple[Tensor, dict[str, Tensor | None]]]
-    dtypes: Mapping[str, torch.dtype]
+    layout: Layout
 
-    def setting(self, name: str, index: int, param: str, like: Tensor) -> Any:
-        value = self.optimizer.hparam(name, self.hparams, index, param, like)
-        return value.detach().double() if isinstance(value, Tensor) else float(value)
+    def setting(self, name: str, index: int) -> Any:
+        """A setting at step ``index``: a float or a 0-d float64 tensor, or a flat float64
+        vector when it is given per parameter or per element."""
+        layout = self.layout
+        value = self.optimizer.resolve(name, self.hparams, index, layout.names, layout.likes)
+        if not isinstance(value, list):
+            return value.detach().double() if isinstance(value, Tensor) else float(value)
+        parts = [
+            torch.as_tensor(x.detach() if isinstance(x, Tensor) else float(x))
+            .to(device=layout.device, dtype=torch.float64)
+            .expand(shape)
+            .reshape(-1)
+            for x, shape in zip(value, layout.shapes)
+        ]
+        return torch.cat(parts)
 
-    def increment(self, name: str, g: Tensor, w: Tensor, index: int, first: bool) -> Tensor:
-        """The float term added to the velocity: ``(1 - dampening)·g`` (``g`` at the first
-        update), ``g`` with ``maximize`` and weight decay applied, in float64."""
-        g = g.double()
-        if self.optimizer.flag("maximize", self.hparams):
+    def floats(self, k: Tensor) -> dict[str, Tensor]:
+        """Per-parameter float tensors of the flat grid points ``k``."""
+        return self.layout.split(self.grid.to_float(k, torch.float64))
+
+    def increment(
+        self,
+        grads: Mapping[str, Tensor | None],
+        weights: dict[str, Tensor],
+        index: int,
+        first: Tensor | None,
+        any_first: bool,
+    ) -> Tensor:
+        """The float term added to the velocities: ``(1 - dampening)·g``, ``g`` itself at a
+        first update (elements in ``first``), with ``maximize`` and weight decay applied."""
+        g = self.layout.join(grads, torch.float64)
+        opt, hp = self.optimizer, self.hparams
+        if opt.flag("maximize", hp):
             g = -g
-        if self.optimizer.is_active("weight_decay", self.hparams):
-            g = g + self.setting("weight_decay", index, name, w) * w.double()
-        if first:
+        if opt.is_active("weight_decay", hp):
+            w = self.layout.join(weights, torch.float64)
+            g = g + self.setting("weight_decay", index) * w
+        if not opt.is_active("dampening", hp):
             return g
-        return (1 - self.setting("dampening", index, name, w)) * g
-
-    def floats(self, w_int: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return {k: self.grid.to_float(v, self.dtypes[k]) for k, v in w_int.items()}
+        damped = (1 - self.setting("dampening", index)) * g
+        if not any_first:
+            return damped
+        return g if first is None else torch.where(first, g, damped)
 
 
 @dataclass
 class Trajectory:
-    """The fixed-point weights and velocities, each parameter's update count, one bit
-    buffer per parameter, and a device flag raised by a value off the grid's range."""
+    """The flat fixed-point weights and velocities, each parameter's update count, the bit
+    buffer, and a device flag per step raised by a value off the grid's range."""
 
-    w: dict[str, Tensor]
-    v: dict[str, Tensor]
+    w: Tensor
+    v: Tensor
     counts: dict[str, int]
-    buffers: dict[str, BitBuffer]
-    bad: Tensor
-    first_bad: Tensor
+    buffer: BitBuffer
+    flags: list[Tensor] = field(default_factory=list)
 
 
-def _flag(traj: Trajectory, bad: Tensor, step: int) -> None:
-    traj.first_bad = torch.where(bad & ~traj.bad, step, traj.first_bad)
-    traj.bad = traj.bad | bad
+@dataclass(frozen=True)
+class _Masks:
+    """Which elements a step updates, and which of them it updates for the first time."""
+
+    used: list[str]
+    updated: Tensor | None  # None: every element
+    first: Tensor | None
+    any_first: bool
+    any_later: bool
+    later: Tensor | None  # updated and not first
 
 
-def _multiply(v: Tensor, buffer: BitBuffer, n: int, d: int) -> Tensor:
-    """``v · n/d`` exactly: the remainder of the division is pushed, the low digits of the
-    product popped (a mirror image with ``n`` and ``d`` swapped divides)."""
-    flat = v.reshape(-1)
-    buffer.push(torch.remainder(flat, d), d)
-    product = torch.div(flat, d, rounding_mode="floor") * n + buffer.pop(n)
-    return product.reshape(v.shape)
+def _masks(sgd: QuantisedSGD, traj: Trajectory, used: list[str]) -> _Masks:
+    layout = sgd.layout
+    first_names = frozenset(k for k in used if traj.counts[k] == 0)
+    later_names = frozenset(used) - first_names
+    return _Masks(
+        used,
+        layout.mask(frozenset(used)),
+        layout.mask(first_names) if first_names else None,
+        bool(first_names),
+        bool(later_names),
+        layout.mask(later_names) if later_names else None,
+    )
+
+
+def _multiply(v: Tensor, buffer: BitBuffer, n: int, d: int, where: Tensor | None) -> Tensor:
+    """``v · n/d`` exactly where ``where`` is set (everywhere if None): the remainder of the
+    division is pushed, the low digits of the product popped (the mirror image, ``n`` and
+    ``d`` swapped, divides)."""
+    buffer.push(torch.remainder(v, d), d, where)
+    product = torch.div(v, d, rounding_mode="floor") * n + buffer.pop(n, where)
+    return product if where is None else torch.where(where, product, v)
+
+
+def _only(where: Tensor | None, x: Tensor) -> Tensor:
+    return x if where is None else torch.where(where, x, torch.zeros_like(x))
 
 
 def forward_step(
@@ -136,35 +243,35 @@ def forward_step(
     of the parameters updated."""
     weights = sgd.floats(traj.w)
     loss, grads = sgd.gradient(weights, batch, step)
-    n, d = sgd.momentum.numerator, sgd.momentum.denominator
     used = [k for k, g in grads.items() if g is not None]
+    if not used:
+        return loss, used
+    m = _masks(sgd, traj, used)
+    u = sgd.grid.to_int(sgd.increment(grads, weights, index, m.first, m.any_first))
+    v = traj.v
+    if m.any_later:
+        ratio = sgd.momentum
+        v = _multiply(v, traj.buffer, ratio.numerator, ratio.denominator, m.later)
+    v = v + _only(m.updated, u)
+    if m.any_first:  # a first update replaces the velocity (torch's semantics)
+        v = u if m.first is None else torch.where(m.first, u, v)
+    step_size = sgd.setting("lr", index) * sgd.grid.to_float(v, torch.float64)
+    dw = _only(m.updated, sgd.grid.to_int(step_size))
+    traj.v, traj.w = v, traj.w - dw
+    traj.flags.append(out_of_range(u, dw, traj.v, traj.w))
     for k in used:
-        g = grads[k]
-        assert g is not None
-        first = traj.counts[k] == 0
-        u = sgd.increment(k, g, weights[k], index, first)
-        v = traj.v[k]
-        v = (
-            sgd.grid.to_int(u)
-            if first
-            else _multiply(v, traj.buffers[k], n, d) + sgd.grid.to_int(u)
-        )
-        dw = sgd.setting("lr", index, k, weights[k]) * sgd.grid.to_float(v, torch.float64)
-        _flag(traj, sgd.grid.bad(u) | sgd.grid.bad(dw) | (v.abs() >= 2**_INT_BITS).any(), step)
-        w = traj.w[k] - sgd.grid.to_int(dw)
-        _flag(traj, (w.abs() >= 2**_INT_BITS).any(), step)
-        traj.v[k], traj.w[k] = v, w
         traj.counts[k] += 1
     return loss, used
 
 
 def undo_weights(sgd: QuantisedSGD, traj: Trajectory, index: int, used: list[str]) -> None:
-    """The first half of :func:`reverse_step`: the weights before the step."""
+    """The first half of the inverse: the weights before the step."""
+    if not used:
+        return
     for k in used:
         traj.counts[k] -= 1
-        like = traj.w[k]
-        dw = sgd.setting("lr", index, k, like) * sgd.grid.to_float(traj.v[k], torch.float64)
-        traj.w[k] = traj.w[k] + sgd.grid.to_int(dw)
+    dw = sgd.grid.to_int(sgd.setting("lr", index) * sgd.grid.to_float(traj.v, torch.float64))
+    traj.w = traj.w + _only(sgd.layout.mask(frozenset(used)), dw)
 
 
 def undo_velocities(
@@ -177,29 +284,33 @@ def undo_velocities(
 ) -> None:
     """The second half: the velocities before the step, from the gradient at the weights
     before it (recomputed by the caller, who also differentiates through it)."""
-    n, d = sgd.momentum.numerator, sgd.momentum.denominator
-    for k in used:
-        g = grads[k]
-        if g is None:
-            raise RuntimeError(
-                f"mode='reversible': parameter {k!r} had a gradient at this step in the "
-                "forward pass but none when the step was recomputed: the inner loss is not "
-                "deterministic"
-            )
-        first = traj.counts[k] == 0
-        v = traj.v[k] - sgd.grid.to_int(
-            sgd.increment(k, g.detach(), weights[k].detach(), index, first)
+    if not used:
+        return
+    missing = [k for k in used if grads.get(k) is None]
+    if missing:
+        raise RuntimeError(
+            f"mode='reversible': parameters {missing} had a gradient at this step in the "
+            "forward pass but none when the step was recomputed: the inner loss is not "
+            "deterministic"
         )
-        # a first update replaced the velocity (torch's semantics): v is zero here, which
-        # the end-of-backward check confirms
-        traj.v[k] = v if first else _multiply(v, traj.buffers[k], d, n)
+    m = _masks(sgd, traj, used)
+    plain = {k: None if g is None else g.detach() for k, g in grads.items()}
+    w = {k: x.detach() for k, x in weights.items()}
+    u = sgd.grid.to_int(sgd.increment(plain, w, index, m.first, m.any_first))
+    v = traj.v - _only(m.updated, u)
+    # elements updated for the first time: v is zero now (the end-of-backward check
+    # confirms it); the others are divided by the momentum
+    if m.any_later:
+        ratio = sgd.momentum
+        v = _multiply(v, traj.buffer, ratio.denominator, ratio.numerator, m.later)
+    traj.v = v
 
 
 def reverse_step(
     sgd: QuantisedSGD, traj: Trajectory, batch: Any, index: int, step: int, used: list[str]
 ) -> None:
-    """Undo :func:`forward_step` in place (without differentiating; see
-    :mod:`bilevel.unroll.reversible` for the differentiated form)."""
+    """Undo :func:`forward_step` in place (without differentiating; the backward pass of
+    :mod:`bilevel.unroll.reversal` does it with a graph)."""
     undo_weights(sgd, traj, index, used)
     weights = sgd.floats(traj.w)
     _, grads = sgd.gradient(weights, batch, step)

@@ -14,6 +14,7 @@ initial weights, velocities and empty buffers were recovered bit for bit.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,7 @@ from bilevel.unroll.fixed_point import (
     QuantisedSGD,
     Trajectory,
     forward_step,
+    out_of_range,
     undo_velocities,
     undo_weights,
 )
@@ -61,38 +63,36 @@ class Record:
 
 
 def start(plan: Plan, params: dict[str, Tensor]) -> Trajectory:
-    """The fixed-point start: the params and the state's velocities on the grid, and
-    empty buffers sized for T steps."""
-    grid, ratio = plan.sgd.grid, plan.sgd.momentum
+    """The fixed-point start: the params and the state's velocities on the grid, and an
+    empty buffer sized for T steps."""
+    grid, ratio, layout = plan.sgd.grid, plan.sgd.momentum, plan.sgd.layout
     counts = dict(plan.start.get("param_steps") or dict.fromkeys(params, plan.start["step"]))
-    velocity = plan.start.get("momentum_buffer") or {}
     bits = plan.run.steps * (math.log2(ratio.denominator / ratio.numerator) + 1e-6) + 1
-    ref = next(iter(params.values()))
-    traj = Trajectory(
-        w={k: grid.to_int(p.detach()) for k, p in params.items()},
-        v={k: initial_velocity(plan, k, p) for k, p in params.items()},
-        counts=counts,
-        buffers={
-            k: BitBuffer(p.numel(), (ratio.numerator, ratio.denominator), bits, p.device)
-            for k, p in params.items()
-        },
-        bad=torch.zeros((), dtype=torch.bool, device=ref.device),
-        first_bad=torch.zeros((), dtype=torch.int64, device=ref.device),
-    )
-    initial = [grid.bad(p.detach()) for p in params.values()]
-    initial += [grid.bad(v.detach()) for v in velocity.values() if isinstance(v, Tensor)]
-    traj.bad = torch.stack(initial).any()
-    return traj
+    w = initial_weights(plan, params)
+    v = initial_velocity(plan)
+    buffer = BitBuffer(w.numel(), (ratio.numerator, ratio.denominator), bits, layout.device)
+    velocity = plan.start.get("momentum_buffer") or {}
+    given = [grid.to_int(x.detach()) for x in velocity.values() if isinstance(x, Tensor)]
+    return Trajectory(w, v, counts, buffer, [out_of_range(w, *given)])
 
 
-def initial_velocity(plan: Plan, name: str, param: Tensor) -> Tensor:
-    """The velocity a parameter starts from on the grid: zero before its first update
-    (which replaces it, as in torch)."""
+def initial_weights(plan: Plan, params: Mapping[str, Tensor]) -> Tensor:
+    """The params on the grid, end to end."""
+    ints = {k: plan.sgd.grid.to_int(p.detach()) for k, p in params.items()}
+    return plan.sgd.layout.join(ints, torch.int64)
+
+
+def initial_velocity(plan: Plan) -> Tensor:
+    """The velocities the parameters start from on the grid, end to end: zero before a
+    parameter's first update (which replaces it, as in torch)."""
     counts: dict[str, int] = plan.start.get("param_steps") or {}
-    count: int = counts.get(name, plan.start["step"]) or 0
-    if count > 0 and (velocity := (plan.start.get("momentum_buffer") or {}).get(name)) is not None:
-        return plan.sgd.grid.to_int(velocity.detach())
-    return torch.zeros(param.shape, dtype=torch.int64, device=param.device)
+    velocity = plan.start.get("momentum_buffer") or {}
+    ints: dict[str, Tensor | None] = {}
+    for k in plan.names:
+        count: int = counts.get(k, plan.start["step"]) or 0
+        given = velocity.get(k)
+        ints[k] = plan.sgd.grid.to_int(given.detach()) if count > 0 and given is not None else None
+    return plan.sgd.layout.join(ints, torch.int64)
 
 
 def trace(plan: Plan, record: Record) -> None:
@@ -107,24 +107,29 @@ def trace(plan: Plan, record: Record) -> None:
         record.losses.append(loss)
         record.used.append(used)
         run.checker(record.losses, t + 1)
-    buffers = list(traj.buffers.values())
-    payload = torch.stack([b.payload_bits() for b in buffers]).sum()
-    overflow = torch.stack([b.overflowed for b in buffers]).any()
+    buffer = traj.buffer
+    flags = torch.stack(traj.flags)  # [the start, step 0, step 1, ...]
     bad, first_bad, overflowed, payload_bits = torch.stack(
-        [traj.bad.double(), traj.first_bad.double(), overflow.double(), payload]
+        [
+            flags.any().double(),
+            flags.double().argmax().double() - 1,
+            buffer.overflowed.double(),
+            buffer.payload_bits(),
+        ]
     ).tolist()  # the one synchronisation of the forward pass
     radix = plan.sgd.grid.radix_bits
     if bad:
+        where = "at the start" if first_bad < 0 else f"at step {int(first_bad)}"
         raise OverflowError(
-            f"mode='reversible': a weight, velocity or update at step {int(first_bad)} is not "
+            f"mode='reversible': a weight, velocity or update {where} is not "
             f"finite or outside the fixed-point range ±2**{62 - radix} (radix_bits={radix}); "
             "pass a smaller radix_bits, or lower the learning rate if the run diverges"
         )
     if overflowed:  # unreachable by the capacity bound; a guard, not a code path
         raise RuntimeError("mode='reversible': the bit buffer's spill table overflowed")
     ratio = plan.sgd.momentum
-    weights = sum(b.numel for b in buffers)
-    buffer_bytes = sum(b.nbytes for b in buffers)
+    weights = buffer.numel
+    buffer_bytes = buffer.nbytes
     batch_bytes = sum(
         x.numel() * x.element_size()
         for x in tree_flatten(record.batches)[0]
@@ -145,7 +150,7 @@ def trace(plan: Plan, record: Record) -> None:
 def outputs(plan: Plan, traj: Trajectory) -> tuple[Tensor, ...]:
     """The final weights, then the final velocities, as floats in the params' dtypes."""
     w, v = plan.sgd.floats(traj.w), plan.sgd.floats(traj.v)
-    return (*[w[k] for k in plan.names], *[v[k] for k in plan.names])
+    return (*w.values(), *v.values())
 
 
 class ReversibleUnroll(torch.autograd.Function):
@@ -160,12 +165,7 @@ class ReversibleUnroll(torch.autograd.Function):
         trace(plan, record)
         traj = record.trajectory
         ctx.plan, ctx.record, ctx.counts = plan, record, dict(traj.counts)
-        ctx.save_for_backward(
-            *inputs,
-            *[traj.w[k] for k in plan.names],
-            *[traj.v[k] for k in plan.names],
-            *[t for k in plan.names for t in traj.buffers[k].tensors],
-        )
+        ctx.save_for_backward(*inputs, traj.w, traj.v, *traj.buffer.tensors)
         return outputs(plan, traj)
 
     @staticmethod
@@ -176,19 +176,9 @@ class ReversibleUnroll(torch.autograd.Function):
         n_p, n_h = len(plan.names), len(plan.explicit.hyper)
         saved = list(ctx.saved_tensors)
         params0, hyper = saved[:n_p], saved[n_p : n_p + n_h]
-        w_end, v_end = saved[n_p + n_h : 2 * n_p + n_h], saved[2 * n_p + n_h : 3 * n_p + n_h]
-        tables = saved[3 * n_p + n_h :]
-        traj = Trajectory(
-            w=dict(zip(plan.names, w_end)),
-            v=dict(zip(plan.names, v_end)),
-            counts=dict(ctx.counts),
-            buffers={
-                k: record.trajectory.buffers[k].with_tensors(*tables[3 * i : 3 * i + 3])
-                for i, k in enumerate(plan.names)
-            },
-            bad=record.trajectory.bad,
-            first_bad=record.trajectory.first_bad,
-        )
+        w_end, v_end, *tables = saved[n_p + n_h :]
+        buffer = record.trajectory.buffer.with_tensors(*tables)
+        traj = Trajectory(w_end, v_end, dict(ctx.counts), buffer)
         w_bar = {
             k: torch.zeros_like(p) if g is None else g
             for k, p, g in zip(plan.names, params0, grad_outputs[:n_p])
@@ -285,12 +275,9 @@ def _float_problem(plan: Plan, live: list[Tensor]) -> tuple[HParams, Optimizer]:
 
 def _check_recovered(plan: Plan, traj: Trajectory, params0: list[Tensor]) -> None:
     """One synchronisation: the start recovered bit for bit, or the gradient is wrong."""
-    grid = plan.sgd.grid
-    checks = [(traj.w[k] == grid.to_int(p.detach())).all() for k, p in zip(plan.names, params0)]
-    checks += [
-        (traj.v[k] == initial_velocity(plan, k, p)).all() for k, p in zip(plan.names, params0)
-    ]
-    checks += [b.is_empty() for b in traj.buffers.values()]
+    start_w = initial_weights(plan, dict(zip(plan.names, params0)))
+    checks = [(traj.w == start_w).all(), (traj.v == initial_velocity(plan)).all()]
+    checks.append(traj.buffer.is_empty())
     recovered = bool(torch.stack(checks).all())
     if not recovered:
         raise RuntimeError(

@@ -28,7 +28,7 @@ from torch import Tensor
 from bilevel.optim.base import HParams, Optimizer, State
 from bilevel.optim.sgd import SGD
 from bilevel.unroll.explicit import Explicit
-from bilevel.unroll.fixed_point import FixedPoint, QuantisedSGD
+from bilevel.unroll.fixed_point import FixedPoint, Layout, QuantisedSGD
 from bilevel.unroll.loop import Run
 from bilevel.unroll.result import UnrollResult
 from bilevel.unroll.reversal import Plan, Record, ReversibleUnroll, outputs, start, trace
@@ -166,7 +166,7 @@ def run_reversible(
         momentum_ratio(optimizer, hparams, denominator),
         FixedPoint(DEFAULT_RADIX_BITS if radix_bits is None else radix_bits),
         gradient,
-        {k: v.dtype for k, v in params.items()},
+        Layout.of(params),
     )
     explicit = Explicit.of(hparams, optimizer)
     plan = Plan(run, sgd, explicit, list(params), carry.state, stores_batches)
