@@ -388,3 +388,44 @@ def test_momentum_denominator_rounds_and_out_of_range_values_raise():
     assert r.reversible.momentum == Fraction(912, 1000)
     with pytest.raises(OverflowError, match="radix_bits"):
         _call(radix_bits=56, hp={"lr": torch.tensor(100.0, dtype=DT, requires_grad=True)})
+
+
+def test_settings_in_every_form_match_reverse_mode():
+    """momentum in hparams (a tensor), a penalty the inner loss reads, a per-element lr
+    for one parameter, maximize, dampening: the same hypergradients as reverse mode."""
+    x, y = digits()
+    steps = 10
+    data = batches(steps, 80, x, y)
+    mu = torch.tensor(0.95, dtype=DT, requires_grad=True)
+    l2 = torch.tensor(1e-2, dtype=DT, requires_grad=True)
+    lr_w1 = torch.full((64, 50), 0.2, dtype=DT, requires_grad=True)
+    lr = {"w1": bilevel.optim.per_element(lr_w1), "b1": 0.1, "w2": 0.2, "b2": 0.1}
+    hp = {"momentum": mu, "l2": l2, "lr": lr, "dampening": 0.25}
+
+    def ascent(p, h, b):  # maximize=True: the negated loss is ascended
+        return -(inner(p, h, b) + h["l2"] * (p["w1"] ** 2).sum())
+
+    opt = bilevel.optim.sgd(maximize=True)
+    got = {}
+    for mode in ("reversible", "reverse"):
+        r = bilevel.unroll(ascent, mlp_params(), hp, opt, steps, data, mode=mode)
+        got[mode] = torch.autograd.grad(outer(r.params, x, y), [mu, l2, lr_w1])
+    for a, b in zip(got["reversible"], got["reverse"]):
+        assert rel(a, b) < 1e-6
+
+
+def test_transforms_and_a_state_requiring_grad_raise():
+    params = mlp_params()
+    opt = bilevel.optim.sgd(momentum=0.9)
+    state = opt.init(params)
+    state["momentum_buffer"] = {k: v.requires_grad_() for k, v in state["momentum_buffer"].items()}
+    with pytest.raises(ValueError, match="initial state as a constant"):
+        _call(state=state)
+
+    def task(w):
+        return bilevel.unroll(
+            lambda p, h: (p["w"] ** 2).sum(), {"w": w}, {"lr": 0.1}, opt, 2, mode="reversible"
+        ).params["w"]
+
+    with pytest.raises(ValueError, match="torch.func transforms"):
+        torch.func.vmap(task)(torch.ones(2, 3))

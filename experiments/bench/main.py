@@ -19,7 +19,14 @@ from .settings import PEERS, PROG, Settings, UsageError, build_parser, settings_
 def child_main(spec: dict[str, Any]) -> int:
     """A fresh process measuring one configuration's peak RSS; prints one JSON line."""
     torch.set_num_threads(int(spec.get("threads", 1)))
-    children = {"memory": memory.child_fn, "implicit": implicit.child_fn}
+    # imported here: ``python -m experiments.bench.reversible`` runs it as __main__
+    from . import reversible
+
+    children = {
+        "memory": memory.child_fn,
+        "implicit": implicit.child_fn,
+        "reversible": reversible.child_fn,
+    }
     if spec["kind"] not in children:
         raise ValueError(f"unknown child kind {spec['kind']!r}")
     return measure_rss(children[spec["kind"]](spec))
