@@ -160,8 +160,8 @@ def record_steps(monkeypatch) -> list:
 def test_weights_and_velocities_recovered_bitwise(monkeypatch, device, momentum):
     x, y = digits(device=device)
     params = mlp_params(device=device)
-    steps = 30
-    data = batches(steps, 100, x, y)
+    steps = 100
+    data = batches(steps, 200, x, y)
     opt = bilevel.optim.sgd(momentum=momentum, weight_decay=1e-3, dampening=0.1)
     # a state carried over: non-zero velocities that the first step multiplies
     state = opt.init(params)
@@ -170,7 +170,7 @@ def test_weights_and_velocities_recovered_bitwise(monkeypatch, device, momentum)
         "param_steps": dict.fromkeys(params, 5),
         "momentum_buffer": {k: 0.01 * torch.ones_like(p) for k, p in params.items()},
     }
-    lr = torch.full((40,), 0.2, dtype=DT, device=device, requires_grad=True)
+    lr = torch.full((110,), 0.2, dtype=DT, device=device, requires_grad=True)
     seen = record_steps(monkeypatch)
     undone: dict = {}
     original = reversal._check_recovered
@@ -241,8 +241,8 @@ def straight_through_reference(seen, params, lr, momentum, wd, data):
 @pytest.mark.parametrize("gamma", [0.9, 0.98, 1 / 7])
 def test_hypergradient_equals_backprop_through_the_stored_quantised_trajectory(monkeypatch, gamma):
     x, y = digits()
-    steps = 25
-    data = batches(steps, 100, x, y)
+    steps = 100
+    data = batches(steps, 200, x, y)
     params = {k: v.requires_grad_() for k, v in mlp_params().items()}
     lr = torch.linspace(0.1, 0.4, steps, dtype=DT).requires_grad_()
     mu = torch.tensor(gamma, dtype=DT, requires_grad=True)
