@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from sklearn.datasets import load_digits
 
 import bilevel
+from bilevel._sync import count_syncs
 from bilevel.unroll import reversal
 from bilevel.unroll.bitbuffer import BitBuffer, lower_bound
 from bilevel.unroll.fixed_point import FixedPoint, out_of_range
@@ -429,3 +430,28 @@ def test_transforms_and_a_state_requiring_grad_raise():
 
     with pytest.raises(ValueError, match="torch.func transforms"):
         torch.func.vmap(task)(torch.ones(2, 3))
+
+
+def test_synchronisations_are_the_documented_ones():
+    x, y = digits()
+    data = batches(20, 50, x, y)
+    lr = torch.tensor(0.2, dtype=DT, requires_grad=True)
+
+    def hypergradient():
+        r = bilevel.unroll(
+            inner,
+            mlp_params(),
+            {"lr": lr},
+            bilevel.optim.sgd(momentum=0.9),
+            20,
+            data,
+            mode="reversible",
+        )
+        return torch.autograd.grad(outer(r.params, x, y), [lr])
+
+    hypergradient()
+    with count_syncs("cpu") as syncs:
+        hypergradient()
+    # the range check of lr, the end of the forward pass (range flags and buffer size), the
+    # end-of-unroll finiteness check, the end-of-backward recovery check
+    assert syncs.count == 4, syncs

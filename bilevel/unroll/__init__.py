@@ -186,9 +186,10 @@ def unroll(
     validate_mode(mode, steps, truncate, segments, memory_budget)
     validate_placement(params, hparams, buffers)
     check_options(mode, radix_bits, momentum_denominator)
+    ratio = None  # the reversible mode's momentum as a ratio of integers
     if mode == "reversible":
         check_supported(optimizer, hparams, buffers, state)
-        momentum_ratio(optimizer, hparams, momentum_denominator)  # its error before any step
+        ratio = momentum_ratio(optimizer, hparams, momentum_denominator)  # before any step
         optimizer, hparams = float_momentum(optimizer, hparams)
     optimizer.validate(dict(params), hparams, steps)
     if compiled is not False and mode != "forward":
@@ -243,10 +244,8 @@ def unroll(
     run = Run(InnerStep(inner_loss, optimizer, hparams), steps, batch_at, checker, persistent)
     carry = Carry(params, state, own_buffers)
     with torch.no_grad() if no_graph else contextlib.nullcontext():
-        if mode == "reversible":  # with or without grad: the same fixed-point trajectory
-            return run_reversible(
-                run, carry, radix_bits, momentum_denominator, _iterator_only(data)
-            )
+        if ratio is not None:  # reversible, with or without grad: the same trajectory
+            return run_reversible(run, carry, ratio, radix_bits, _iterator_only(data))
         if torch.is_grad_enabled():
             if mode == "auto":
                 assert memory_budget is not None

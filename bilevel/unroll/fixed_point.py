@@ -148,10 +148,10 @@ class QuantisedSGD:
         if not isinstance(value, list):
             return value.detach().double() if isinstance(value, Tensor) else float(value)
         parts = [
-            torch.as_tensor(x.detach() if isinstance(x, Tensor) else float(x))
-            .to(device=layout.device, dtype=torch.float64)
-            .expand(shape)
-            .reshape(-1)
+            x.detach().to(layout.device, torch.float64).expand(shape).reshape(-1)
+            if isinstance(x, Tensor)
+            # a fill, not a copy from the host
+            else torch.full((shape.numel(),), float(x), dtype=torch.float64, device=layout.device)
             for x, shape in zip(value, layout.shapes)
         ]
         return torch.cat(parts)

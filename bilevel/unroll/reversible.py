@@ -144,10 +144,11 @@ def check_supported(optimizer: Any, hparams: HParams, buffers: Any, state: State
 
 
 def run_reversible(
-    run: Run, carry: Carry, radix_bits: int | None, denominator: int | None, stores_batches: bool
+    run: Run, carry: Carry, momentum: Fraction, radix_bits: int | None, stores_batches: bool
 ) -> UnrollResult:
-    """The reversible unroll (see the module docstring); without grad mode, or with nothing
-    requiring grad, only its forward pass (the same fixed-point trajectory)."""
+    """The reversible unroll (see the module docstring) with the momentum ``momentum``
+    (from :func:`momentum_ratio`); without grad mode, or with nothing requiring grad, only
+    its forward pass (the same fixed-point trajectory)."""
     optimizer, hparams = run.inner.optimizer, run.inner.hparams
     params = dict(carry.params)
 
@@ -163,7 +164,7 @@ def run_reversible(
     sgd = QuantisedSGD(
         optimizer,
         hparams,
-        momentum_ratio(optimizer, hparams, denominator),
+        momentum,
         FixedPoint(DEFAULT_RADIX_BITS if radix_bits is None else radix_bits),
         gradient,
         Layout.of(params),
