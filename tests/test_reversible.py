@@ -103,7 +103,7 @@ def test_bitbuffer_pops_what_was_pushed_in_reverse_order(moduli, ops, seed):
 def test_bits_back_costs_log2_of_one_over_the_ratio(n, d):
     steps = 400
     expected = steps * math.log2(d / n)
-    buf = BitBuffer(1000, (n, d), max_bits=expected + 1, device="cpu")
+    buf = BitBuffer(1000, (n, d), max_bits=expected + math.log2(d) + 1, device="cpu")
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
         buf.push(torch.randint(0, d, (1000,), generator=g), d)
@@ -111,8 +111,19 @@ def test_bits_back_costs_log2_of_one_over_the_ratio(n, d):
     per_element = float(buf.payload_bits()) / 1000
     assert abs(per_element - expected) <= 1e-3 * expected + 1e-6
     assert not bool(buf.overflowed)
-    # the table holds no more than the payload, rounded up to words, plus one word
-    assert buf.stack.shape[0] <= math.ceil(expected / 32) + 1
+    # the table holds the payload in whole words, the state the rest
+    assert buf.stack.shape[0] == max(1, math.floor((expected + math.log2(d) + 1) / 32))
+
+
+def test_bitbuffer_flags_a_table_too_small_and_a_pop_of_more_than_it_holds():
+    buf = BitBuffer(4, (1000,), max_bits=40, device="cpu")  # one word
+    for _ in range(12):  # 120 bits
+        buf.push(torch.full((4,), 7), 1000)
+    assert bool(buf.overflowed)
+    empty = BitBuffer(4, (1000,), max_bits=40, device="cpu")
+    for _ in range(4):
+        empty.pop(1000)
+    assert bool(empty.overflowed)
 
 
 def test_bitbuffer_lower_bound_is_a_multiple_of_every_modulus():
@@ -333,9 +344,10 @@ def test_bits_per_weight_step_near_log2_one_over_momentum(gamma, bits):
     assert report.weights == 64 * 50 + 50 + 50 * 10 + 10
     assert report.expected_bits_per_weight_step == pytest.approx(bits, abs=5e-4)
     assert abs(report.bits_per_weight_step - bits) <= 0.15 * bits
-    # storage: the documented fixed 96 bits per weight, plus the payload rounded up to
-    # 32-bit words with one spare word
-    words = math.ceil(steps * bits / 32) + 1
+    # storage: the documented fixed 96 bits per weight, plus the payload of T steps and
+    # one push in whole 32-bit words (for T = 100: none, the states hold it; one allocated)
+    d = report.momentum.denominator
+    words = max(1, math.floor((steps * (bits + 2e-4) + math.log2(d) + 1) / 32))
     assert report.buffer_bytes == report.weights * (12 + 4 * words)
     assert report.storage_bits_per_weight_step <= (96 + 32 * words) / steps + 1e-9
     outer(r.params, x, y).backward()

@@ -60,7 +60,8 @@ class BitBuffer:
     """A LIFO store of integers ``0 <= s < M`` for each element of a tensor shape.
 
     ``moduli`` are every ``M`` that will be pushed or popped; ``max_bits`` bounds the bits
-    the buffer will hold beyond its start (per element), which sizes the spill table.
+    the buffer will hold beyond its start (per element, at any time), which sizes the
+    spill table: ``floor(max_bits / 32)`` words per element (a state holds the rest).
 
     Example:
         >>> buf = BitBuffer(3, moduli=(9, 10), max_bits=100, device="cpu")
@@ -82,9 +83,9 @@ class BitBuffer:
         self.numel = int(numel)
         self.state = torch.full((self.numel,), self.low, dtype=torch.int64, device=device)
         self.height = torch.zeros(self.numel, dtype=torch.int32, device=device)
-        # a state holds up to 32 bits above log2(L) before it spills, so ceil(max_bits/32)
-        # words suffice; one more for a spill that a pop takes straight back
-        capacity = max(1, math.ceil(max_bits / WORD_BITS) + 1)
+        # the bits held are log2(x / L) >= 0 plus 32 per spilled word, and a spill loses
+        # none, so an element never has more than floor(max_bits / 32) words spilled
+        capacity = max(1, math.floor(max_bits / WORD_BITS))
         self.stack = torch.zeros((capacity, self.numel), dtype=torch.int32, device=device)
         # set (on the device) if a push found the spill table full, or a pop took more
         # than the buffer held
@@ -121,7 +122,8 @@ class BitBuffer:
             refill = refill & where
         self.height = self.height - refill.to(torch.int32)
         self.overflowed = self.overflowed | (self.height < 0).any()
-        row = self.height.long().clamp(min=0)[None]
+        # read where no refill is due too (the result is discarded): keep the index in range
+        row = self.height.long().clamp(0, self.stack.shape[0] - 1)[None]
         word = self.stack.gather(0, row)[0].to(torch.int64) + _HALF
         y = torch.where(refill, (y << WORD_BITS) | word, y)
         self.state = y if where is None else torch.where(where, y, x)

@@ -24,7 +24,7 @@ from torch.autograd.function import once_differentiable
 
 from bilevel._tree import tree_flatten
 from bilevel.optim.base import HParams, Optimizer, State
-from bilevel.unroll.bitbuffer import BitBuffer
+from bilevel.unroll.bitbuffer import BitBuffer, lower_bound
 from bilevel.unroll.explicit import Explicit
 from bilevel.unroll.fixed_point import (
     QuantisedSGD,
@@ -67,7 +67,12 @@ def start(plan: Plan, params: dict[str, Tensor]) -> Trajectory:
     empty buffer sized for T steps."""
     grid, ratio, layout = plan.sgd.grid, plan.sgd.momentum, plan.sgd.layout
     counts = dict(plan.start.get("param_steps") or dict.fromkeys(params, plan.start["step"]))
-    bits = plan.run.steps * (math.log2(ratio.denominator / ratio.numerator) + 1e-6) + 1
+    n, d = ratio.numerator, ratio.denominator
+    # the bits held at any time: log2(d/n) per step, plus what the floors can add (under
+    # 3·d/L per step: pushes start from x >= L/d, refills from x >= L/n), plus a push of
+    # log2(d) not yet followed by its pop
+    per_step = math.log2(d / n) + 4 * d / lower_bound((n, d))
+    bits = plan.run.steps * per_step + math.log2(d) + 1
     w = initial_weights(plan, params)
     v = initial_velocity(plan)
     buffer = BitBuffer(w.numel(), (ratio.numerator, ratio.denominator), bits, layout.device)
@@ -125,7 +130,7 @@ def trace(plan: Plan, record: Record) -> None:
             f"finite or outside the fixed-point range ±2**{62 - radix} (radix_bits={radix}); "
             "pass a smaller radix_bits, or lower the learning rate if the run diverges"
         )
-    if overflowed:  # unreachable by the capacity bound; a guard, not a code path
+    if overflowed:  # unreachable by the table's size bound: a guard, not a code path
         raise RuntimeError("mode='reversible': the bit buffer's spill table overflowed")
     ratio = plan.sgd.momentum
     weights = buffer.numel
