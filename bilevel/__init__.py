@@ -20,7 +20,7 @@ from bilevel.implicit import (
 )
 from bilevel.qp import QPError, make_kkt_optimality_fn
 from bilevel.qp import qp as qp  # the function; `from bilevel.qp import ...` reaches the package
-from bilevel.unroll import NonFiniteLossError, UnrollResult, unroll
+from bilevel.unroll import NonFiniteLossError, ReversibleReport, UnrollResult, unroll
 
 # bilevel.qp is the function; it also carries the package's names, so that
 # bilevel.qp.interior_point(...), bilevel.qp.QPError and bilevel.qp.QPLayer work as written
@@ -36,6 +36,7 @@ __all__ = [
     "ImplicitDiagnostics",
     "NonFiniteLossError",
     "QPError",
+    "ReversibleReport",
     "UnrollResult",
     "WarmStart",
     "argmin",

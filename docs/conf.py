@@ -21,6 +21,7 @@ API_MODULES = [
     "bilevel.unroll.auto",
     "bilevel.unroll.es",
     "bilevel.unroll.online",
+    "bilevel.unroll.reversible",
     "bilevel.linalg",
     "bilevel.solvers",
     "bilevel.constraints",
@@ -59,7 +60,7 @@ napoleon_use_rtype = False
 # (``bilevel.linalg.cg`` returns a ``CG``) or that public classes derive from.
 nitpicky = True
 nitpick_ignore_regex = [
-    (r"py:.*", r"(torch|collections|scipy|datetime|typing|numpy|abc)(\..*)?"),
+    (r"py:.*", r"(torch|collections|scipy|datetime|typing|numpy|abc|fractions)(\..*)?"),
     (r"py:class", r"(Tensor|Tree|nn\.Module)"),
     (r"py:class", r"bilevel\.(linalg|solvers|qp)\.\w+\.[A-Z]\w*"),
     (r"py:class", r"InteriorPoint"),  # bilevel.qp's solver options, in QPLayer's signature

@@ -2,8 +2,8 @@
 with momentum in memory that does not hold the trajectory.
 
 The forward pass runs SGD with momentum on fixed-point weights and velocities
-(:mod:`bilevel.unroll.fixed_point`), pushing what each multiplication by the momentum
-``n/d`` discards onto a :class:`~bilevel.unroll.bitbuffer.BitBuffer`: about
+(``bilevel.unroll.fixed_point``), pushing what each multiplication by the momentum
+``n/d`` discards onto a bit buffer (``bilevel.unroll.bitbuffer``): about
 ``log2(1/momentum)`` bits per weight per step (0.152 at 0.9). The backward pass walks the
 trajectory back exactly, and at each step recomputes the inner gradient at the recovered
 weights and back-propagates through the step (a vector-Jacobian product of the float
@@ -15,6 +15,10 @@ numbers as back-propagation through that trajectory stored in full.
 Synchronisations: the momentum when given as a tensor is read once before the loop; the
 range check and the buffer's size once at the end of the forward pass; the exactness
 check (the recovered initial weights, velocities and buffer) once at the end of backward.
+
+``bilevel.unroll(..., mode="reversible")`` is the way in; what it stored is reported in
+``result.reversible``, a :class:`bilevel.ReversibleReport`. The README's "Reversible
+learning" section has the design, the options and measurements.
 """
 
 from __future__ import annotations
@@ -34,8 +38,10 @@ from bilevel.unroll.result import UnrollResult
 from bilevel.unroll.reversal import Plan, Record, ReversibleUnroll, outputs, start, trace
 from bilevel.unroll.step import Carry, call_loss, check_loss, suspended_saved_tensors_hooks
 
-DEFAULT_RADIX_BITS = 44
-MAX_DENOMINATOR = 2**15
+__all__ = ["DEFAULT_RADIX_BITS", "MAX_DENOMINATOR", "float_momentum", "momentum_ratio"]
+
+DEFAULT_RADIX_BITS = 44  # the fixed-point grid 2**-44; values below 2**18
+MAX_DENOMINATOR = 2**15  # the momentum's denominator, at most
 
 
 def check_options(mode: str, radix_bits: Any, momentum_denominator: Any) -> None:
