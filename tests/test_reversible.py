@@ -467,3 +467,32 @@ def test_synchronisations_are_the_documented_ones():
     # the range check of lr, the end of the forward pass (range flags and buffer size), the
     # end-of-unroll finiteness check, the end-of-backward recovery check
     assert syncs.count == 4, syncs
+
+
+def test_hypergradient_passes_central_finite_differences():
+    """The fixed-point run is re-run at h ± eps (the momentum, a ratio of integers, has no
+    finite difference: the schedule and the weight decay are checked)."""
+    x, y = digits()
+    steps = 20
+    data = batches(steps, 100, x, y)
+
+    def outer_loss(h):
+        r = bilevel.unroll(
+            inner,
+            mlp_params(),
+            h,
+            bilevel.optim.sgd(momentum=0.9),
+            steps,
+            data,
+            mode="reversible",
+        )
+        return outer(r.params, x, y)
+
+    hp = {
+        "lr": torch.linspace(0.3, 0.1, steps, dtype=DT),
+        "weight_decay": torch.tensor(1e-3, dtype=DT),
+    }
+    # the fixed-point loss is a staircase with steps of ~1e-14 (the grid and the buffer's
+    # digits): a step of 1e-5 keeps their share of the difference quotient below 1e-8
+    report = bilevel.hypergradcheck(outer_loss, hp, eps=1e-5, max_elements=4, n_directions=3)
+    assert report.passed, report
