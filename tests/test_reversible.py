@@ -496,3 +496,13 @@ def test_hypergradient_passes_central_finite_differences():
     # digits): a step of 1e-5 keeps their share of the difference quotient below 1e-8
     report = bilevel.hypergradcheck(outer_loss, hp, eps=1e-5, max_elements=4, n_directions=3)
     assert report.passed, report
+
+
+def test_the_memory_benchmark_runs_and_agrees():
+    from experiments.bench import reversible as bench
+
+    rows = bench.measure(4, DT, repeats=1, rss=False)
+    assert [r["mode"] for r in rows] == ["reverse", "checkpoint", "reversible"]
+    assert all(r["rel_err"] < 1e-6 for r in rows)
+    report = rows[-1]
+    assert report["buffer_bytes"] == 3760 * 16 and report["saved_bytes"] > 0

@@ -4,7 +4,8 @@
 [--no-rss]``: the digits MLP 64-50-10 (tanh), batch 200, SGD with momentum 0.9 and a
 per-step learning-rate schedule (the hyperparameter, T elements), outer loss the
 validation cross-entropy. For each mode and T it prints the median time of one
-hypergradient (forward and backward, the modes interleaved), the peak bytes saved for
+hypergradient (forward and backward, the modes interleaved; wall-clock and this process's
+CPU time, the steadier figure on a shared machine), the peak bytes saved for
 backward (unique storages, through saved-tensor hooks), for reversible the bit buffer's
 bytes and bits per weight per step, the peak RSS of a fresh process running one
 hypergradient (and its increase over the setup), and the relative difference of the
@@ -100,17 +101,20 @@ def measure(steps: int, dtype: torch.dtype, repeats: int, rss: bool) -> list[dic
     fns = {m: hypergradient(setup, m, infos[m]) for m in MODES}
     grads = {m: fns[m]() for m in MODES}  # also a warm-up
     times: dict[str, list[float]] = {m: [] for m in MODES}
+    cpu: dict[str, list[float]] = {m: [] for m in MODES}
     for r in range(repeats):
         for m in MODES[r % len(MODES) :] + MODES[: r % len(MODES)]:  # rotate the order
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fns[m]()
             times[m].append(time.perf_counter() - start)
+            cpu[m].append(time.process_time() - start_cpu)
     rows = []
     for m in MODES:
         row: dict[str, Any] = {
             "T": steps,
             "mode": m,
             "median_s": statistics.median(times[m]),
+            "median_cpu_s": statistics.median(cpu[m]),
             "saved_bytes": core.saved_bytes(fns[m]),
             "rel_err": float((grads[m] - grads["reverse"]).norm() / grads["reverse"].norm()),
         }
@@ -148,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                     "T": str(row["T"]),
                     "mode": row["mode"],
                     "time": core.fmt_time(row["median_s"]),
+                    "CPU time": core.fmt_time(row["median_cpu_s"]),
                     "saved (autograd)": core.fmt_bytes(row["saved_bytes"]),
                     "buffer": core.fmt_bytes(row.get("buffer_bytes")),
                     "bits/weight/step": bits,
