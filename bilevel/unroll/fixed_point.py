@@ -265,7 +265,9 @@ def forward_step(
 
 
 def undo_weights(sgd: QuantisedSGD, traj: Trajectory, index: int, used: list[str]) -> None:
-    """The first half of the inverse: the weights before the step."""
+    """The first half of the inverse of :func:`forward_step`: the weights before the step
+    (the backward pass then recomputes the gradient there and calls
+    :func:`undo_velocities`)."""
     if not used:
         return
     for k in used:
@@ -304,14 +306,3 @@ def undo_velocities(
         ratio = sgd.momentum
         v = _multiply(v, traj.buffer, ratio.denominator, ratio.numerator, m.later)
     traj.v = v
-
-
-def reverse_step(
-    sgd: QuantisedSGD, traj: Trajectory, batch: Any, index: int, step: int, used: list[str]
-) -> None:
-    """Undo :func:`forward_step` in place (without differentiating; the backward pass of
-    :mod:`bilevel.unroll.reversal` does it with a graph)."""
-    undo_weights(sgd, traj, index, used)
-    weights = sgd.floats(traj.w)
-    _, grads = sgd.gradient(weights, batch, step)
-    undo_velocities(sgd, traj, index, used, weights, grads)

@@ -1,5 +1,5 @@
 """The two passes of ``mode="reversible"``: the fixed-point forward pass that fills the bit
-buffers, and the backward pass that retraces it.
+buffer, and the backward pass that retraces it.
 
 The backward pass starts from the final fixed-point weights and velocities and, for
 t = T-1 .. 0, undoes step t exactly (:mod:`bilevel.unroll.fixed_point`), recomputing the
@@ -8,7 +8,7 @@ inner gradient at the recovered weights with a graph; the float SGD step
 velocities then gives the vector-Jacobian product that moves the adjoints of the weights
 and velocities one step back and adds step t's share to the hyperparameters' gradients
 (Hessian-vector products of the inner loss included). At the end it checks that the
-initial weights, velocities and empty buffers were recovered bit for bit.
+initial weights, velocities and the empty buffer were recovered bit for bit.
 """
 
 from __future__ import annotations
