@@ -8,7 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bilevel._tree import tree_flatten, tree_unflatten
 from bilevel.implicit.problem import _Problem
+from bilevel.implicit.user_problem import _UserProblem
 
 
 def _vmap_over(fn: Callable[..., Any], in_dims: tuple[Any, ...]) -> Callable[..., Any]:
@@ -22,9 +24,10 @@ class _BatchedProblem(_Problem):
     shared (``None``). ``vmap(f)`` means ``f`` on each element, so every instance is
     solved on its own: the linear solves of backward and jvp passes run vectorised under
     ``torch.func.vmap``, each problem with its own step sizes, masks and stopping decision
-    (the loop ends when every problem is done); inner solvers, whose line searches and
-    stopping tests branch on values, run once per instance. Either way element ``i``'s
-    answer does not depend on the other elements.
+    (the loop ends when every problem is done). An inner solver with a ``solve_batch``
+    method (:func:`bilevel.solvers.lbfgs`) minimises the stack at once, each problem with
+    its own iterate, line search and stopping decision; other inner solvers run once per
+    instance. Either way element ``i``'s answer does not depend on the other elements.
     """
 
     def __init__(self, base: _Problem, theta_dims: Sequence[int | None], batch_size: int) -> None:
@@ -60,11 +63,47 @@ class _BatchedProblem(_Problem):
             base = self.base
             out = _vmap_over(base.solve_plain, (0, self.dims))(list(init), list(theta))
             return list(out)
+        if self._batch_solver() is not None:
+            return self._solve_stack(init, theta)
         outs = []
         for i in range(self.batch_size):
             th = [t[i] if d is not None else t for t, d in zip(theta, self.dims)]
             outs.append(self.base.solve([x[i] for x in init], th))
         return [torch.stack(col) for col in zip(*outs)]
+
+    def _batch_solver(self) -> Callable[..., Any] | None:
+        """The inner solver's ``solve_batch`` when this stack can be minimised at once."""
+        base = self.base
+        if self.kind != "objective" or not isinstance(base, _UserProblem):
+            return None
+        if not base.returns_info or base.solver is None:
+            return None
+        return getattr(base.solver, "solve_batch", None)
+
+    def _solve_stack(self, init: Sequence[Tensor], theta: Sequence[Tensor]) -> list[Tensor]:
+        base = self.base
+        assert isinstance(base, _UserProblem)
+        spec = base.sol_spec
+
+        def one(sol: list[Tensor], th: list[Tensor]) -> Tensor:
+            return base.target(th)(tree_unflatten(sol, spec)).reshape(())
+
+        stacked = _vmap_over(one, (0, self.dims))
+
+        def values(W: Any) -> Tensor:
+            return stacked(tree_flatten(W)[0], list(theta))
+
+        solve_batch = self._batch_solver()
+        assert solve_batch is not None
+        out, infos = solve_batch(values, tree_unflatten(list(init), spec))
+        leaves = tree_flatten(out)[0]
+        sols = []
+        for i, info in enumerate(infos):
+            th = [t[i] if d is not None else t for t, d in zip(theta, self.dims)]
+            target = base.target(th) if base.stationarity_tol is not None else None
+            sol_i = tree_unflatten([leaf[i] for leaf in leaves], spec)
+            sols.append(base._finish(sol_i, [x[i] for x in init], target, info))
+        return [torch.stack(col) for col in zip(*sols)]
 
     def solve_plain(self, init: Sequence[Tensor], theta: Sequence[Tensor]) -> list[Tensor]:
         return self.solve(init, theta)

@@ -1,17 +1,27 @@
-"""Limited-memory BFGS with a strong Wolfe line search."""
+"""Limited-memory BFGS with a strong Wolfe line search, for one problem or a stack of them."""
 
 from __future__ import annotations
 
-import math
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from bilevel._tree import Tree
-from bilevel.solvers._flat import _eps, _Flat, _flat_value_and_grad
-from bilevel.solvers.base import Objective, Solver, SolverInfo, _check_int, _check_tol, _stopping
-from bilevel.solvers.line_search import _backtracking, _LineFunction, _strong_wolfe
+from bilevel._tree import Tree, tree_flatten, tree_unflatten
+from bilevel.solvers._flat import _Flat
+from bilevel.solvers._lbfgs_batch import _lbfgs, _LBFGSSettings
+from bilevel.solvers.base import (
+    Objective,
+    Solver,
+    SolverInfo,
+    _check_int,
+    _check_tol,
+    _check_tree,
+    _scalar,
+)
+from bilevel.solvers.line_search import _WolfeOptions
 
 
 class LBFGS(Solver):
@@ -51,88 +61,85 @@ class LBFGS(Solver):
             "line_search": self.line_search,
         }
 
-    def _direction(self, g: Tensor, hist: list[tuple[Tensor, Tensor, Tensor]]) -> Tensor:
-        # Two-loop recursion; the scalars stay on the device.
-        q = -g
-        alphas = []
-        for s, y, rho in reversed(hist):
-            a = rho * (s @ q)
-            q = q - a * y
-            alphas.append(a)
-        if hist:
-            s, y, _ = hist[-1]
-            q = q * ((s @ y) / (y @ y))
-        for (s, y, rho), a in zip(hist, reversed(alphas)):
-            b = rho * (y @ q)
-            q = q + (a - b) * s
-        return q
+    def _run(
+        self, values: Callable[[Tensor], Tensor], X: Tensor
+    ) -> tuple[Tensor, list[SolverInfo]]:
+        wolfe = _WolfeOptions(
+            self.line_search == "strong_wolfe", self.c1, self.c2, self.max_evals_per_iter
+        )
+        out = _lbfgs(values, X, _LBFGSSettings(self.tol, self.maxiter, self.history_size, wolfe))
+        return out.X, out.infos(self.method, self.tol, self.maxiter, self.line_search)
 
     def _solve(self, objective: Objective, init: Tree) -> tuple[Tree, SolverInfo]:
+        # one problem is a stack of one, through the same code: vmap equals a loop
         flat = _Flat(init)
-        x = flat.ravel(init).detach().clone()
-        f, g = _flat_value_and_grad(objective, flat, x)
-        evals = 1
-        f_host, gnorm = torch.stack([f.to(g.dtype), g.norm()]).tolist()
-        f_tol = 100 * _eps(g.dtype) * abs(f_host)
-        hist: list[tuple[Tensor, Tensor, Tensor]] = []
-        converged, message, k = False, "", 0
-        restarted = False
-        while True:
-            stop = _stopping(f_host, gnorm, self.tol, k, self.maxiter)
-            if stop is not None:
-                converged, message = stop
-                break
-            d = self._direction(g, hist)
-            d0 = float(g @ d)
-            if not (math.isfinite(d0) and d0 < 0):
-                hist.clear()
-                d = -g
-                d0 = -gnorm * gnorm
-            t0 = 1.0 if hist else min(1.0, 1.0 / max(gnorm, 1e-300))
-            phi = _LineFunction(objective, flat, x, d)
-            if self.line_search == "strong_wolfe":
-                found = _strong_wolfe(
-                    phi, f_host, d0, t0, self.c1, self.c2, self.max_evals_per_iter, f_tol
-                )
-            else:
-                found = _backtracking(phi, f_host, d0, t0, self.c1, self.max_evals_per_iter, f_tol)
-            evals += phi.evals
-            if found is None:
-                if hist and not restarted:
-                    # A stale curvature history can give a poor direction: retry steepest descent.
-                    hist.clear()
-                    restarted = True
-                    continue
-                message = (
-                    f"line search found no acceptable step (gradient norm {gnorm:.3e}); the "
-                    "objective may be non-smooth, or noisy at this precision"
-                )
-                break
-            restarted = False
-            t, f_new_host, f_new, g_new = found
-            s = t * d
-            y = g_new - g
-            sy, yy, gnorm_new = torch.stack([s @ y, y @ y, g_new.norm()]).tolist()
-            if sy > _eps(g.dtype) * yy and yy > 0:
-                hist.append((s, y, torch.as_tensor(1.0 / sy, dtype=g.dtype, device=g.device)))
-                if len(hist) > self.history_size:
-                    hist.pop(0)
-            x = x + s
-            f, g, f_host, gnorm = f_new, g_new, f_new_host, gnorm_new
-            f_tol = 100 * _eps(g.dtype) * abs(f_host)
-            k += 1
-        info = SolverInfo(
-            self.method,
-            k,
-            converged,
-            gnorm,
-            f_host,
-            message,
-            tol=self.tol,
-            evaluations=evals,
-            extra={"line_search": self.line_search},
-        )
-        return flat.output(x), info
+        x = flat.ravel(init).detach().clone().unsqueeze(0)
+
+        def values(X: Tensor) -> Tensor:
+            return _scalar(objective(flat.unravel(X[0]))).reshape(1)
+
+        X, infos = self._run(values, x)
+        return flat.output(X[0]), infos[0]
+
+    def solve_batch(
+        self, values: Callable[[Tree], Tensor], init: Tree
+    ) -> tuple[Tree, list[SolverInfo]]:
+        """Minimise ``B`` independent objectives at once (the ``vmap`` rule of the layers).
+
+        ``values(W)`` returns the ``(B,)`` objective values of a tree ``W`` whose leaves
+        carry the problems in dimension 0, each value depending on its own slice only (as
+        ``torch.func.vmap`` of one objective does). Every problem keeps its own iterate,
+        curvature pairs, line search and stopping decision as rows of batched tensors: a
+        problem that converged or stopped is frozen while the others go on, and the loop
+        ends when all are done. Element ``i``'s answer and info record are what a single
+        call on it gives (up to rounding), whatever its batch-mates do. Returns the
+        solutions stacked like ``init`` and one :class:`SolverInfo` per problem.
+
+        Example:
+            >>> import torch
+            >>> c = torch.tensor([[1.0], [-2.0], [30.0]], dtype=torch.float64)
+            >>> loss = lambda W: ((W - c) ** 4).sum(1) + (W ** 2).sum(1)
+            >>> w, infos = lbfgs(tol=1e-10).solve_batch(loss, torch.zeros(3, 1, dtype=torch.float64))
+            >>> w1, info1 = lbfgs(tol=1e-10)(lambda v: ((v - c[1]) ** 4).sum() + (v ** 2).sum(),
+            ...                              torch.zeros(1, dtype=torch.float64))
+            >>> [i.converged for i in infos], infos[1].iterations == info1.iterations
+            ([True, True, True], True)
+            >>> bool(torch.allclose(w[1], w1, rtol=1e-12, atol=0))
+            True
+        """
+        if not callable(values):
+            raise TypeError(f"values must be callable; got {type(values).__name__}")
+        leaves, spec = _check_tree(init)
+        batch = leaves[0].shape[0] if leaves[0].ndim else 0
+        if batch < 1 or any(leaf.ndim == 0 or leaf.shape[0] != batch for leaf in leaves):
+            raise ValueError(
+                "init must carry the problems in dimension 0 of every leaf (one size B >= 1); "
+                f"got shapes {[tuple(leaf.shape) for leaf in leaves]}"
+            )
+        flat = _Flat(tree_unflatten([leaf[0] for leaf in leaves], spec))
+        X = torch.cat([leaf.detach().reshape(batch, -1).to(flat.dtype) for leaf in leaves], 1)
+
+        def stacked(Z: Tensor) -> Tensor:
+            return values(_unravel_rows(flat, Z))
+
+        start = time.perf_counter()
+        with torch.no_grad():
+            X, infos = self._run(stacked, X.clone())
+        elapsed = time.perf_counter() - start
+        for info in infos:
+            info.time = elapsed
+        self.last_info = infos[-1]
+        out = [leaf.detach().clone() for leaf in tree_flatten(_unravel_rows(flat, X))[0]]
+        return tree_unflatten(out, spec), infos
+
+
+def _unravel_rows(flat: _Flat, X: Tensor) -> Tree:
+    """The tree of a stack of flat vectors ``X`` (B, n): every leaf gets dimension 0 of size B."""
+    out, offset = [], 0
+    for shape, dtype, n in zip(flat.shapes, flat.dtypes, flat.numels):
+        out.append(X[:, offset : offset + n].reshape(X.shape[0], *shape).to(dtype))
+        offset += n
+    return tree_unflatten(out, flat.spec)
 
 
 def lbfgs(
