@@ -148,3 +148,121 @@ def test_iteration_counts_differ_across_the_batch():
         _, info = linalg.cg(tol=1e-13, check_every=1)(lambda v, M=A[i]: M @ v, b[i])
         counts.append(info.iterations)
     assert len(set(counts)) > 1, counts
+
+
+# -- L-BFGS solves a vmap stack at once: each row its own line search and stopping --------
+
+
+def _stack():
+    """Four problems unlike each other: an isotropic quadratic (one step), the quartic tasks
+    above at objective scales 1e-2 .. 1e2 (so first steps 1 / ||g|| and line searches differ)."""
+    A, b, h = _tasks()
+    eye = torch.eye(N, dtype=D)
+    A = torch.cat([eye.unsqueeze(0), A])
+    b = torch.cat([torch.linspace(-1, 2, N, dtype=D).unsqueeze(0), b])
+    h = torch.cat([torch.zeros(1, dtype=D), h])
+    scale = torch.tensor([1.0, 1e-2, 1.0, 1e2], dtype=D)
+    return A, b, h, scale
+
+
+def _scaled(w, h, d):
+    A, b, s, quartic = d
+    return s * (0.5 * w @ A @ w - b @ w + 0.5 * h * (w @ w) + quartic * (w**4).sum())
+
+
+def _quartic_weights():
+    return torch.tensor([0.0, 0.05, 0.05, 0.05], dtype=D)
+
+
+@pytest.mark.parametrize("line_search", ["strong_wolfe", "backtracking"])
+@pytest.mark.parametrize("maxiter", [200, 3, 7], ids=["converged", "truncated3", "truncated7"])
+def test_lbfgs_solve_batch_rows_equal_single_calls(line_search, maxiter):
+    A, b, h, scale = _stack()
+    q = _quartic_weights()
+    solver = solvers.lbfgs(tol=1e-11, maxiter=maxiter, line_search=line_search)
+    values = torch.func.vmap(lambda w, *d: _scaled(w, d[0], d[1:]))
+    W, infos = solver.solve_batch(
+        lambda W: values(W, h, A, b, scale, q), torch.zeros(4, N, dtype=D)
+    )
+    per_iteration = set()
+    for i, info in enumerate(infos):
+        w, one = solver(
+            lambda w, i=i: _scaled(w, h[i], (A[i], b[i], scale[i], q[i])), torch.zeros(N, dtype=D)
+        )
+        torch.testing.assert_close(W[i], w, rtol=1e-12, atol=1e-14)
+        assert (info.iterations, info.evaluations, info.converged, info.message) == (
+            one.iterations,
+            one.evaluations,
+            one.converged,
+            one.message,
+        )
+        per_iteration.add(round(info.evaluations / max(info.iterations, 1), 6))
+    # the batch is a real test: rows stop at different iterations, for different reasons,
+    # after line searches of different lengths
+    assert len({i.iterations for i in infos}) > 1
+    assert len(per_iteration) > 1
+    if maxiter == 3:
+        assert infos[0].converged and not all(i.converged for i in infos)
+
+
+@pytest.mark.parametrize("maxiter", [200, 3])
+def test_vmap_of_argmin_with_lbfgs_runs_the_stack_at_once(maxiter, monkeypatch):
+    """No per-element loop: the vmap rule hands the whole stack to solve_batch, once."""
+    calls = []
+    single = solvers.LBFGS._solve
+    monkeypatch.setattr(
+        solvers.LBFGS, "_solve", lambda self, *a: calls.append("single") or single(self, *a)
+    )
+    batch = solvers.LBFGS.solve_batch
+    monkeypatch.setattr(
+        solvers.LBFGS, "solve_batch", lambda self, *a: calls.append("batch") or batch(self, *a)
+    )
+    A, b, h, scale = _stack()
+    q = _quartic_weights()
+    solver = solvers.lbfgs(tol=1e-11, maxiter=maxiter)
+
+    def layer(A, b, h, s, q):
+        return bilevel.argmin(_scaled, torch.zeros(N, dtype=D), h, (A, b, s, q), solver=solver)
+
+    hv = h.clone().requires_grad_(True)
+    wv = torch.func.vmap(layer)(A, b, hv, scale, q)
+    assert calls == ["batch"]
+    (gv,) = torch.autograd.grad((wv**2).sum(), hv)
+    for i in range(4):
+        hi = h[i].clone().requires_grad_(True)
+        wi = layer(A[i], b[i], hi, scale[i], q[i])
+        (gi,) = torch.autograd.grad((wi**2).sum(), hi)
+        torch.testing.assert_close(wv[i].detach(), wi.detach(), rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(gv[i], gi, rtol=1e-12, atol=1e-13)
+
+
+def test_lbfgs_solve_batch_rejects_a_stack_without_a_batch_dimension():
+    with pytest.raises(ValueError, match="dimension 0"):
+        solvers.lbfgs().solve_batch(lambda W: W.sum(), torch.tensor(1.0, dtype=D))
+    with pytest.raises(ValueError, match="shape \\(3,\\)"):
+        solvers.lbfgs().solve_batch(lambda W: W.sum(), torch.zeros(3, 2, dtype=D))
+
+
+def test_lbfgs_rows_that_fail_their_line_search_stop_alone():
+    """A non-smooth row (|w - c|) never converges (its line searches end in no step or
+    tiny ones); the smooth rows converge, each as it would alone."""
+    c = torch.tensor([[0.3, -1.0], [2.0, 0.5], [-0.7, 0.1]], dtype=D)
+    kink = torch.tensor([1.0, 0.0, 0.0], dtype=D)
+
+    def one(w, c, k):
+        return k * (w - c).abs().sum() + (1 - k) * ((w - c) ** 2).sum() + 0.1 * (w**4).sum()
+
+    solver = solvers.lbfgs(tol=1e-10, maxiter=40)
+    W, infos = solver.solve_batch(
+        lambda W: torch.func.vmap(one)(W, c, kink), torch.zeros(3, 2, dtype=D)
+    )
+    assert not infos[0].converged
+    assert infos[1].converged and infos[2].converged
+    for i in range(3):
+        w, info = solver(lambda w, i=i: one(w, c[i], kink[i]), torch.zeros(2, dtype=D))
+        torch.testing.assert_close(W[i], w, rtol=1e-12, atol=1e-14)
+        assert (info.iterations, info.evaluations, info.message) == (
+            infos[i].iterations,
+            infos[i].evaluations,
+            infos[i].message,
+        )
