@@ -249,14 +249,15 @@ def test_checkpoint_round_trip_restores_tensors_and_optimizer(tmp_path):
     )
 
 
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
 @pytest.mark.parametrize("method", ["maml-1", "maml-5", "fomaml-5"])
-def test_maml_batched_meta_gradient_equals_vmap_of_task_loss(method):
+def test_maml_batched_meta_gradient_equals_vmap_of_task_loss(method, activation):
     from experiments import maml
 
     gen = torch.Generator().manual_seed(3)
     params = maml.init_params(gen, torch.device("cpu"), torch.float64)
     tasks = maml.sample_tasks(gen, 6, 10, 7)
-    cfg = {"method": method, "inner_lr": 0.05}
+    cfg = {"method": method, "inner_lr": 0.05, "activation": activation}
     loss, grads = maml.meta_value_and_grad(params, tasks, cfg)  # the batched path
 
     def mean_loss(p):

@@ -9,12 +9,19 @@ import torch
 from torch import Tensor
 
 from bilevel._tree import tree_flatten, tree_unflatten
+from bilevel.implicit._stacked_operator import stacked_hvp
+from bilevel.implicit.linear_problem import _LinearProblem
 from bilevel.implicit.problem import _Problem
 from bilevel.implicit.user_problem import _UserProblem
 
 
 def _vmap_over(fn: Callable[..., Any], in_dims: tuple[Any, ...]) -> Callable[..., Any]:
     return torch.func.vmap(fn, in_dims=in_dims)
+
+
+def _level(tensors: Sequence[Tensor]) -> int:
+    """The innermost functorch level of the first tensor (-1 for a plain tensor)."""
+    return int(torch._C._functorch.maybe_get_level(tensors[0]))
 
 
 class _BatchedProblem(_Problem):
@@ -60,9 +67,7 @@ class _BatchedProblem(_Problem):
 
     def solve(self, init: Sequence[Tensor], theta: Sequence[Tensor]) -> list[Tensor]:
         if self.kind == "linear":
-            base = self.base
-            out = _vmap_over(base.solve_plain, (0, self.dims))(list(init), list(theta))
-            return list(out)
+            return self._solve_linear(list(init), list(theta))
         if self._batch_solver() is not None:
             return self._solve_stack(init, theta)
         outs = []
@@ -70,6 +75,38 @@ class _BatchedProblem(_Problem):
             th = [t[i] if d is not None else t for t, d in zip(theta, self.dims)]
             outs.append(self.base.solve([x[i] for x in init], th))
         return [torch.stack(col) for col in zip(*outs)]
+
+    def _solve_linear(self, init: list[Tensor], theta: list[Tensor]) -> list[Tensor]:
+        """Each problem's own linear solve, vectorised; Hessian products of a stack of argmin
+        problems on one reused first-order graph (:mod:`bilevel.implicit._stacked_operator`)."""
+        base = self.base
+        fast = None
+        if isinstance(base, _LinearProblem):
+            parent = base.parent
+            if isinstance(parent, _UserProblem) and parent.objective is not None:
+                if not parent.switch.ok:  # reverse-mode products, as the single-problem path
+                    p, s = parent.n_theta, parent.n_sol
+                    fast = stacked_hvp(
+                        parent._objective_leaves, theta[p : p + s], theta[:p], self.dims[:p]
+                    )
+        if fast is None:
+            return list(_vmap_over(base.solve_plain, (0, self.dims))(init, theta))
+        assert isinstance(base, _LinearProblem)
+        linear = base
+
+        def one(x0: list[Tensor], th: list[Tensor]) -> list[Tensor]:
+            rhs = linear._split(th)[2]
+            level = _level(rhs)
+            plain, _ = linear.plain_target(th)
+
+            def matvec(v: Any) -> Any:
+                # a solver that vmaps its products again (dense: over basis vectors) gets
+                # the vmappable products; the stacked graph serves this vmap's level only
+                return fast(v) if _level(tree_flatten(v)[0]) == level else plain(v)
+
+            return linear.run((matvec, rhs), x0)
+
+        return list(_vmap_over(one, (0, self.dims))(init, theta))
 
     def _batch_solver(self) -> Callable[..., Any] | None:
         """The inner solver's ``solve_batch`` when this stack can be minimised at once."""

@@ -55,59 +55,97 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
 
 
 class _History:
-    """Curvature pairs per problem in a ring of ``m`` slots (slot-major, so a slot of all
-    problems is one contiguous ``(B, n)`` block); each problem has its own write position.
-    ``rho = 1 / s^T y``; 0 marks an empty slot. Updated in place (the solver owns it).
+    """Curvature pairs per problem: ``m`` slots each, written in turn at the problem's own
+    position; ``stamp`` orders them in time, ``valid`` marks the filled ones. Updated in
+    place (the solver owns it).
     """
 
     def __init__(self, B: int, m: int, n: int, like: Tensor) -> None:
-        self.S = torch.zeros(m, B, n, dtype=like.dtype, device=like.device)
+        self.S = torch.zeros(B, m, n, dtype=like.dtype, device=like.device)
         self.Y = torch.zeros_like(self.S)
-        self.rho = torch.zeros(m, B, dtype=like.dtype, device=like.device)
+        # s_i^T y_j and y_i^T y_j of the slots, updated at each push
+        self.SY = torch.zeros(B, m, m, dtype=like.dtype, device=like.device)
+        self.YY = torch.zeros_like(self.SY)
+        self.valid = torch.zeros(B, m, dtype=torch.bool, device=like.device)
+        self.stamp = torch.zeros(B, m, dtype=torch.long, device=like.device)
         self.pos = torch.zeros(B, dtype=torch.long, device=like.device)  # next slot to write
+        self.pushes = torch.zeros(B, dtype=torch.long, device=like.device)
         self.count = torch.zeros(B, dtype=torch.long, device=like.device)  # pairs held
         self.rows = torch.arange(B, device=like.device)
         self.m = m
 
-    def push(self, mask: Tensor, s: Tensor, y: Tensor, sy: Tensor) -> None:
-        at = (self.pos, self.rows)
+    def push(self, mask: Tensor, s: Tensor, y: Tensor, used: int) -> None:
+        """Store ``(s, y)`` where ``mask``; ``used`` bounds every problem's pair count."""
+        at = (self.rows, self.pos)
         self.S[at] = _rows(mask, s, self.S[at])
         self.Y[at] = _rows(mask, y, self.Y[at])
-        self.rho[at] = torch.where(mask, 1.0 / torch.where(mask, sy, 1.0), self.rho[at])
+        # filled slots are always 0 .. count - 1 (a clear restarts at 0), so the new slot is
+        # below used + 1. Products as elementwise multiply and row sums, not bmm: a row's
+        # bits must not depend on how many rows the stack has (vmap equals a loop)
+        u = min(self.m, used + 1)
+        S, Y = self.S[:, :u], self.Y[:, :u]
+        s_Y = (Y * s.unsqueeze(1)).sum(-1)
+        S_y = (S * y.unsqueeze(1)).sum(-1)
+        y_Y = (Y * y.unsqueeze(1)).sum(-1)
+        row = (self.rows, self.pos, slice(0, u))
+        col = (self.rows, slice(0, u), self.pos)
+        self.SY[row] = _rows(mask, s_Y, self.SY[row])
+        self.SY[col] = _rows(mask, S_y, self.SY[col])
+        self.YY[row] = _rows(mask, y_Y, self.YY[row])
+        self.YY[col] = _rows(mask, y_Y, self.YY[col])
+        self.valid[at] = self.valid[at] | mask
+        self.pushes = self.pushes + mask.long()
+        self.stamp[at] = torch.where(mask, self.pushes, self.stamp[at])
         self.pos = torch.where(mask, (self.pos + 1) % self.m, self.pos)
         self.count = torch.where(mask, torch.clamp(self.count + 1, max=self.m), self.count)
 
     def clear(self, mask: Tensor) -> None:
-        self.rho = torch.where(mask, 0.0, self.rho)
+        self.valid = self.valid & ~mask.unsqueeze(1)
         self.count = torch.where(mask, 0, self.count)
+        self.pos = torch.where(mask, 0, self.pos)
 
     def any(self) -> Tensor:
         return self.count > 0
 
-    def _slot(self, j: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Each problem's ``j``-th newest pair ``(s, y, rho)``."""
-        at = ((self.pos - 1 - j) % self.m, self.rows)
-        return self.S[at], self.Y[at], self.rho[at]
-
     def direction(self, g: Tensor, used: int) -> Tensor:
-        """``-H g`` by the two-loop recursion over the newest ``used`` pairs (a host bound)."""
-        q = -g
-        pairs, alphas = [], []
-        for j in range(used):
-            s, y, rho = self._slot(j)
-            a = rho * _dot(s, q)
-            q = q - a.unsqueeze(1) * y
-            pairs.append((s, y, rho))
-            alphas.append(a)
-        if used:
-            s, y, rho = pairs[0]
-            yy = _dot(y, y)
-            gamma = torch.where(rho != 0, _dot(s, y) / torch.where(yy > 0, yy, 1), 1)
-            q = q * gamma.unsqueeze(1)
-        for (s, y, rho), a in zip(reversed(pairs), reversed(alphas)):
-            b = rho * _dot(y, q)
-            q = q + (a - b).unsqueeze(1) * s
-        return q
+        """``-H g`` from the compact form of the L-BFGS matrix (Byrd, Nocedal & Schnabel 1994),
+        ``H = gamma I + S R^-T (D + gamma Y^T Y) R^-1 S^T - gamma (S R^-T Y^T + Y R^-1 S^T)``
+        with ``R`` the upper triangle of ``S^T Y`` in time order: a fixed number of batched
+        products and two small triangular solves whatever the history length (``used`` is a
+        host bound on the pairs any problem holds; 0 gives steepest descent).
+        """
+        if used == 0:
+            return -g
+        m, dtype = used, g.dtype  # the filled slots are among the first used ones
+        S, Y = self.S[:, :m], self.Y[:, :m]
+        # slots in time order per problem, empty ones first
+        order = torch.argsort(torch.where(self.valid[:, :m], self.stamp[:, :m], -1), dim=1)
+        valid = torch.gather(self.valid[:, :m], 1, order)
+        v = valid.to(dtype)
+        gv = g.unsqueeze(1)
+        a = torch.gather((S * gv).sum(-1), 1, order) * v  # S^T g
+        b = torch.gather((Y * gv).sum(-1), 1, order) * v  # Y^T g
+        pair = v.unsqueeze(2) * v.unsqueeze(1)
+        rows = order.unsqueeze(2).expand(-1, -1, m)
+        cols = order.unsqueeze(1).expand(-1, m, -1)
+        SY = self.SY[:, :m, :m].gather(1, rows).gather(2, cols) * pair
+        YY = self.YY[:, :m, :m].gather(1, rows).gather(2, cols) * pair
+        sy = torch.diagonal(SY, dim1=1, dim2=2)
+        yy = torch.diagonal(YY, dim1=1, dim2=2)
+        # newest pair last: gamma = s^T y / y^T y of it, 1 for a problem with none
+        gamma = torch.where(valid[:, -1], sy[:, -1] / torch.where(valid[:, -1], yy[:, -1], 1), 1)
+        R = torch.triu(SY) + torch.diag_embed(1 - v)  # empty slots: identity rows
+        p = torch.linalg.solve_triangular(R, a.unsqueeze(2), upper=True)
+        YYp = (YY * p.mT).sum(-1, keepdim=True)
+        rhs = (sy * p.squeeze(2)).unsqueeze(2) + gamma.reshape(-1, 1, 1) * YYp
+        rhs = rhs - gamma.reshape(-1, 1, 1) * b.unsqueeze(2)
+        q = torch.linalg.solve_triangular(R.mT, rhs, upper=False)
+        # back to slot order, then H g = gamma g + S q - gamma Y p
+        q_slot = torch.zeros_like(a).scatter(1, order, q.squeeze(2))
+        p_slot = torch.zeros_like(a).scatter(1, order, p.squeeze(2))
+        Hg = gamma.unsqueeze(1) * g + (q_slot.unsqueeze(2) * S).sum(1)
+        Hg = Hg - gamma.unsqueeze(1) * (p_slot.unsqueeze(2) * Y).sum(1)
+        return -Hg
 
 
 @dataclass(frozen=True)
@@ -184,9 +222,10 @@ def _lbfgs(values: Callable[[Tensor], Tensor], X: Tensor, opts: _LBFGSSettings) 
     evals = torch.ones_like(k)
     restarted = torch.zeros(B, dtype=torch.bool, device=X.device)
     hist = _History(B, m, n, X)
+    used = 0  # a host bound on the pairs any problem holds, read with the live flag
     status = _status(f, gnorm, k, opts)
     live = status == _RUNNING
-    d, t0 = _new_search(live, g, gnorm, hist, 0)
+    d, t0 = _new_search(live, g, gnorm, hist, used)
     f_tol = 100 * eps * f.abs()
     search = _Search.start(t0, f, _dot(g, d), g, f_tol)
     if not bool(live.any()):
@@ -204,7 +243,7 @@ def _lbfgs(values: Callable[[Tensor], Tensor], X: Tensor, opts: _LBFGSSettings) 
         y = out.g - g
         sy, yy = _dot(s, y), _dot(y, y)
         pair = step & (sy > eps * yy) & (yy > 0)
-        hist.push(pair, s, y, sy)
+        hist.push(pair, s, y, used)
         X = _rows(step, X + s, X)
         f = torch.where(step, out.f, f)
         g = _rows(step, out.g, g)

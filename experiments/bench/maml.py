@@ -8,6 +8,12 @@ is the mean query MSE over a meta-batch of tasks, differentiated through the inn
 
 bilevel batches the tasks with ``torch.func.vmap`` (its functional optimizer's per-tensor
 kernels run under ``vmap``); the peers loop over tasks.
+
+A second table times iMAML as the ``maml`` experiment runs it (its network, its default
+settings, a meta-batch of 25): the meta-gradient under ``torch.func.vmap``, where the tasks'
+L-BFGS runs are solved as one stack (each task its own line search and stopping) and the
+backward CG solves are batched, against a loop of separate ``bilevel.argmin`` calls, one
+per task, with one backward through their mean.
 """
 
 from __future__ import annotations
@@ -235,6 +241,70 @@ def maml_impls(tasks: Tasks) -> list[Impl]:
     return impls
 
 
+IMAML_BATCH = 25  # the maml experiment's meta-batch
+IMAML_SUBJECT = "bilevel iMAML vmap"
+IMAML_LOOP = "bilevel iMAML loop"
+
+
+def imaml_impls(batch: int, dtype: torch.dtype, device: torch.device, seed: int) -> list[Impl]:
+    """iMAML's meta-gradient with the ``maml`` experiment's defaults: vmap and a loop."""
+    from experiments import maml as experiment
+
+    cfg = {opt.name: opt.default for opt in experiment.OPTIONS}
+    cfg["method"] = "imaml"
+    gen = torch.Generator().manual_seed(seed)
+    params = experiment.init_params(gen, device, dtype)
+    tasks = tuple(
+        t.to(device, dtype)
+        for t in experiment.sample_tasks(gen, batch, cfg["shots"], cfg["queries"])
+    )
+    names = list(params)
+
+    def vmapped() -> tuple[Tensor, ...]:
+        _, grads = experiment.meta_value_and_grad(params, tasks, cfg)
+        return tuple(grads[k] for k in names)
+
+    def loop() -> tuple[Tensor, ...]:
+        meta = {k: v.detach().requires_grad_() for k, v in params.items()}
+        losses = [experiment.task_loss(meta, tuple(t[i] for t in tasks), cfg) for i in range(batch)]
+        return torch.autograd.grad(torch.stack(losses).mean(), [meta[k] for k in names])
+
+    settings = (
+        f"lam {cfg['imaml_lambda']:g}, lbfgs tol {cfg['imaml_tol']:g}, cg tol 1e-5, "
+        f"{cfg['activation']}"
+    )
+    return [
+        Impl(IMAML_SUBJECT, vmapped, note=f"one L-BFGS stack; {settings}"),
+        Impl(IMAML_LOOP, loop, note="one argmin per task"),
+    ]
+
+
+def run_imaml(s: Settings, report: Report) -> None:
+    batch = 4 if s.quick else IMAML_BATCH
+    table = []
+    for dtype in s.dtypes_for(["float32"]):
+        log(s, f"[maml] iMAML {dtype_name(dtype)} meta-batch {batch}")
+        impls = imaml_impls(batch, dtype, s.device, s.seed)
+        results = s.measure(impls, IMAML_LOOP, rtol_for(dtype))
+        targets = None
+        if batch == IMAML_BATCH:
+            targets = {IMAML_LOOP: (1 / 5, "iMAML vmap >= 5x a loop of separate calls")}
+        config = {"dtype": dtype_name(dtype), "meta_batch": batch, "method": "imaml"}
+        for row in report.add_rows("maml-imaml", config, results, IMAML_SUBJECT, targets):
+            table.append(
+                {"meta-batch": str(batch), "dtype": dtype_name(dtype), **standard_cells(row)}
+            )
+    cols = ["meta-batch", "dtype", *STANDARD_COLUMNS]
+    report.tables.append(
+        core.format_table(
+            table,
+            cols,
+            "== maml: iMAML meta-gradient, the maml experiment's network and defaults: vmap "
+            "vs a loop of separate calls (rel.err vs the loop) ==",
+        )
+    )
+
+
 def run_maml(s: Settings, report: Report) -> None:
     table = []
     for batch in s.meta_batches:
@@ -259,3 +329,4 @@ def run_maml(s: Settings, report: Report) -> None:
             "(rel.err vs the plain per-task loop) ==",
         )
     )
+    run_imaml(s, report)
