@@ -124,7 +124,9 @@ def neumann(
     gives the rate ``1 - lambda_min / lambda_max``, so about ``kappa ln(1/tol)`` terms
     (``kappa`` the condition number); an inner learning rate ``lr`` converges only if
     ``lr < 2 / lambda_max`` and then needs about ``ln(1/tol) / (lr lambda_min)`` terms
-    (iMAML's proximal weight ``lam`` gives ``lambda_min >= lam``). For
+    (iMAML's proximal weight ``lam`` adds ``lam`` to every eigenvalue of the loss's Hessian,
+    so ``lambda_min = lam + lambda_min(H_loss)``, positive only when the loss's own negative
+    curvature is above ``-lam``: a neural network's need not be). For
     :func:`bilevel.fixed_point` keep ``alpha = 1``: the operator there is ``I - J`` and
     the series is that of the map's Jacobian ``J``, convergent when the map is a
     contraction. It stops early when ``||r|| <= max(tol ||b||, atol)``; a series

@@ -25,9 +25,13 @@ gradient norm at a solution, since the implicit hypergradient assumes an exact
 optimum.
 
 Host synchronisation: gradient descent and the fixed-point solvers synchronise
-only at their convergence checks (every ``check_every`` iterations). L-BFGS and
-Newton-CG synchronise once per objective evaluation, because a line search branches
-on function values; the scipy bridge runs on the host by design.
+only at their convergence checks (every ``check_every`` iterations). Newton-CG
+synchronises once per objective evaluation, because a line search branches on function
+values; L-BFGS, whose line search decides with device-side masks, reads one flag per
+evaluation (did a search end?) and one more when a search ended (is any problem live?).
+:meth:`LBFGS.solve_batch` minimises a stack of problems at once, each with its own line
+search and stopping (the ``vmap`` rule of :func:`bilevel.argmin`); the scipy bridge runs
+on the host by design.
 """
 
 from bilevel.solvers.anderson import Anderson, anderson

@@ -158,7 +158,12 @@ def lbfgs(
     objective values are below rounding error, steps are accepted on the slope
     (approximate Wolfe conditions), which lets it reach gradient norms near machine
     precision (1e-12 on well-conditioned float64 problems). ``line_search`` can be
-    ``"backtracking"`` (Armijo only).
+    ``"backtracking"`` (Armijo only). The search direction comes from the compact form of
+    the L-BFGS matrix over the last ``history_size`` pairs. One problem runs as a stack of
+    one through the code of :meth:`LBFGS.solve_batch`, which minimises many at once with
+    per-problem line searches and stopping; under ``torch.func.vmap``,
+    :func:`bilevel.argmin` with this solver uses it, so every element gets the answer a
+    single call gives.
 
     Example:
         >>> import torch
