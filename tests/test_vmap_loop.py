@@ -266,3 +266,36 @@ def test_lbfgs_rows_that_fail_their_line_search_stop_alone():
             infos[i].evaluations,
             infos[i].message,
         )
+
+
+@pytest.mark.parametrize("linear", ["cg", "dense"])
+def test_stacked_products_under_func_grad_equal_a_loop(linear, monkeypatch):
+    """The backward CG of a stack of argmin problems runs on one reused graph of the stack
+    (dense, which vmaps its products over basis vectors, keeps the vmapped products), also
+    inside torch.func.grad, as iMAML's meta-gradient is computed."""
+    import bilevel.implicit.batched_problem as batched
+
+    built = []
+    stacked = batched.stacked_hvp
+    monkeypatch.setattr(
+        batched, "stacked_hvp", lambda *a: built.append(stacked(*a) is not None) or stacked(*a)
+    )
+    A, b, h, scale = _stack()
+    q = _quartic_weights()
+    lin = LINEAR[linear](True)
+    inner = solvers.lbfgs(tol=1e-12, maxiter=200)
+
+    def layer(A, b, h, s, q):
+        return bilevel.argmin(
+            _scaled, torch.zeros(N, dtype=D), h, (A, b, s, q), solver=inner, linear_solver=lin
+        )
+
+    def outer(h):
+        return (torch.func.vmap(layer)(A, b, h, scale, q) ** 2).sum()
+
+    gv = torch.func.grad(outer)(h)
+    assert built and all(built)
+    for i in range(4):
+        hi = h[i].clone().requires_grad_(True)
+        (gi,) = torch.autograd.grad((layer(A[i], b[i], hi, scale[i], q[i]) ** 2).sum(), hi)
+        torch.testing.assert_close(gv[i], gi, rtol=1e-11, atol=1e-13)
