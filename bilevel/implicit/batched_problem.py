@@ -84,8 +84,10 @@ class _BatchedProblem(_Problem):
         if isinstance(base, _LinearProblem):
             parent = base.parent
             if isinstance(parent, _UserProblem) and parent.objective is not None:
-                if not parent.switch.ok:  # reverse-mode products, as the single-problem path
-                    p, s = parent.n_theta, parent.n_sol
+                p, s = parent.n_theta, parent.n_sol
+                # reverse-mode products (as the single-problem path), each problem its own
+                # solution (under jacfwd of one problem the solution is shared: plain path)
+                if not parent.switch.ok and all(d == 0 for d in self.dims[p : p + s]):
                     fast = stacked_hvp(
                         parent._objective_leaves, theta[p : p + s], theta[:p], self.dims[:p]
                     )
