@@ -31,6 +31,7 @@ EXPERIMENTS: dict[str, str] = {
     "argmin-timeseries": ".argmin_timeseries",
     "lasso": ".lasso",
     "portfolio": ".portfolio",
+    "horizon": ".horizon",
 }
 
 __all__ = ["EXPERIMENTS"]
