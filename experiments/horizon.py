@@ -529,7 +529,7 @@ class Learner:
             "lr": state["log_lr"].detach().exp().cpu().tolist(),
             "train_s": sum(state["times"]),
             # the median: one stall on a shared machine must not make a slow mean
-            "ms_per_inner_step": 1000 * statistics.median(times) / self.p.steps,
+            "inner_step_ms": 1000 * statistics.median(times) / self.p.steps,
             "peak_bytes": state["peak_bytes"],
             "carried_bytes": state["carried_bytes"],
             "skipped": state["skipped"],
@@ -569,7 +569,7 @@ def _summarize(
             **{k: initial.get(k) for k in keys},
             "lr": f"{cfg['init_lr']:.3g}",
             "train_s": None,
-            "ms/step": None,
+            "step_ms": None,
             "peak_memory": None,
             "carried": None,
         }
@@ -582,7 +582,7 @@ def _summarize(
                 **{k: r[k] for k in keys},
                 "lr": f"{lr[0]:.3g}..{lr[-1]:.3g}",
                 "train_s": r["train_s"],
-                "ms/step": r["ms_per_inner_step"],
+                "step_ms": r["inner_step_ms"],
                 "peak_memory": _fmt_bytes(r["peak_bytes"]),
                 "carried": _fmt_bytes(r["carried_bytes"]),
             }
@@ -647,7 +647,7 @@ def _plot(run: Run, cfg: dict[str, Any], initial: dict[str, Any], results: dict[
     ax[2].set_title("final validation loss (fresh runs)", fontsize=10)
     # compute and memory
     y = list(range(len(names)))
-    ax[3].barh(y, [results[n]["ms_per_inner_step"] for n in names], color="tab:blue")
+    ax[3].barh(y, [results[n]["inner_step_ms"] for n in names], color="tab:blue")
     ax[3].set_yticks(y, names, fontsize=plot.LEGEND_PT)
     ax[3].set_xlabel("ms per inner step (median run)", color="tab:blue")
     twin = ax[3].twiny()
