@@ -22,8 +22,8 @@ rates) with hypergradients from one of these methods:
 
 One outer step of every method is one inner run of T steps from a new initialization and
 new minibatches (the same ones for every method): the full-horizon methods update theta
-once per run (``--outer-lr``), the windowed ones after every window (``--window-lr``), on the
-validation loss at the window's end. Each learned schedule is then evaluated by training
+once per run (``--outer-lr``), the windowed ones after every window (``--window-lr``,
+``--pes-lr``), on the validation loss at the window's end. Each learned schedule is then evaluated by training
 T steps from ``--eval-runs`` fresh initializations (the same for every method, and for the
 initial constant schedule). The summary reports final validation / test loss and accuracy,
 the learned schedule, the compute (wall time of the learning phase and per inner step) and
@@ -102,10 +102,17 @@ OPTIONS = [
     ),
     Option(
         "window_lr",
-        0.01,
+        0.003,
         quick=0.05,
         type=positive_float,
-        help="Adam step on log(lr) per window (truncated, pes, forward)",
+        help="Adam step on log(lr) per window (truncated, forward)",
+    ),
+    Option(
+        "pes_lr",
+        0.001,
+        quick=0.05,
+        type=positive_float,
+        help="Adam step on log(lr) per window of PES (its estimates are noisier)",
     ),
     Option("methods", DEFAULT_KINDS, type=choice_list(KINDS), help="methods compared"),
     Option(
@@ -388,8 +395,11 @@ class Learner:
             dtype=run.dtype,
             requires_grad=True,
         )
-        full = self.kind in ("checkpoint", "reversible")
-        outer = torch.optim.Adam([log_lr], lr=cfg["outer_lr"] if full else cfg["window_lr"])
+        if self.kind in ("checkpoint", "reversible"):
+            step_size = cfg["outer_lr"]
+        else:
+            step_size = cfg["pes_lr"] if self.kind == "pes" else cfg["window_lr"]
+        outer = torch.optim.Adam([log_lr], lr=step_size)
         return {
             "log_lr": log_lr,
             "outer": outer,
