@@ -35,7 +35,7 @@ from bilevel.unroll.tangents import (
     Tangent,
     compiled_tangent_step,
     dual_step,
-    stripped_skeleton,
+    used_params,
 )
 
 
@@ -121,6 +121,7 @@ class _ForwardUnroll(torch.autograd.Function):
 
         losses: list[Tensor] = []
         fallback = Fallback()
+        used_names: frozenset[str] | None = None  # compiled: the parameters the loss uses
         for t in range(fwd.run.steps):
             batch = fwd.run.batch_at(t)
             s_tensors, s_idx, s_spec, s_leaves = split_state(state)
@@ -206,6 +207,8 @@ class _ForwardUnroll(torch.autograd.Function):
                     vectorize = fwd.vectorize if fwd.vectorize is not None else n_dirs > 2
                     if fwd.compiled:
                         primal = Primal(params, s_tensors, (s_idx, s_spec, s_leaves), hyper_d, None)
+                        if used_names is None:
+                            used_names = used_params(fwd, primal, batch)
                         per_direction = [
                             compiled_tangent_step(
                                 fwd,
@@ -215,7 +218,7 @@ class _ForwardUnroll(torch.autograd.Function):
                                     [x[j] for x in s_tan],
                                     [x[j] for x in hyper_tangents],
                                 ),
-                                (batch, t, stripped_skeleton(s_idx, s_spec, s_leaves)),
+                                (batch, t, used_names),
                                 skeleton,
                             )
                             for j in range(n_dirs)
