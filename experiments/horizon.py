@@ -253,6 +253,8 @@ class Problem:
         self.steps = cfg["inner_steps"]
         self.block = self.steps // cfg["blocks"]
         self.optimizer = BlockLRSGD(self.block, cfg["blocks"], momentum=cfg["momentum"])
+        steps = torch.arange(self.steps, device=run.device)
+        self.block_of_step = (steps // self.block).clamp(max=cfg["blocks"] - 1)
         self.val = (self.data.x_val, self.data.y_val)
 
     def init_params(self, gen: torch.Generator) -> dict[str, Tensor]:
@@ -455,13 +457,20 @@ class Learner:
         kw: dict[str, Any] = {}
         if self.kind == "checkpoint" and self.cfg["checkpoint_segments"]:
             kw["segments"] = self.cfg["checkpoint_segments"]
+        hparams: dict[str, Any] = {"log_lr": log_lr}
+        optimizer: Any = p.optimizer
+        if self.kind == "reversible":
+            # the reversible mode takes bilevel.optim.sgd itself: the same schedule as a
+            # per-step tensor, lr_t = exp(log_lr[t // block]), differentiable to log_lr
+            hparams = {"lr": bilevel.optim.schedule(log_lr.exp()[p.block_of_step])}
+            optimizer = bilevel.optim.sgd(momentum=self.cfg["momentum"])
         outer.zero_grad()
         try:
             result = bilevel.unroll(
                 p.inner_loss,
                 params,
-                {"log_lr": log_lr},
-                p.optimizer,
+                hparams,
+                optimizer,
                 p.steps,
                 data=batches,
                 mode=self.kind,

@@ -135,6 +135,8 @@ def test_quick_run_every_method_and_exact_resume(tmp_path):
     learned = summary["learned"]
     assert learned[f"pes-{config['pes_window']}"]["carried_bytes"] > 0
     assert learned[f"forward-{config['forward_every']}"]["carried_bytes"] > 0
+    if "reversible" in learned:  # both exact: the same schedule up to the fixed-point grid
+        assert learned["reversible"]["lr"] == pytest.approx(learned["checkpoint"]["lr"], rel=1e-3)
     for row in metrics(ref):
         for value in row.values():
             if isinstance(value, float):

@@ -137,9 +137,12 @@ def unroll(
             pass: the fastest of ``"reverse"``, ``"checkpoint"`` (with the segment count that
             fits) and ``"forward"`` whose estimate, from two measured trial steps, fits is
             run; ``result.auto`` reports the choice (see :mod:`bilevel.unroll.auto`).
-        compiled: in ``"forward"`` mode, run each step's tangent update (all H directions
-            under ``vmap``) through ``torch.compile``: the same numbers, faster steps after
-            a warm-up of tens of seconds (see the README); models without buffers.
+        compiled: in ``"forward"`` mode, compute each step's inner gradient and its
+            tangent (one direction per call) with ``torch.compile`` (inductor), the
+            optimizer's update eagerly on dual tensors: the same numbers, faster steps after
+            a warm-up of tens of seconds (see the README); models without buffers. The
+            parameters the inner loss uses are found at the first step (a loss that
+            leaves a parameter out at later steps only must run uncompiled).
         vectorize: in ``"forward"`` mode, batch the H tangent directions with ``vmap`` (True),
             or loop over them with core forward-mode AD (False: also for inner losses that
             ``vmap`` cannot batch). Default: batch when H > 2.
