@@ -18,6 +18,7 @@ from torch import Tensor
 
 from bilevel._tree import tree_unflatten
 from bilevel.optim.base import Optimizer, Params
+from bilevel.optim.sgd import SGD
 from bilevel.unroll.explicit import Explicit, join_state, split_state
 from bilevel.unroll.loop import Run
 from bilevel.unroll.step import Carry, call_loss, check_loss, used_inputs
@@ -118,8 +119,8 @@ def _unpack(
 def _dual_constants(
     optimizer: Optimizer, hparams: dict[str, Any], like: Tensor
 ) -> tuple[Optimizer, dict[str, Any]]:
-    """The optimizer's non-zero number settings (given, read from ``hparams`` or
-    defaults) as dual 0-d tensors with zero tangents.
+    """SGD's non-zero number settings (given, read from ``hparams`` or defaults) as dual
+    0-d tensors with zero tangents.
 
     Forward-mode AD gives an operand without a tangent a ZeroTensor, and in torch 2.13 an
     elementwise op on a ZeroTensor infers its output's shape with the Python meta kernel
@@ -128,6 +129,10 @@ def _dual_constants(
     was such an op per parameter tensor, the seed of the inner gradient's backward pass
     another; with these changes the same step is about 2.4x faster (learn-lr's MLP).
     """
+    if not isinstance(optimizer, SGD):
+        # other optimizers branch on whether a setting is a tensor (NAdam keeps its
+        # momentum products as Python numbers or as tensors): same values, other rounding
+        return optimizer, hparams
     flags = set(getattr(optimizer, "flags", ()))
     zero = torch.zeros((), dtype=like.dtype, device=like.device)
 
