@@ -16,6 +16,7 @@ from bilevel.implicit._leaves import _add_leaves
 from bilevel.implicit.diagnostics import _record
 from bilevel.implicit.problem import _Problem
 from bilevel.implicit.warm_start import is_wrapped
+from bilevel.linalg.base import LinearSolver
 
 
 class _LinearProblem(_Problem):
@@ -105,11 +106,17 @@ class _LinearProblem(_Problem):
         kind = "vjp" if self.transpose else "jvp"
         ws = None if self.warm_start is None or is_wrapped(b) else self.warm_start
         x0 = None if ws is None else ws.start(kind, b)
+        # a bilevel solver also gets the preconditioner memory the WarmStart carries
+        kw = (
+            {"memory": ws.memory(kind)}
+            if ws is not None and isinstance(self.linear_solver, LinearSolver)
+            else {}
+        )
         try:
             if x0 is None:
-                x, info = self.linear_solver(matvec, b)
+                x, info = self.linear_solver(matvec, b, **kw)
             else:
-                x, info = self.linear_solver(matvec, b, x0)
+                x, info = self.linear_solver(matvec, b, x0, **kw)
         except torch.linalg.LinAlgError as err:
             raise torch.linalg.LinAlgError(
                 f"{self.name}: the linear solve of implicit differentiation failed: {err}. "

@@ -8,16 +8,24 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from bilevel.linalg.preconditioner import PreconditionerMemory
+
 
 class WarmStart:
     """The latest solution of each implicit layer's linear solve, to start the next one from.
 
     In an outer loop the hyperparameters move a little per step, and so does the solution
     ``u`` of the backward system ``(dF/dw)^T u = -g``: starting the next solve from the
-    previous ``u`` saves iterations (the answer is the same to the solver's tolerance).
-    Pass one object per layer (``warm_start=``) and keep it across steps. A stored
-    solution is used only when the new right-hand side has the same shapes, dtypes and
-    devices; solves under ``torch.func.vmap`` and second-order solves start cold.
+    previous ``u`` saves iterations (the answer is the same to the solver's tolerance: the
+    stopping rule stays relative to ``||b||``, and the start is scaled so it is never worse
+    than zero). Pass one object per layer (``warm_start=``) and keep it across steps. A
+    stored solution is used only when the new right-hand side has the same shapes, dtypes
+    and devices; solves under ``torch.func.vmap`` and second-order solves start cold.
+
+    It also remembers the linear solver's preconditioner: with
+    ``cg(preconditioner=bilevel.linalg.jacobi(every=N))`` the Hutchinson estimate of the
+    Hessian's diagonal is made once and reused for ``N`` solves (:attr:`preconditioners`;
+    :meth:`refresh_preconditioner` asks for a new estimate at the next solve).
 
     Example:
         >>> import torch
@@ -34,7 +42,19 @@ class WarmStart:
 
     def __init__(self) -> None:
         self.solutions: dict[str, list[Tensor]] = {}
+        self.preconditioners: dict[str, PreconditionerMemory] = {}
         self._lock = threading.Lock()
+
+    def memory(self, kind: str) -> PreconditionerMemory:
+        """The preconditioner memory of the ``kind`` solves (created empty)."""
+        with self._lock:
+            return self.preconditioners.setdefault(kind, PreconditionerMemory())
+
+    def refresh_preconditioner(self) -> None:
+        """Estimate every remembered preconditioner afresh at its next solve."""
+        with self._lock:
+            for memory in self.preconditioners.values():
+                memory.refresh()
 
     def start(self, kind: str, b: Sequence[Tensor]) -> list[Tensor] | None:
         """The stored solution for ``kind`` if it matches ``b``, else None."""
@@ -52,9 +72,10 @@ class WarmStart:
             self.solutions[kind] = [xi.detach().clone() for xi in x]
 
     def clear(self) -> None:
-        """Forget every stored solution (the next solves start from zero)."""
+        """Forget every stored solution and preconditioner (the next solves start afresh)."""
         with self._lock:
             self.solutions.clear()
+            self.preconditioners.clear()
 
 
 def is_wrapped(tensors: Sequence[Tensor]) -> bool:

@@ -31,6 +31,9 @@ Under ``torch.func.vmap`` (where reading a value on the host is impossible) the
 solvers run ``maxiter`` masked iterations and report ``info.checked = False``.
 
 Every solver accepts ``damping``: it then solves ``(A + damping I) x = b``.
+:func:`cg` and :func:`minres` accept ``preconditioner=``: :func:`jacobi` (a Hutchinson
+estimate of the diagonal, :func:`hutchinson_diagonal`, kept across solves in a
+:class:`PreconditionerMemory` or a :class:`bilevel.WarmStart`), a diagonal, or ``M^-1``.
 Iterative solvers stop when ``||b - A x|| <= max(tol * ||b||, atol)``.
 """
 
@@ -48,15 +51,20 @@ from bilevel.linalg.minres import MINRES as MINRES
 from bilevel.linalg.minres import minres
 from bilevel.linalg.neumann import Neumann as Neumann
 from bilevel.linalg.neumann import neumann
+from bilevel.linalg.preconditioner import Jacobi as Jacobi
+from bilevel.linalg.preconditioner import PreconditionerMemory, hutchinson_diagonal, jacobi
 
 __all__ = [
     "LinearSolveInfo",
     "LinearSolver",
     "MatVec",
+    "PreconditionerMemory",
     "auto",
     "cg",
     "dense",
     "gmres",
+    "hutchinson_diagonal",
+    "jacobi",
     "minres",
     "neumann",
 ]

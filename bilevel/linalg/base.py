@@ -114,7 +114,9 @@ def _start(A: Callable[[Vec], Vec], b: Vec, x0: Vec | None) -> tuple[Vec, Vec]:
 class _Operator:
     """``v -> A v + damping v`` on leaf lists; checks the first output against ``b``."""
 
-    def __init__(self, matvec: MatVec, b: Tree, damping: float | Tensor) -> None:
+    def __init__(
+        self, matvec: MatVec, b: Tree, damping: float | Tensor, memory: Any = None
+    ) -> None:
         if not callable(matvec):
             raise TypeError(f"matvec must be a function v -> A v, got {type(matvec).__name__}")
         self.matvec = matvec
@@ -127,6 +129,9 @@ class _Operator:
         # and say that its operator should be symmetric positive definite (dense tests it)
         self.batched = getattr(matvec, "matmat", None)
         self.definite = bool(getattr(matvec, "definite", False))
+        # what the caller remembers about this operator across solves (a preconditioner's
+        # diagonal estimate: bilevel.linalg.PreconditionerMemory), or None
+        self.memory = memory
 
     def __call__(self, v: Vec) -> Vec:
         if self.checked and self.plain:
@@ -188,12 +193,14 @@ class LinearSolver:
         self.last_info: LinearSolveInfo | None = None
 
     def __call__(
-        self, matvec: MatVec, b: Tree, x0: Tree | None = None
+        self, matvec: MatVec, b: Tree, x0: Tree | None = None, *, memory: Any = None
     ) -> tuple[Tree, LinearSolveInfo]:
+        """Solve ``A x = b`` from ``x0`` (None: zero); ``memory``: a
+        :class:`~bilevel.linalg.PreconditionerMemory` kept across solves (cg, minres)."""
         leaves, spec = _check_tree(b, "b")
         if x0 is not None:
             _check_same(x0, b, "x0")
-        A = _Operator(matvec, b, getattr(self, "damping", 0.0))
+        A = _Operator(matvec, b, getattr(self, "damping", 0.0), memory)
         x0_leaves = None if x0 is None else tree_flatten(x0)[0]
         x, info = self._solve(A, leaves, x0_leaves)
         self.last_info = info

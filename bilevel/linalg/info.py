@@ -31,6 +31,10 @@ class LinearSolveInfo:
             should be positive definite (an implicit layer's Hessian): the extreme
             eigenvalues when a Cholesky test fails, else ``nan``. ``nan`` for solvers
             that do not track them. See :meth:`indefinite`.
+            With a preconditioner ``M``, minres's are those of ``M^-1/2 A M^-1/2`` (the
+            same signs: a congruence).
+        preconditioner: the preconditioner that ran (cg, minres), e.g. ``"jacobi (Hutchinson,
+            16 probes, estimated)"``; empty for none.
 
     Example:
         >>> info = LinearSolveInfo("cg", 3, 1e-12, True, False, "", threshold=1e-10)
@@ -48,6 +52,7 @@ class LinearSolveInfo:
     checked: bool = True
     min_curvature: float = math.nan
     max_curvature: float = math.nan
+    preconditioner: str = ""
 
     def indefinite(self) -> bool:
         """Whether the solve met a direction of negative curvature (beyond rounding).
@@ -86,4 +91,6 @@ class LinearSolveInfo:
             )
             if not math.isnan(self.threshold):
                 head += f" (target {self.threshold:.1e})"
+            if self.preconditioner:
+                head += f", preconditioner {self.preconditioner}"
         return f"{head}; {self.message}" if self.message else head

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from bilevel.linalg._vec import Vec, _axpy, _div, _dot, _norm, _safe, _where, _zeros
-from bilevel.linalg.base import _default_maxiter, _Iterative, _start
+from bilevel.linalg.base import _default_maxiter, _Iterative
 from bilevel.linalg.info import LinearSolveInfo
+from bilevel.linalg.preconditioner import check_preconditioner, resolve
+from bilevel.linalg.start import scaled_start
 
 
 def _minres_direction(v: Vec, w1: Vec, w2: Vec, eps: Tensor, delta: Tensor, gamma: Tensor) -> Vec:
@@ -24,19 +27,41 @@ class MINRES(_Iterative):
     name = "minres"
     symmetric = True
 
+    def __init__(
+        self,
+        tol: float,
+        atol: float,
+        maxiter: int | None,
+        damping: float | Tensor,
+        check_every: int | None,
+        preconditioner: Any = None,
+    ) -> None:
+        super().__init__(tol, atol, maxiter, damping, check_every)
+        self.preconditioner = check_preconditioner(preconditioner)
+
+    def _options(self) -> dict[str, Any]:
+        opts = super()._options()
+        if self.preconditioner is not None:
+            opts["preconditioner"] = self.preconditioner
+        return opts
+
     def _solve(
         self, A: Callable[[Vec], Vec], b: Vec, x0: Vec | None
     ) -> tuple[Vec, LinearSolveInfo]:
         maxiter = self.maxiter or _default_maxiter(sum(t.numel() for t in b))
         period = self._period(b)
-        x, r1 = _start(A, b, x0)
-        bnorm = _norm(b)
+        M, described = resolve(self.preconditioner, A, b, getattr(A, "memory", None))
+        x, r1 = scaled_start(A, b, x0, M)
+        # preconditioned MINRES: the Lanczos process of M^-1/2 A M^-1/2; residuals are
+        # measured in the norm sqrt(r^T M^-1 r), ||b|| too (z = M^-1 r alongside r)
+        z1 = r1 if M is None else M(r1)
+        bnorm = _norm(b) if M is None else _dot(b, M(b)).sqrt()
         threshold = self._threshold(bnorm)
-        beta = _norm(r1)
+        beta = _dot(r1, z1).sqrt()
         zero = torch.zeros_like(beta)
         # Lanczos vectors r1 (previous) and r2 (current, unnormalised); w, w2 the last
         # two search directions; (cs, sn) the last Givens rotation; phibar = ||r_k||.
-        r2 = r1
+        r2, z2 = r1, z1
         w = _zeros(b)
         w2 = _zeros(b)
         oldb, dbar, epsln = zero, zero, zero
@@ -58,7 +83,7 @@ class MINRES(_Iterative):
 
         for k in range(maxiter):
             active = ~done & (beta > 0)
-            v = _div(r2, _safe(beta, active))
+            v = _div(z2, _safe(beta, active))
             y = A(v)
             # three-term Lanczos recurrence; oldb = 0 on the first step
             has_prev = oldb > 0
@@ -75,7 +100,8 @@ class MINRES(_Iterative):
             lo = torch.where(active, torch.minimum(lo, torch.minimum(alfa, pivot_new)), lo)
             hi = torch.where(active, torch.maximum(hi, alfa), hi)
             y = _axpy(-alfa / _safe(beta, active), r2, y)
-            beta_new = _norm(y)
+            zy = y if M is None else M(y)
+            beta_new = _dot(y, zy).clamp_min(0).sqrt()
             tnorm2_new = tnorm2 + alfa * alfa + beta * beta + beta_new * beta_new
             # previous rotation applied to the new column of the tridiagonal matrix
             oldeps = epsln
@@ -104,6 +130,7 @@ class MINRES(_Iterative):
             w = _where(active, w_new, w)
             r1 = _where(active, r2, r1)
             r2 = _where(active, y, r2)
+            z2 = r2 if M is None else _where(active, zy, z2)
             oldb = torch.where(active, beta, oldb)
             beta = torch.where(active, beta_new, beta)
             tnorm2 = torch.where(active, tnorm2_new, tnorm2)
@@ -127,6 +154,7 @@ class MINRES(_Iterative):
             extra=singular,
             curvature=(lo, hi),
         )
+        info.preconditioner = described
         if info.checked and not info.converged and extra and extra[0]:
             info.message = (
                 "b is not in the range of the operator (the residual is orthogonal to it "
@@ -142,6 +170,7 @@ def minres(
     maxiter: int | None = None,
     damping: float | Tensor = 0.0,
     check_every: int | None = None,
+    preconditioner: Any = None,
 ) -> MINRES:
     """MINRES (Paige & Saunders 1975) for a symmetric, possibly indefinite operator.
 
@@ -157,6 +186,13 @@ def minres(
     (like CG) may need several times ``n`` iterations, where :func:`gmres` with a
     large ``restart`` (full orthogonalisation, more memory) needs at most ``n``.
 
+    With ``preconditioner`` (the options of :func:`cg`; it must be symmetric positive
+    definite, also when ``A`` is indefinite: a Jacobi estimate is made positive) it runs
+    preconditioned MINRES, the Lanczos process of ``M^-1/2 A M^-1/2``; the residual it
+    minimises, reports and tests against ``max(tol ||b||, atol)`` is then measured in the
+    norm ``sqrt(r^T M^-1 r)``, ``||b||`` too. A warm start ``x0`` is scaled to minimise that
+    residual (never a worse start than zero).
+
     Args: as :func:`cg`.
 
     Example:
@@ -165,4 +201,4 @@ def minres(
         >>> torch.allclose(x, torch.tensor([1.0, 1.0], dtype=torch.float64)), info.converged
         (True, True)
     """
-    return MINRES(tol, atol, maxiter, damping, check_every)
+    return MINRES(tol, atol, maxiter, damping, check_every, preconditioner)

@@ -1,0 +1,288 @@
+"""Preconditioners of :func:`cg` and :func:`minres`: a user's ``M^-1``, a diagonal, or Jacobi
+from a Hutchinson estimate of the operator's diagonal (reused across solves when remembered).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bilevel._tree import Tree, tree_flatten, tree_unflatten
+from bilevel.linalg._vec import Vec
+
+Preconditioner = Callable[[Vec], Vec]
+
+
+class Jacobi:
+    """Jacobi preconditioning from a Hutchinson estimate of ``diag(A)`` (see :func:`jacobi`)."""
+
+    def __init__(self, probes: int, every: int | None, floor: float, seed: int) -> None:
+        if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
+            raise ValueError(f"probes must be a positive int, got {probes!r}")
+        if every is not None and (
+            isinstance(every, bool) or not isinstance(every, int) or every < 1
+        ):
+            raise ValueError(f"every must be a positive int or None, got {every!r}")
+        if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 < floor < 1:
+            raise ValueError(f"floor must be a number in (0, 1), got {floor!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        self.probes = probes
+        self.every = every
+        self.floor = float(floor)
+        self.seed = seed
+
+    def __repr__(self) -> str:
+        return f"jacobi(probes={self.probes}, every={self.every}, floor={self.floor:g}, seed={self.seed})"
+
+
+def jacobi(probes: int = 16, every: int | None = 10, floor: float = 1e-6, seed: int = 0) -> Jacobi:
+    """Jacobi preconditioning, ``M^-1 v = v / d``, with ``d`` a Hutchinson estimate of ``diag(A)``.
+
+    ``d = mean_k z_k * (A z_k)`` over ``probes`` Rademacher vectors ``z_k`` (entries +-1),
+    computed with one batched product (``torch.func.vmap`` of the operator, or
+    ``torch.autograd.grad(..., is_grads_batched=True)`` on the implicit layers' reused graph;
+    a loop of products where the operator cannot be batched). The estimate is unbiased; its
+    standard error per entry is ``sqrt(sum_{i != j} A_ij^2 / probes)``. It is then made
+    positive, as a symmetric positive definite preconditioner must be: ``|d|`` clamped below
+    at ``floor`` times its largest entry.
+
+    Estimating costs ``probes`` products. When the solve remembers the estimate (the implicit
+    layers' :class:`bilevel.WarmStart`, or ``memory=`` of a direct call) it is reused for
+    ``every`` solves and then estimated afresh (``None``: never, until
+    :meth:`PreconditionerMemory.refresh`), so an outer loop pays for it once in ``every``
+    steps. Without memory each solve estimates it.
+
+    Args:
+        probes: Rademacher probes per estimate.
+        every: re-estimate after this many solves with one estimate (None: only on request).
+        floor: the smallest entry of ``d`` relative to its largest, in ``(0, 1)``.
+        seed: seed of the probes (the estimate is reproducible).
+
+    Example:
+        >>> from bilevel.linalg import cg
+        >>> A = torch.diag(torch.tensor([1.0, 10.0, 100.0], dtype=torch.float64))
+        >>> x, info = cg(preconditioner=jacobi(probes=4))(lambda v: A @ v, torch.ones(3, dtype=torch.float64))
+        >>> info.iterations, info.preconditioner
+        (1, 'jacobi (Hutchinson, 4 probes, estimated)')
+    """
+    return Jacobi(probes, every, floor, seed)
+
+
+@dataclasses.dataclass
+class PreconditionerMemory:
+    """What a solve remembers about its preconditioner for the next solves.
+
+    Attributes:
+        diagonal: the latest estimate of the operator's diagonal (leaf list), or None.
+        uses: solves that used ``diagonal`` so far.
+        estimates: how many times the diagonal was estimated.
+
+    Example:
+        >>> from bilevel.linalg import cg
+        >>> A = torch.diag(torch.tensor([1.0, 4.0], dtype=torch.float64))
+        >>> memory, solver = PreconditionerMemory(), cg(preconditioner="jacobi")
+        >>> for _ in range(3):
+        ...     x, info = solver(lambda v: A @ v, torch.ones(2, dtype=torch.float64), memory=memory)
+        >>> memory.estimates, memory.uses, info.preconditioner
+        (1, 3, 'jacobi (Hutchinson, 16 probes, reused 2 times)')
+    """
+
+    diagonal: list[Tensor] | None = None
+    uses: int = 0
+    estimates: int = 0
+
+    def refresh(self) -> None:
+        """Estimate the diagonal afresh at the next solve."""
+        self.diagonal = None
+        self.uses = 0
+
+
+def check_preconditioner(spec: Any) -> Any:
+    """Validate a ``preconditioner=`` argument early; returns its normal form.
+
+    None, ``"jacobi"`` (defaults of :func:`jacobi`), a :class:`Jacobi`, a callable ``M^-1``
+    (``v -> M^-1 v`` on trees shaped like ``b``), or a diagonal of ``A``: a tensor (or a tree
+    of tensors shaped like ``b``) of positive, finite entries.
+    """
+    if spec is None or isinstance(spec, Jacobi):
+        return spec
+    if isinstance(spec, str):
+        if spec != "jacobi":
+            raise ValueError(
+                f"preconditioner must be 'jacobi', a bilevel.linalg.jacobi(...), a callable "
+                f"v -> M^-1 v, or a tensor diagonal of A; got the string {spec!r}"
+            )
+        return jacobi()
+    leaves, _ = tree_flatten(spec)
+    if isinstance(spec, Tensor) or (leaves and all(isinstance(t, Tensor) for t in leaves)):
+        if isinstance(spec, Tensor):
+            leaves = [spec]
+        for t in leaves:
+            if not t.is_floating_point():
+                raise TypeError(
+                    f"preconditioner: a diagonal must be a floating-point tensor, got {t.dtype}"
+                )
+        # one host read, at construction: a wrong sign would silently ruin the solve
+        bad = torch.stack([~((t > 0) & torch.isfinite(t)).all() for t in leaves]).any()
+        if bool(bad):
+            raise ValueError(
+                "preconditioner: a diagonal of A must have positive, finite entries (a symmetric "
+                "positive definite preconditioner); take abs() and clamp it away from zero, or "
+                "use preconditioner='jacobi'"
+            )
+        return spec
+    if callable(spec):
+        return spec
+    raise TypeError(
+        "preconditioner must be None, 'jacobi', a bilevel.linalg.jacobi(...), a callable "
+        f"v -> M^-1 v, or a tensor diagonal of A; got {type(spec).__name__}"
+    )
+
+
+def _rademacher(b: Vec, probes: int, seed: int) -> list[Tensor]:
+    """``probes`` sign vectors per leaf, ``[probes, *leaf.shape]``, from a seeded generator.
+
+    Drawn outside functorch transforms: under ``vmap`` a random op would raise, and the
+    probes do not depend on the batch element anyway.
+    """
+    with torch._C._DisableFuncTorch():
+        gen = torch.Generator(device=b[0].device).manual_seed(seed)
+        out = []
+        for t in b:
+            bits = torch.randint(0, 2, (probes, *t.shape), generator=gen, device=t.device)
+            out.append((2 * bits - 1).to(t.dtype))
+    return out
+
+
+def _batched_products(A: Any, Z: list[Tensor]) -> list[Tensor]:
+    """``A z`` for each of the stacked vectors ``Z`` (leading dimension), damping included."""
+    matvec, spec, damping = A.matvec, A.spec, A.damping
+    batched = getattr(matvec, "batched", None)
+    tree = tree_unflatten(list(Z), spec)
+    if batched is not None:
+        out = tree_flatten(batched(tree))[0]
+    else:
+        try:
+            out = tree_flatten(torch.func.vmap(matvec)(tree))[0]
+        except RuntimeError:
+            # an operator vmap cannot see through (autograd.grad on a retained graph, a
+            # host read): one product per probe
+            k = Z[0].shape[0]
+            cols = [
+                tree_flatten(matvec(tree_unflatten([z[i] for z in Z], spec)))[0] for i in range(k)
+            ]
+            out = [torch.stack([c[j] for c in cols]) for j in range(len(Z))]
+    if isinstance(damping, Tensor) or damping != 0:
+        out = [o + damping * z for o, z in zip(out, Z)]
+    return out
+
+
+def hutchinson_diagonal(
+    matvec: Callable[[Tree], Tree], like: Tree, probes: int = 16, seed: int = 0
+) -> Tree:
+    """Hutchinson's unbiased estimate of ``diag(A)``: ``mean_k z_k * (A z_k)``, Rademacher ``z_k``.
+
+    ``like`` gives the tree structure, shapes, dtype and device. The products run as one
+    ``torch.func.vmap`` of ``matvec`` (a loop when it cannot be vmapped). The standard error
+    of entry ``j`` is ``sqrt(sum_{i != j} A_ij^2 / probes)``: exact for a diagonal ``A``.
+
+    Example:
+        >>> A = torch.tensor([[2.0, 0.5], [0.5, 3.0]], dtype=torch.float64)
+        >>> d = hutchinson_diagonal(lambda v: A @ v, torch.zeros(2, dtype=torch.float64), probes=4000)
+        >>> bool(torch.allclose(d, torch.tensor([2.0, 3.0], dtype=torch.float64), atol=0.05))
+        True
+    """
+    from bilevel.linalg.base import _check_tree, _Operator
+
+    leaves, spec = _check_tree(like, "like")
+    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
+        raise ValueError(f"probes must be a positive int, got {probes!r}")
+    return tree_unflatten(_estimate(_Operator(matvec, like, 0.0), leaves, probes, seed), spec)
+
+
+def _estimate(A: Any, b: Vec, probes: int, seed: int) -> list[Tensor]:
+    Z = _rademacher(b, probes, seed)
+    AZ = _batched_products(A, Z)
+    return [(z * az).mean(0) for z, az in zip(Z, AZ)]
+
+
+def _positive(d: list[Tensor], floor: float) -> list[Tensor]:
+    """``|d|`` clamped below at ``floor * max |d|`` (an all-zero estimate becomes ones)."""
+    mags = [t.abs() for t in d]
+    top = torch.stack([m.max() for m in mags]).max()
+    top = torch.where(top > 0, top, torch.ones_like(top))
+    return [torch.maximum(m, floor * top) for m in mags]
+
+
+def _divide(diagonal: list[Tensor]) -> Preconditioner:
+    inv = [1.0 / t for t in diagonal]
+    return lambda v: [vi * di for vi, di in zip(v, inv)]
+
+
+def _user(fn: Callable[[Tree], Tree], b: Vec, spec: Any) -> Preconditioner:
+    from bilevel.linalg.base import _check_same
+
+    template = tree_unflatten(list(b), spec)
+    checked = [False]
+
+    def apply(v: Vec) -> Vec:
+        out = fn(tree_unflatten(list(v), spec))
+        if not checked[0]:
+            try:
+                _check_same(out, template, "the output of the preconditioner")
+            except ValueError as e:
+                raise ValueError(
+                    f"{e} (preconditioner(v) must return M^-1 v, shaped like b)"
+                ) from None
+            checked[0] = True
+        return tree_flatten(out)[0]
+
+    return apply
+
+
+def _matches(diagonal: list[Tensor] | None, b: Vec) -> bool:
+    if diagonal is None or len(diagonal) != len(b):
+        return False
+    return all(
+        d.shape == t.shape and d.dtype == t.dtype and d.device == t.device
+        for d, t in zip(diagonal, b)
+    )
+
+
+def resolve(
+    spec: Any, A: Any, b: Vec, memory: PreconditionerMemory | None
+) -> tuple[Preconditioner | None, str]:
+    """The function ``v -> M^-1 v`` of one solve and its description for the info record."""
+    if spec is None:
+        return None, ""
+    if isinstance(spec, Jacobi):
+        what = f"jacobi (Hutchinson, {spec.probes} probes"
+        if memory is not None and _matches(memory.diagonal, b):
+            stale = spec.every is not None and memory.uses >= spec.every
+            if not stale:
+                assert memory.diagonal is not None
+                n = memory.uses
+                memory.uses += 1
+                return _divide(memory.diagonal), f"{what}, reused {n} time{'s' if n != 1 else ''})"
+        seed = spec.seed + (0 if memory is None else memory.estimates)
+        diagonal = _positive(_estimate(A, b, spec.probes, seed), spec.floor)
+        if memory is not None:
+            memory.diagonal = [t.detach() for t in diagonal]
+            memory.uses = 1
+            memory.estimates += 1
+        return _divide(diagonal), f"{what}, estimated)"
+    if callable(spec) and not isinstance(spec, Tensor):
+        return _user(spec, b, A.spec), "user M^-1"
+    from bilevel.linalg.base import _check_same
+
+    _check_same(spec, tree_unflatten(list(b), A.spec), "preconditioner (a diagonal of A)")
+    diagonal = [t.to(b[i].dtype) for i, t in enumerate(tree_flatten(spec)[0])]
+    damping = A.damping
+    if isinstance(damping, Tensor) or damping != 0:
+        diagonal = [t + damping for t in diagonal]
+    return _divide(diagonal), "diagonal (given)"
