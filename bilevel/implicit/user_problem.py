@@ -145,6 +145,15 @@ class _UserProblem(_Problem):
                 out = torch.autograd.grad(grads, s, list(v), retain_graph=True, allow_unused=True)
             return [torch.zeros_like(x) if o is None else o.detach() for x, o in zip(s, out)]
 
+        def batched(V: Sequence[Tensor]) -> list[Tensor]:
+            """Products with vectors stacked along dim 0 (a preconditioner's probes), at once."""
+            with torch.enable_grad():
+                out = torch.autograd.grad(
+                    grads, s, list(V), retain_graph=True, allow_unused=True, is_grads_batched=True
+                )
+            return [torch.zeros_like(v) if o is None else o.detach() for v, o in zip(V, out)]
+
+        hvp.batched = batched  # type: ignore[attr-defined]
         return hvp
 
     def check_objective(self, init: Sequence[Tensor], theta: Sequence[Tensor]) -> None:

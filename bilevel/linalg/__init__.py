@@ -23,8 +23,9 @@ Solvers:
   squares with a singular-value cutoff.
 
 All iterative loops run on the device: the only host synchronisations are one
-convergence check every ``check_every`` iterations and one at the end that fills
-the :class:`LinearSolveInfo` record. Between checks, iterations after convergence
+convergence check every ``check_every`` iterations (by default every iteration on CPU,
+where reading a flag costs no synchronisation, every 10 on GPU) and one at the end that
+fills the :class:`LinearSolveInfo` record. Between checks, iterations after convergence
 are masked with ``torch.where`` on a device boolean, so they neither change nor
 break the solution; results do not depend on ``check_every``.
 Under ``torch.func.vmap`` (where reading a value on the host is impossible) the

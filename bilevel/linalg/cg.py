@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bilevel.linalg._vec import Vec, _axpy, _dot, _norm, _safe
+from bilevel.linalg._vec import Vec, _axpy, _dot, _norm
 from bilevel.linalg.base import _default_maxiter, _Iterative
 from bilevel.linalg.info import LinearSolveInfo
 from bilevel.linalg.preconditioner import check_preconditioner, resolve
@@ -55,25 +55,31 @@ class CG(_Iterative):
         rs = _dot(r, r)
         rz = rs if M is None else _dot(r, z)
         p = z
-        done = rs.sqrt() <= threshold
+        # squared threshold: one comparison per iteration, and ~(rs > t2) is also True for NaN
+        t2 = threshold * threshold
+        done = ~(rs > t2)
         negative = torch.zeros_like(done)
         iterations = torch.zeros((), dtype=torch.int64, device=bnorm.device)
+        zero = torch.zeros_like(rs)
         lo = torch.full_like(bnorm, math.inf)  # extreme Rayleigh quotients of the directions
         hi = torch.full_like(bnorm, -math.inf)
 
+        # The loop is a few fused vector ops and as few 0-d ops as masking allows (on
+        # small and mid-sized problems the 0-d ops cost as much as the product).
         for k in range(maxiter):
             Ap = A(p)
             pAp = _dot(p, Ap)
+            # any vector's Rayleigh quotient lies in A's numerical range, so the quotients of
+            # masked iterations (p = z) need no mask; fmin/fmax skip the 0/0 of p = 0
+            q = pAp / _dot(p, p)
+            lo = torch.fmin(lo, q)
+            hi = torch.fmax(hi, q)
             live = ~done
-            q = pAp / _safe(_dot(p, p), live)
-            lo = torch.where(live, torch.minimum(lo, q), lo)
-            hi = torch.where(live, torch.maximum(hi, q), hi)
-            bad = (pAp <= 0) & ~done
-            active = ~done & ~bad
-            alpha = rz / _safe(pAp, active)
-            alpha = torch.where(active, alpha, torch.zeros_like(alpha))
+            bad = live & (pAp <= 0)
+            active = live & ~bad
             # Masking the scalars is enough: alpha = 0 leaves x and r as they are, and
             # beta = 0 restarts p from z, finite. No vector-sized where() per iteration.
+            alpha = torch.where(active, rz / pAp, zero)
             x = _axpy(alpha, p, x)
             r = _axpy(-alpha, Ap, r)
             rs_new = _dot(r, r)
@@ -83,14 +89,14 @@ class CG(_Iterative):
                 z = M(r)
                 rz_new = _dot(r, z)
             # the new residual (not the old one) builds the next direction: Betty's bug
-            beta = torch.where(active, rz_new / _safe(rz, active), torch.zeros_like(rz))
+            beta = torch.where(active, rz_new / rz, zero)
             p = _axpy(beta, p, z)
             rs = torch.where(active, rs_new, rs)
             rz = rs if M is None else torch.where(active, rz_new, rz)
-            iterations = iterations + active.to(iterations.dtype)
+            iterations = iterations + active
             negative = negative | bad
             # a NaN from the operator stops the loop instead of running to maxiter
-            done = done | bad | (rs.sqrt() <= threshold) | ~torch.isfinite(rs)
+            done = done | bad | ~(rs > t2)
             if self._should_stop(done, k + 1, maxiter, period):
                 break
 
@@ -134,8 +140,9 @@ def cg(
         maxiter: maximum iterations; None means ``min(10 n, 1000)`` for ``n`` unknowns.
         damping: ``lambda`` in ``A + lambda I`` (a number or a 0-d tensor).
         check_every: read the convergence flag on the host every this many iterations;
-            None: every ``min(10, n)`` (CG ends in at most ``n`` steps in exact arithmetic, so
-            a solve with 3 unknowns stops after 3 operator applications and one check).
+            None: every iteration on CPU (no device to synchronise with), else every
+            ``min(10, n)`` (CG ends in at most ``n`` steps in exact arithmetic, so a solve
+            with 3 unknowns stops after 3 operator applications and one check).
         preconditioner: None; ``"jacobi"`` or :func:`jacobi` (a Hutchinson estimate of
             ``diag(A)``, remembered across solves by ``memory=`` or a
             :class:`bilevel.WarmStart`); a diagonal of ``A`` (a tensor, or a tree shaped like
