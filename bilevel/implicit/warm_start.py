@@ -17,8 +17,8 @@ class WarmStart:
     In an outer loop the hyperparameters move a little per step, and so does the solution
     ``u`` of the backward system ``(dF/dw)^T u = -g``: starting the next solve from the
     previous ``u`` saves iterations (the answer is the same to the solver's tolerance: the
-    stopping rule stays relative to ``||b||``, and the start is scaled so it is never worse
-    than zero). Pass one object per layer (``warm_start=``) and keep it across steps. A
+    stopping rule stays relative to ``||b||``, and a start further away than zero is
+    dropped for zero). Pass one object per layer (``warm_start=``) and keep it across steps. A
     stored solution is used only when the new right-hand side has the same shapes, dtypes
     and devices; solves under ``torch.func.vmap`` and second-order solves start cold.
 

@@ -13,7 +13,7 @@ from bilevel.linalg._vec import Vec, _axpy, _dot, _norm
 from bilevel.linalg.base import _default_maxiter, _Iterative
 from bilevel.linalg.info import LinearSolveInfo
 from bilevel.linalg.preconditioner import check_preconditioner, resolve
-from bilevel.linalg.start import scaled_start
+from bilevel.linalg.start import warm_or_zero
 
 
 class CG(_Iterative):
@@ -46,7 +46,7 @@ class CG(_Iterative):
         maxiter = self.maxiter or _default_maxiter(sum(t.numel() for t in b))
         period = self._period(b)
         M, described = resolve(self.preconditioner, A, b, getattr(A, "memory", None))
-        x, r = scaled_start(A, b, x0)
+        x, r = warm_or_zero(A, b, x0)
         bnorm = _norm(b)
         threshold = self._threshold(bnorm)
         # with a preconditioner: z = M^-1 r builds the directions and rz = r^T z the step,
@@ -131,8 +131,8 @@ def cg(
     ``M^-1 r``), which needs far fewer iterations when ``M`` resembles ``A`` (a widely
     varying diagonal: per-feature regularisation weights); the stopping rule still reads
     the true residual ``||r||``, so the answer has the same accuracy. A start ``x0`` (a
-    warm start) is scaled by the ``a`` that minimises ``||b - a A x0||``: one product, and
-    never a worse start than zero.
+    warm start) costs one product; it is dropped for zero when its residual is larger than
+    ``||b||``, so it never starts further away than a cold solve.
 
     Args:
         tol: relative tolerance on the residual norm.

@@ -13,7 +13,7 @@ from bilevel.linalg._vec import Vec, _axpy, _div, _dot, _norm, _safe, _where, _z
 from bilevel.linalg.base import _default_maxiter, _Iterative
 from bilevel.linalg.info import LinearSolveInfo
 from bilevel.linalg.preconditioner import check_preconditioner, resolve
-from bilevel.linalg.start import scaled_start
+from bilevel.linalg.start import warm_or_zero
 
 
 def _minres_direction(v: Vec, w1: Vec, w2: Vec, eps: Tensor, delta: Tensor, gamma: Tensor) -> Vec:
@@ -51,7 +51,7 @@ class MINRES(_Iterative):
         maxiter = self.maxiter or _default_maxiter(sum(t.numel() for t in b))
         period = self._period(b)
         M, described = resolve(self.preconditioner, A, b, getattr(A, "memory", None))
-        x, r1 = scaled_start(A, b, x0, M)
+        x, r1 = warm_or_zero(A, b, x0, M)
         # preconditioned MINRES: the Lanczos process of M^-1/2 A M^-1/2; residuals are
         # measured in the norm sqrt(r^T M^-1 r), ||b|| too (z = M^-1 r alongside r)
         z1 = r1 if M is None else M(r1)
@@ -190,8 +190,8 @@ def minres(
     definite, also when ``A`` is indefinite: a Jacobi estimate is made positive) it runs
     preconditioned MINRES, the Lanczos process of ``M^-1/2 A M^-1/2``; the residual it
     minimises, reports and tests against ``max(tol ||b||, atol)`` is then measured in the
-    norm ``sqrt(r^T M^-1 r)``, ``||b||`` too. A warm start ``x0`` is scaled to minimise that
-    residual (never a worse start than zero).
+    norm ``sqrt(r^T M^-1 r)``, ``||b||`` too. A warm start ``x0`` whose residual (in that
+    norm) is larger than ``||b||`` is dropped for zero.
 
     Args: as :func:`cg`.
 

@@ -1,5 +1,4 @@
-"""The starting point of a Krylov solve: zero, or a warm start scaled so that its residual is
-never larger than zero's."""
+"""The starting point of a Krylov solve: zero, or a warm start when it starts closer than zero."""
 
 from __future__ import annotations
 
@@ -7,34 +6,26 @@ from collections.abc import Callable
 
 import torch
 
-from bilevel.linalg._vec import Vec, _dot, _safe, _sub, _zeros
+from bilevel.linalg._vec import Vec, _dot, _sub, _zeros
 
 Preconditioner = Callable[[Vec], Vec]
 
 
-def scaled_start(
+def warm_or_zero(
     A: Callable[[Vec], Vec], b: Vec, x0: Vec | None, M: Preconditioner | None = None
 ) -> tuple[Vec, Vec]:
-    """The start ``x0`` (or ``a x0``) and its residual; from zero, ``(0, b)`` with no product.
+    """The start and its residual: ``x0`` if its residual is no larger than zero's, else zero.
 
-    A warm start whose residual is larger than ``||b||`` (zero's) is scaled by the ``a`` that
-    minimises the residual in the norm the solver measures (``||.||_2``, or the
-    preconditioned norm of MINRES): ``a = <A x0, b> / <A x0, A x0>``. So a warm start costs
-    its one product and never starts further away than zero (a stale ``x0`` from a much
-    changed operator gets ``a`` near 0). The stopping rule stays relative to ``||b||``, so
-    the answer has the accuracy of a cold solve.
+    From zero: ``(0, b)`` with no product. A warm start costs one product, ``A x0``; when its
+    residual is larger than ``||b||`` (in the norm the solver measures: ``||.||_2``, or the
+    preconditioned norm of MINRES) it is dropped for zero, so a stale ``x0`` (from a much
+    changed operator) costs that one product and nothing more. The stopping rule stays
+    relative to ``||b||``, so a warm solve has the accuracy of a cold one.
     """
     if x0 is None:
         return _zeros(b), b
-    Ax = A(x0)
-    r = _sub(b, Ax)
+    r = _sub(b, A(x0))
     Mr, Mb = (r, b) if M is None else (M(r), M(b))
-    # kept as it is when it starts no further than zero does, else scaled (rarely)
     keep = _dot(r, Mr) <= _dot(b, Mb)
-    MAx = Ax if M is None else M(Ax)
-    num, den = _dot(MAx, b), _dot(MAx, Ax)
-    ok = den > 0
-    a = (num / _safe(den, ok)) * ok.to(num.dtype)
-    a = torch.where(keep, torch.ones_like(a), a)
-    x = [torch.where(keep, t, a * t) for t in x0]
-    return x, [torch.where(keep, ri, bi - a * ai) for ri, bi, ai in zip(r, b, Ax)]
+    x = [torch.where(keep, t, torch.zeros_like(t)) for t in x0]
+    return x, [torch.where(keep, ri, bi) for ri, bi in zip(r, b)]
