@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from . import core, implicit, jaxopt_peer, maml, memory, unroll
+from . import core, implicit, implicit_outer, jaxopt_peer, maml, memory, unroll
 from .children import measure_rss
 from .report import Report, targets_table
 from .settings import PEERS, PROG, Settings, UsageError, build_parser, settings_from
@@ -98,7 +98,7 @@ def _main(s: Settings) -> int:
     runners = {
         "unroll": unroll.run_unroll,
         "memory": memory.run_memory,
-        "implicit": implicit.run_implicit,
+        "implicit": _run_implicit,
         "maml": maml.run_maml,
     }
     started = time.perf_counter()
@@ -108,8 +108,10 @@ def _main(s: Settings) -> int:
         warnings.simplefilter("ignore", category=DeprecationWarning)
         warnings.simplefilter("ignore", category=FutureWarning)
         for name in s.problems:
+            shown = len(report.tables)
             runners[name](s, report)
-            print("\n" + report.tables[-1], flush=True)
+            for table in report.tables[shown:]:
+                print("\n" + table, flush=True)
     if report.targets:
         print("\n" + targets_table(report))
     for note in report.notes:
@@ -154,6 +156,13 @@ def _main(s: Settings) -> int:
         s.json_path.parent.mkdir(parents=True, exist_ok=True)
         s.json_path.write_text(json.dumps(out, indent=1, default=str))
     return 1 if bad or failures else 0
+
+
+def _run_implicit(s: Settings, report: Report) -> None:
+    """The implicit problem's tables: one hypergradient per configuration (with the small
+    problems), then the outer loop (warm starts and preconditioners against the peers)."""
+    implicit.run_implicit(s, report)
+    report.tables.append(implicit_outer.run_outer(s, report))
 
 
 def _row_config(row: dict[str, Any]) -> str:
