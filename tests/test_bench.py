@@ -105,6 +105,27 @@ def test_quick_run_implicit_rows(quick):
         assert not jaxopt and any("jaxopt cg: missing" in n for n in data["notes"])
 
 
+def test_quick_run_implicit_outer_loop_rows(quick):
+    _, data = quick
+    rows = _rows(data, "implicit outer")
+    names = {"bilevel cg cold", "bilevel cg warm", "bilevel cg warm+jacobi"}
+    if bench_core.peer("torchopt").available:
+        names.add("torchopt cg")
+    if bench_core.peer("jaxopt").available:
+        names.add("jaxopt cg")
+    for d in ("breast-cancer", "synthetic p=300"):
+        mine = [r for r in rows if r["data"] == d]
+        assert {r["implementation"] for r in mine} == names
+        assert all(r["outer_steps"] == 3 and r["h"] == "per feature" for r in mine)
+        # every step's hypergradient checked against the exact one
+        assert all(r["agree"] is True and r["max_step_error"] <= 1e-6 for r in mine)
+        products = {r["implementation"]: r["products"] for r in mine}
+        # three steps: the warm solves start from the previous solution, never from further
+        assert products["bilevel cg warm"] <= products["bilevel cg cold"] + 2
+    # the <= 0.8x target is judged at p >= 1e4 only (not in the quick run)
+    assert not [t for t in data["targets"] if t["problem"] == "implicit outer"]
+
+
 def test_quick_run_small_implicit_rows(quick):
     _, data = quick
     rows = _rows(data, "implicit-small")

@@ -55,6 +55,9 @@ class CG(_Iterative):
         rs = _dot(r, r)
         rz = rs if M is None else _dot(r, z)
         p = z
+        # ||p||^2 of the Rayleigh quotients: without a preconditioner by the recurrence
+        # p' = r' + beta p, r' orthogonal to p (one vector pass fewer per iteration)
+        pp = rs
         # squared threshold: one comparison per iteration, and ~(rs > t2) is also True for NaN
         t2 = threshold * threshold
         done = ~(rs > t2)
@@ -71,7 +74,7 @@ class CG(_Iterative):
             pAp = _dot(p, Ap)
             # any vector's Rayleigh quotient lies in A's numerical range, so the quotients of
             # masked iterations (p = z) need no mask; fmin/fmax skip the 0/0 of p = 0
-            q = pAp / _dot(p, p)
+            q = pAp / (pp if M is None else _dot(p, p))
             lo = torch.fmin(lo, q)
             hi = torch.fmax(hi, q)
             live = ~done
@@ -91,6 +94,8 @@ class CG(_Iterative):
             # the new residual (not the old one) builds the next direction: Betty's bug
             beta = torch.where(active, rz_new / rz, zero)
             p = _axpy(beta, p, z)
+            if M is None:
+                pp = rs_new + beta * beta * pp
             rs = torch.where(active, rs_new, rs)
             rz = rs if M is None else torch.where(active, rz_new, rz)
             iterations = iterations + active
