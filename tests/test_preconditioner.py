@@ -62,6 +62,16 @@ def test_preconditioned_solve_equals_unpreconditioned_with_fewer_iterations(name
     assert info1.preconditioner in str(info1)
 
 
+def test_preconditioned_cg_curvature_is_that_of_the_preconditioned_operator():
+    A = spread_spd(n=30, spread=1e4)
+    d = torch.diagonal(A).clone()
+    _, info = linalg.cg(tol=1e-12, preconditioner=d)(lambda v: A @ v, torch.ones(30, dtype=D))
+    s = d.rsqrt()
+    eig = torch.linalg.eigvalsh(s[:, None] * A * s[None, :])
+    assert eig[0] * (1 - 1e-8) <= info.min_curvature <= info.max_curvature <= eig[-1] * (1 + 1e-8)
+    assert info.max_curvature > 0.5 * eig[-1]  # the quotients explore the spectrum
+
+
 def test_preconditioned_solves_of_trees_with_damping():
     A = spread_spd(n=30, spread=1e4)
     b = {"u": torch.ones(10, dtype=D), "v": torch.arange(20, dtype=D).reshape(4, 5)}

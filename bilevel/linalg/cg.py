@@ -55,9 +55,11 @@ class CG(_Iterative):
         rs = _dot(r, r)
         rz = rs if M is None else _dot(r, z)
         p = z
-        # ||p||^2 of the Rayleigh quotients: without a preconditioner by the recurrence
-        # p' = r' + beta p, r' orthogonal to p (one vector pass fewer per iteration)
-        pp = rs
+        # the Rayleigh quotients' denominator p^T M p (M: the preconditioner's matrix, the
+        # inverse of z = M^-1 r; I without one) by the recurrence of p' = z' + beta p, where
+        # r'^T p = 0 gives p'^T M p' = r'^T z' + beta^2 p^T M p: no vector pass for it. With
+        # a preconditioner they are the quotients of M^-1/2 A M^-1/2 (the signs of A's).
+        pp = rz
         # squared threshold: one comparison per iteration, and ~(rs > t2) is also True for NaN
         t2 = threshold * threshold
         done = ~(rs > t2)
@@ -74,7 +76,7 @@ class CG(_Iterative):
             pAp = _dot(p, Ap)
             # any vector's Rayleigh quotient lies in A's numerical range, so the quotients of
             # masked iterations (p = z) need no mask; fmin/fmax skip the 0/0 of p = 0
-            q = pAp / (pp if M is None else _dot(p, p))
+            q = pAp / pp
             lo = torch.fmin(lo, q)
             hi = torch.fmax(hi, q)
             live = ~done
@@ -94,8 +96,7 @@ class CG(_Iterative):
             # the new residual (not the old one) builds the next direction: Betty's bug
             beta = torch.where(active, rz_new / rz, zero)
             p = _axpy(beta, p, z)
-            if M is None:
-                pp = rs_new + beta * beta * pp
+            pp = rz_new + beta * beta * pp
             rs = torch.where(active, rs_new, rs)
             rz = rs if M is None else torch.where(active, rz_new, rz)
             iterations = iterations + active

@@ -30,9 +30,9 @@ class LinearSolveInfo:
             ``T_k`` (hence ``A``) is not positive definite. dense, for an operator that
             should be positive definite (an implicit layer's Hessian): the extreme
             eigenvalues when a Cholesky test fails, else ``nan``. ``nan`` for solvers
-            that do not track them. See :meth:`indefinite`.
-            With a preconditioner ``M``, minres's are those of ``M^-1/2 A M^-1/2`` (the
-            same signs: a congruence).
+            that do not track them. See :meth:`indefinite`. With a preconditioner ``M``
+            (cg, minres) they are those of ``M^-1/2 A M^-1/2`` (the same signs as ``A``'s:
+            a congruence).
         preconditioner: the preconditioner that ran (cg, minres), e.g. ``"jacobi (Hutchinson,
             16 probes, estimated)"``; empty for none.
 
