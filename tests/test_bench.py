@@ -115,7 +115,8 @@ def test_quick_run_implicit_outer_loop_rows(quick):
         names.add("jaxopt cg")
     for d in ("breast-cancer", "synthetic p=300"):
         mine = [r for r in rows if r["data"] == d]
-        assert {r["implementation"] for r in mine} == names
+        auto = {"bilevel auto"} if d == "breast-cancer" else set()  # 30 unknowns: dense LU
+        assert {r["implementation"] for r in mine} == names | auto
         assert all(r["outer_steps"] == 3 and r["h"] == "per feature" for r in mine)
         # every step's hypergradient checked against the exact one
         assert all(r["agree"] is True and r["max_step_error"] <= 1e-6 for r in mine)

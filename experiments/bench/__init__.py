@@ -14,7 +14,10 @@ JAXopt) on identical problems in one run:
               and JAXopt's (jitted, x64) implicit differentiation, the course tutorial's
               dense Hessian, finite differences; error against the exact hypergradient.
               Then small problems (ridge with 3, 30, 300 unknowns against the closed form;
-              digits logistic regression, 640 unknowns, against JAXopt).
+              digits logistic regression, 640 unknowns, against JAXopt), and an outer loop:
+              20 Adam steps on per-feature weights (breast cancer, p >= 1e4 of --features),
+              bilevel cg cold / warm-started / warm + Jacobi-preconditioned against TorchOpt
+              and JAXopt, total hypergradient time (target <= 0.8x TorchOpt).
 ``maml``      one sinusoid MAML meta-gradient: bilevel batched with ``vmap`` against per-task
               loops (higher, TorchOpt, plain PyTorch).
 

@@ -12,7 +12,8 @@ step's hypergradient is checked against the exact one (largest relative error sh
 Implementations: bilevel ``cg`` cold, with a :class:`bilevel.WarmStart` (warm), and warm
 with Jacobi preconditioning from a Hutchinson estimate refreshed every ``JACOBI_EVERY``
 steps (warm+jacobi), against TorchOpt's ``solve_cg`` and JAXopt's ``solve_cg`` (jitted) at
-the same relative tolerance. "products" counts operator applications (Hessian-vector
+the same relative tolerance; for few unknowns also bilevel's default ``linalg.auto`` (an
+exact dense solve). "products" counts operator applications (Hessian-vector
 products) of the replay, probes and warm-start residuals included.
 """
 
@@ -44,6 +45,7 @@ JACOBI_PROBES = 16
 JACOBI_EVERY = 10
 SUBJECT = "bilevel cg warm+jacobi"
 TARGET = 0.8
+AUTO_MAX_DENSE = 64
 
 
 @dataclass
@@ -126,10 +128,10 @@ class Replay:
         return torch.cat([g / (float(g.norm()) or 1.0) for _, _, g in self.traj.steps])
 
 
-def bilevel_replay(traj: Trajectory, warm: bool, jacobi: bool) -> Replay:
+def bilevel_replay(traj: Trajectory, warm: bool, jacobi: bool, solver: Any = None) -> Replay:
     inner, outer = inner_loss_fn(traj.train), outer_loss_fn(traj.val)
     pre = linalg.jacobi(probes=JACOBI_PROBES, every=JACOBI_EVERY) if jacobi else None
-    solver = linalg.cg(tol=TOL, preconditioner=pre)
+    solver = solver or linalg.cg(tol=TOL, preconditioner=pre)
 
     def step(ws: Any, t: int) -> tuple[Tensor, int]:
         h, w_star, _ = traj.steps[t]
@@ -205,6 +207,11 @@ def outer_impls(traj: Trajectory, notes: list[str]) -> tuple[list[Impl], dict[st
     impl_notes = {
         SUBJECT: f"jacobi(probes={JACOBI_PROBES}, every={JACOBI_EVERY}) + WarmStart",
     }
+    if traj.p <= AUTO_MAX_DENSE:  # the implicit layers' default solves few unknowns exactly
+        replays["bilevel auto"] = bilevel_replay(
+            traj, False, False, linalg.auto(linalg.cg(tol=TOL), max_dense=AUTO_MAX_DENSE)
+        )
+        impl_notes["bilevel auto"] = "the default linear solver: dense LU for p <= 64"
     if peer("torchopt").available:
         replays["torchopt cg"] = torchopt_replay(traj)
         impl_notes["torchopt cg"] = f"solve_cg(rtol={TOL:g}), no warm start"
