@@ -13,6 +13,7 @@ from torch import Tensor
 
 from bilevel._tree import Tree, tree_flatten, tree_unflatten
 from bilevel.linalg._vec import Vec
+from bilevel.linalg.base import _check_same, _check_tree, _Operator
 
 Preconditioner = Callable[[Vec], Vec]
 
@@ -197,8 +198,6 @@ def hutchinson_diagonal(
         >>> bool(torch.allclose(d, torch.tensor([2.0, 3.0], dtype=torch.float64), atol=0.05))
         True
     """
-    from bilevel.linalg.base import _check_tree, _Operator
-
     leaves, spec = _check_tree(like, "like")
     if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
         raise ValueError(f"probes must be a positive int, got {probes!r}")
@@ -225,8 +224,6 @@ def _divide(diagonal: list[Tensor]) -> Preconditioner:
 
 
 def _user(fn: Callable[[Tree], Tree], b: Vec, spec: Any) -> Preconditioner:
-    from bilevel.linalg.base import _check_same
-
     template = tree_unflatten(list(b), spec)
     checked = [False]
 
@@ -278,8 +275,6 @@ def resolve(
         return _divide(diagonal), f"{what}, estimated)"
     if callable(spec) and not isinstance(spec, Tensor):
         return _user(spec, b, A.spec), "user M^-1"
-    from bilevel.linalg.base import _check_same
-
     _check_same(spec, tree_unflatten(list(b), A.spec), "preconditioner (a diagonal of A)")
     diagonal = [t.to(b[i].dtype) for i, t in enumerate(tree_flatten(spec)[0])]
     damping = A.damping
