@@ -309,3 +309,30 @@ def test_warm_start_and_jacobi_in_an_outer_loop_match_the_closed_form():
     assert ws.preconditioners["vjp"].diagonal is None
     ws.clear()
     assert ws.preconditioners == {} and ws.solutions == {}
+
+
+def test_the_reused_graph_products_have_a_batched_form_equal_to_one_by_one():
+    """The implicit layers' Hessian-vector products on one graph offer ``batched`` (used for
+    the probes on a GPU): the same products as one call per vector."""
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(30, 6, generator=g, dtype=D)
+    seen = []
+
+    def recording(matvec, b, x0=None):
+        seen.append(matvec)
+        return linalg.cg(tol=1e-12)(matvec, b, x0)
+
+    h = torch.tensor(0.3, dtype=D, requires_grad=True)
+    w_star = torch.zeros(6, dtype=D)
+
+    def loss(w, h):
+        return torch.nn.functional.softplus(X @ w).mean() + h * (w**4).sum() + 0.5 * (w**2).sum()
+
+    w_star, _ = bilevel.solvers.lbfgs(tol=1e-12)(lambda w: loss(w, h.detach()), w_star)
+    w = bilevel.argmin(loss, w_star, h, linear_solver=recording)
+    torch.autograd.grad(w.sum(), h)
+    (hvp,) = seen
+    V = torch.randn(4, 6, generator=g, dtype=D)
+    (batched,) = hvp.batched([V])
+    one_by_one = torch.stack([hvp([v])[0] for v in V])
+    torch.testing.assert_close(batched, one_by_one, rtol=1e-13, atol=1e-15)
