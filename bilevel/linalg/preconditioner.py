@@ -170,7 +170,8 @@ def _batched_products(A: Any, Z: list[Tensor]) -> list[Tensor]:
     was measured 4x slower than a loop (p = 1e6, 16 probes).
     """
     matvec, spec, damping = A.matvec, A.spec, A.damping
-    batched = getattr(matvec, "batched", None)
+    # the reused graph's batched products (reverse-mode HVPs), or the plain backward's matmat
+    batched = getattr(matvec, "batched", None) or getattr(matvec, "matmat", None)
     if batched is not None and Z[0].device.type != "cpu":
         out = tree_flatten(batched(tree_unflatten(list(Z), spec)))[0]
     elif batched is not None:
