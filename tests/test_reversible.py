@@ -17,7 +17,7 @@ import bilevel
 from bilevel._sync import count_syncs
 from bilevel.unroll import reversal
 from bilevel.unroll.bitbuffer import BitBuffer, lower_bound
-from bilevel.unroll.fixed_point import FixedPoint, out_of_range
+from bilevel.unroll.fixed_point_arithmetic import FixedPoint, out_of_range
 
 DT = torch.float64
 

@@ -2,7 +2,7 @@
 buffer, and the backward pass that retraces it.
 
 The backward pass starts from the final fixed-point weights and velocities and, for
-t = T-1 .. 0, undoes step t exactly (:mod:`bilevel.unroll.fixed_point`), recomputing the
+t = T-1 .. 0, undoes step t exactly (:mod:`bilevel.unroll.fixed_point_arithmetic`), recomputing the
 inner gradient at the recovered weights with a graph; the float SGD step
 (``optimizer.step``, the differentiable one every mode uses) at those weights and
 velocities then gives the vector-Jacobian product that moves the adjoints of the weights
@@ -26,7 +26,7 @@ from bilevel._tree import tree_flatten
 from bilevel.optim.base import HParams, Optimizer, State
 from bilevel.unroll.bitbuffer import BitBuffer, lower_bound
 from bilevel.unroll.explicit import Explicit
-from bilevel.unroll.fixed_point import (
+from bilevel.unroll.fixed_point_arithmetic import (
     QuantisedSGD,
     Trajectory,
     forward_step,

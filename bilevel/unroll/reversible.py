@@ -2,7 +2,7 @@
 with momentum in memory that does not hold the trajectory.
 
 The forward pass runs SGD with momentum on fixed-point weights and velocities
-(``bilevel.unroll.fixed_point``), pushing what each multiplication by the momentum
+(``bilevel.unroll.fixed_point_arithmetic``), pushing what each multiplication by the momentum
 ``n/d`` discards onto a bit buffer (``bilevel.unroll.bitbuffer``): about
 ``log2(1/momentum)`` bits per weight per step (0.152 at 0.9). The backward pass walks the
 trajectory back exactly, and at each step recomputes the inner gradient at the recovered
@@ -32,7 +32,7 @@ from torch import Tensor
 from bilevel.optim.base import HParams, Optimizer, State
 from bilevel.optim.sgd import SGD
 from bilevel.unroll.explicit import Explicit
-from bilevel.unroll.fixed_point import FixedPoint, Layout, QuantisedSGD
+from bilevel.unroll.fixed_point_arithmetic import FixedPoint, Layout, QuantisedSGD
 from bilevel.unroll.loop import Run
 from bilevel.unroll.result import UnrollResult
 from bilevel.unroll.reversal import Plan, Record, ReversibleUnroll, outputs, start, trace
