@@ -118,15 +118,20 @@ def test_projected_argmin_with_a_truncated_fixed_point_solver():
 
 
 def test_argmin_layer_strict_raises_on_a_truncated_solve():
+    # an anisotropic quadratic: one L-BFGS iteration (a steepest-descent line search) cannot
+    # reach its minimum from any start, so the solve is truncated whatever x is (an isotropic
+    # one is solved exactly by the first line search's interpolation for some x)
+    scale = torch.tensor([1.0, 10.0, 100.0], dtype=D)
     layer = bilevel.nn.ArgMinLayer(
-        lambda w, x, p: ((w - x) ** 2).sum() + p["l2"] * (w**2).sum(),
+        lambda w, x, p: (scale * (w - x) ** 2).sum() + p["l2"] * (w**2).sum(),
         torch.zeros(3, dtype=D),
         {"l2": torch.tensor(0.1, dtype=D)},
         solver=solvers.lbfgs(tol=1e-14, maxiter=1),
         strict=True,
     )
+    x = torch.randn(3, generator=torch.Generator().manual_seed(1), dtype=D)
     with pytest.raises(NotStationaryError):
-        layer(torch.randn(3, dtype=D))
+        layer(x)
 
 
 def _double_well(w, h):
