@@ -24,7 +24,7 @@ class WarmStart:
 
     It also remembers the linear solver's preconditioner: with
     ``cg(preconditioner=bilevel.linalg.jacobi(every=N))`` the Hutchinson estimate of the
-    Hessian's diagonal is made once and reused for ``N`` solves (:attr:`preconditioners`;
+    Hessian's diagonal is made once and reused for ``N`` solves (the ``preconditioners`` attribute;
     :meth:`refresh_preconditioner` asks for a new estimate at the next solve).
 
     Example:
