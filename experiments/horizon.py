@@ -45,8 +45,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.func import functional_call
+from torch import Tensor
 
 import bilevel
 from bilevel.optim.base import HParams
@@ -55,8 +54,7 @@ from bilevel.unroll.es import PersistentES
 from bilevel.unroll.online import OnlineHyperOptimizer
 from bilevel.unroll.validation import MODES as UNROLL_MODES
 
-from . import plot
-from .data import Split, load_sklearn, split
+from . import learn_lr, plot
 from .options import (
     Option,
     choice_list,
@@ -237,49 +235,16 @@ def tensor_bytes(tree: Any) -> int:
     return sum(seen.values())
 
 
-class Problem:
-    """The data, the MLP, the schedule's optimizer and the losses (pure functions)."""
+class Problem(learn_lr.Problem):
+    """learn-lr's digits MLP and losses, with the schedule's optimizer (pure functions)."""
 
     def __init__(self, run: Run, cfg: dict[str, Any]) -> None:
-        x, y = load_sklearn("digits")
-        data: Split = split(x, y, cfg["n_train"], cfg["n_val"], run.rng("split"))
-        self.data = data.to(run.device, run.dtype)
-        self.model = nn.Sequential(
-            nn.Linear(data.num_features, cfg["hidden"]),
-            nn.Tanh(),
-            nn.Linear(cfg["hidden"], data.num_classes),
-        ).to(device=run.device, dtype=run.dtype)
-        self.run, self.cfg = run, cfg
-        self.steps = cfg["inner_steps"]
+        super().__init__(run, cfg)
         self.block = self.steps // cfg["blocks"]
         self.optimizer = BlockLRSGD(self.block, cfg["blocks"], momentum=cfg["momentum"])
         steps = torch.arange(self.steps, device=run.device)
         self.block_of_step = (steps // self.block).clamp(max=cfg["blocks"] - 1)
         self.val = (self.data.x_val, self.data.y_val)
-
-    def init_params(self, gen: torch.Generator) -> dict[str, Tensor]:
-        """PyTorch's default Linear initialization, drawn from ``gen``."""
-        params = {}
-        for name, p in self.model.named_parameters():
-            layer = self.model.get_submodule(name.split(".")[0])
-            assert isinstance(layer, nn.Linear)
-            bound = 1.0 / math.sqrt(layer.in_features)
-            u = torch.rand(p.shape, generator=gen, dtype=torch.float64) * 2 - 1
-            params[name] = (u * bound).to(device=self.run.device, dtype=self.run.dtype)
-        return params
-
-    def batches(self, gen: torch.Generator) -> list[tuple[Tensor, Tensor]]:
-        idx = torch.randint(
-            self.data.x_train.shape[0], (self.steps, self.cfg["batch_size"]), generator=gen
-        ).to(self.run.device)
-        return [(self.data.x_train[i], self.data.y_train[i]) for i in idx]
-
-    def logits(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
-        return functional_call(self.model, params, (x,))
-
-    def inner_loss(self, params: dict[str, Tensor], hparams: Any, batch: Any) -> Tensor:
-        x, y = batch
-        return F.cross_entropy(self.logits(params, x), y)
 
     def val_loss(self, params: dict[str, Tensor], hparams: Any, batch: Any = None) -> Tensor:
         x, y = self.val if batch is None else batch

@@ -10,35 +10,17 @@ import torch
 from torch import Tensor
 
 from bilevel.linalg._vec import Vec, _axpy, _dot, _norm
-from bilevel.linalg.base import _default_maxiter, _Iterative
+from bilevel.linalg.base import _default_maxiter
 from bilevel.linalg.info import LinearSolveInfo
-from bilevel.linalg.preconditioner import check_preconditioner, resolve
+from bilevel.linalg.preconditioner import _Preconditioned, resolve
 from bilevel.linalg.start import warm_or_zero
 
 
-class CG(_Iterative):
+class CG(_Preconditioned):
     """Conjugate gradients for symmetric positive definite operators (see :func:`cg`)."""
 
     name = "cg"
     symmetric = True
-
-    def __init__(
-        self,
-        tol: float,
-        atol: float,
-        maxiter: int | None,
-        damping: float | Tensor,
-        check_every: int | None,
-        preconditioner: Any = None,
-    ) -> None:
-        super().__init__(tol, atol, maxiter, damping, check_every)
-        self.preconditioner = check_preconditioner(preconditioner)
-
-    def _options(self) -> dict[str, Any]:
-        opts = super()._options()
-        if self.preconditioner is not None:
-            opts["preconditioner"] = self.preconditioner
-        return opts
 
     def _solve(
         self, A: Callable[[Vec], Vec], b: Vec, x0: Vec | None

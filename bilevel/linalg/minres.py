@@ -10,9 +10,9 @@ import torch
 from torch import Tensor
 
 from bilevel.linalg._vec import Vec, _axpy, _div, _dot, _norm, _safe, _where, _zeros
-from bilevel.linalg.base import _default_maxiter, _Iterative
+from bilevel.linalg.base import _default_maxiter
 from bilevel.linalg.info import LinearSolveInfo
-from bilevel.linalg.preconditioner import check_preconditioner, resolve
+from bilevel.linalg.preconditioner import _Preconditioned, resolve
 from bilevel.linalg.start import warm_or_zero
 
 
@@ -21,29 +21,11 @@ def _minres_direction(v: Vec, w1: Vec, w2: Vec, eps: Tensor, delta: Tensor, gamm
     return [(vi - eps * ai - delta * bi) / gamma for vi, ai, bi in zip(v, w1, w2)]
 
 
-class MINRES(_Iterative):
+class MINRES(_Preconditioned):
     """MINRES for symmetric (possibly indefinite) operators (see :func:`minres`)."""
 
     name = "minres"
     symmetric = True
-
-    def __init__(
-        self,
-        tol: float,
-        atol: float,
-        maxiter: int | None,
-        damping: float | Tensor,
-        check_every: int | None,
-        preconditioner: Any = None,
-    ) -> None:
-        super().__init__(tol, atol, maxiter, damping, check_every)
-        self.preconditioner = check_preconditioner(preconditioner)
-
-    def _options(self) -> dict[str, Any]:
-        opts = super()._options()
-        if self.preconditioner is not None:
-            opts["preconditioner"] = self.preconditioner
-        return opts
 
     def _solve(
         self, A: Callable[[Vec], Vec], b: Vec, x0: Vec | None

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from bilevel._tree import Tree, tree_flatten, tree_unflatten
 from bilevel.linalg._vec import Vec
-from bilevel.linalg.base import _check_same, _check_tree, _Operator
+from bilevel.linalg.base import _check_same, _check_tree, _Iterative, _Operator
 
 Preconditioner = Callable[[Vec], Vec]
 
@@ -294,3 +294,25 @@ def resolve(
     if isinstance(damping, Tensor) or damping != 0:
         diagonal = [t + damping for t in diagonal]
     return _divide(diagonal), "diagonal (given)"
+
+
+class _Preconditioned(_Iterative):
+    """An iterative solver that takes ``preconditioner=`` (cg and minres)."""
+
+    def __init__(
+        self,
+        tol: float,
+        atol: float,
+        maxiter: int | None,
+        damping: float | Tensor,
+        check_every: int | None,
+        preconditioner: Any = None,
+    ) -> None:
+        super().__init__(tol, atol, maxiter, damping, check_every)
+        self.preconditioner = check_preconditioner(preconditioner)
+
+    def _options(self) -> dict[str, Any]:
+        opts = super()._options()
+        if self.preconditioner is not None:
+            opts["preconditioner"] = self.preconditioner
+        return opts
