@@ -265,7 +265,9 @@ def _lbfgs(values: Callable[[Tensor], Tensor], X: Tensor, opts: _LBFGSSettings) 
             break
         again = ended & live
         d_new, t0 = _new_search(again, g, gnorm, hist, used)
-        d = _rows(again, d_new, d)
+        # a stack of one gets here only with its search ended and still live: the rows of
+        # the new search are all taken, so skip the masks (the same values)
+        d = d_new if B == 1 else _rows(again, d_new, d)
         fresh = _Search.start(t0, f, _dot(g, d), g, 100 * eps * f.abs())
-        search = search.where(again, fresh)
+        search = fresh if B == 1 else search.where(again, fresh)
     return _Result(X, f, gnorm, k, evals, status)

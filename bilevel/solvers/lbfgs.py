@@ -75,8 +75,12 @@ class LBFGS(Solver):
         flat = _Flat(init)
         x = flat.ravel(init).detach().clone().unsqueeze(0)
 
+        shape = init.shape if isinstance(init, Tensor) else None
+
         def values(X: Tensor) -> Tensor:
-            return _scalar(objective(flat.unravel(X[0]))).reshape(1)
+            # one tensor: its row is the point (no tree to rebuild at each evaluation)
+            point = X[0].reshape(shape) if shape is not None else flat.unravel(X[0])
+            return _scalar(objective(point)).reshape(1)
 
         X, infos = self._run(values, x)
         return flat.output(X[0]), infos[0]
