@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from bilevel.solvers._flat import _eps
+from bilevel.solvers._host_search import _HOST_DTYPES, _HostSearch
 from bilevel.solvers.base import _NO_PATH, SolverInfo
 from bilevel.solvers.line_search import _rows, _Search, _WolfeOptions
 
@@ -227,16 +228,26 @@ def _lbfgs(values: Callable[[Tensor], Tensor], X: Tensor, opts: _LBFGSSettings) 
     live = status == _RUNNING
     d, t0 = _new_search(live, g, gnorm, hist, used)
     f_tol = 100 * eps * f.abs()
-    search = _Search.start(t0, f, _dot(g, d), g, f_tol)
     if not bool(live.any()):
         return _Result(X, f, gnorm, k, evals, status)
+    # a stack of one decides its line search on the host (the same steps, fewer launches)
+    on_host = B == 1 and X.dtype in _HOST_DTYPES
+    start = _HostSearch.start if on_host else _Search.start
+    search = start(t0, f, _dot(g, d), g, f_tol)
     while True:
-        f_t, g_t = _value_and_grad(values, X + search.t.unsqueeze(1) * d)
+        t = search.t if isinstance(search, _HostSearch) else search.t.unsqueeze(1)
+        f_t, g_t = _value_and_grad(values, X + t * d)
         evals = evals + live.long()
-        search, out = search.update(live, f_t, _dot(g_t, d), g_t, opts.wolfe)
-        ended = out.ended & live
-        if not bool(ended.any()):  # host read: no search ended, evaluate again
-            continue
+        if isinstance(search, _HostSearch):
+            out = search.update(f_t, _dot(g_t, d), g_t, opts.wolfe)
+            if out is None:  # host read of (f, phi'): the search goes on
+                continue
+            ended = out.ended
+        else:
+            search, out = search.update(live, f_t, _dot(g_t, d), g_t, opts.wolfe)
+            ended = out.ended & live
+            if not bool(ended.any()):  # host read: no search ended, evaluate again
+                continue
         # a found step: x += t d, with a curvature pair when s^T y is safely positive
         step = ended & out.accepted
         s = out.t.unsqueeze(1) * d
@@ -268,6 +279,6 @@ def _lbfgs(values: Callable[[Tensor], Tensor], X: Tensor, opts: _LBFGSSettings) 
         # a stack of one gets here only with its search ended and still live: the rows of
         # the new search are all taken, so skip the masks (the same values)
         d = d_new if B == 1 else _rows(again, d_new, d)
-        fresh = _Search.start(t0, f, _dot(g, d), g, 100 * eps * f.abs())
-        search = fresh if B == 1 else search.where(again, fresh)
+        fresh = start(t0, f, _dot(g, d), g, 100 * eps * f.abs())
+        search = fresh if B == 1 else search.where(again, fresh)  # type: ignore[union-attr, arg-type]
     return _Result(X, f, gnorm, k, evals, status)
