@@ -584,6 +584,8 @@ def _fmt_bytes(n: float) -> str:
 
 
 def _plot(run: Run, cfg: dict[str, Any], initial: dict[str, Any], results: dict[str, Any]) -> None:
+    from matplotlib.ticker import MaxNLocator  # matplotlib loads only when plotting
+
     fig, ax = plot.figure(2, 2, size=(4.8, 4.0))
     T, B = cfg["inner_steps"], cfg["blocks"]
     block = T // B
@@ -622,6 +624,7 @@ def _plot(run: Run, cfg: dict[str, Any], initial: dict[str, Any], results: dict[
         legend_below=True,
         marker=".",
     )
+    ax[1].xaxis.set_major_locator(MaxNLocator(integer=True))  # outer steps are whole runs
     # final validation loss of the learned schedules
     labels = ["initial", *names]
     vals = [initial.get("val_loss"), *[results[n]["val_loss"] for n in names]]
