@@ -261,21 +261,13 @@ def projected_argmin(
         return project(tree_unflatten([x - step_size * gx for x, gx in zip(wl, gl)], spec), h)
 
     if solver is None or getattr(solver, "kind", "minimize") == "fixed_point":
-        if with_data:
-            return implicit.fixed_point(
-                step_map,
-                solution_or_init,
-                hparams,
-                data,
-                solver=solver,
-                linear_solver=linear_solver,
-                diagnostics=diagnostics,
-                strict=strict,
-            )
+        # without data the map takes (w, h): the data slot is filled with None
+        map_fn = step_map if with_data else (lambda w, h: step_map(w, h, None))
         return implicit.fixed_point(
-            lambda w, h: step_map(w, h, None),
+            map_fn,
             solution_or_init,
             hparams,
+            *((data,) if with_data else ()),
             solver=solver,
             linear_solver=linear_solver,
             diagnostics=diagnostics,

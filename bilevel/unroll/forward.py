@@ -213,11 +213,7 @@ class _ForwardUnroll(torch.autograd.Function):
                             compiled_tangent_step(
                                 fwd,
                                 primal,
-                                Tangent(
-                                    {k: v[j] for k, v in p_tan.items()},
-                                    [x[j] for x in s_tan],
-                                    [x[j] for x in hyper_tangents],
-                                ),
+                                _direction(p_tan, s_tan, hyper_tangents, j),
                                 (batch, t, used_names),
                                 skeleton,
                             )
@@ -225,14 +221,7 @@ class _ForwardUnroll(torch.autograd.Function):
                         ]
                         (new_p, new_s), _, loss = per_direction[0]
                         out = (new_p, new_s, None)
-                        out_t = (
-                            {k: torch.stack([r[1][0][k] for r in per_direction]) for k in new_p},
-                            [
-                                torch.stack([r[1][1][i] for r in per_direction])
-                                for i in range(len(new_s))
-                            ],
-                            None,
-                        )
+                        out_t = _stack_tangents(per_direction, new_p, len(new_s))
                         aux: Any = (loss, {})
                     elif vectorize and n_dirs > 1:
                         out, out_t, aux = torch.func.vmap(
@@ -251,11 +240,7 @@ class _ForwardUnroll(torch.autograd.Function):
                             dual_step(
                                 fwd,
                                 primal,
-                                Tangent(
-                                    {k: v[j] for k, v in p_tan.items()},
-                                    [x[j] for x in s_tan],
-                                    [x[j] for x in hyper_tangents],
-                                ),
+                                _direction(p_tan, s_tan, hyper_tangents, j),
                                 batch,
                                 t,
                             )
@@ -265,14 +250,7 @@ class _ForwardUnroll(torch.autograd.Function):
                         skeleton[:] = list(skel)
                         out = (params, new_s_tensors, None)
                         aux = (loss, {} if new_buffers is None else new_buffers)
-                        out_t = (
-                            {k: torch.stack([r[1][0][k] for r in results]) for k in params},
-                            [
-                                torch.stack([r[1][1][i] for r in results])
-                                for i in range(len(new_s_tensors))
-                            ],
-                            None,
-                        )
+                        out_t = _stack_tangents(results, params, len(new_s_tensors))
                 except (RuntimeError, NotImplementedError) as err:
                     if not is_forward_ad_gap(err):
                         raise
@@ -317,3 +295,19 @@ class _ForwardUnroll(torch.autograd.Function):
             return (None, None, *[None for _ in ctx.sizes])
         grads = [c.reshape(shape) for c, shape in zip(total.split(ctx.sizes), ctx.shapes)]
         return (None, None, *grads)
+
+
+def _direction(p_tan: dict[str, Tensor], s_tan: list[Tensor], h_tan: list[Tensor], j: int) -> Any:
+    """Direction ``j`` of the stacked tangents, for the one-direction-at-a-time steps."""
+    return Tangent(
+        {k: v[j] for k, v in p_tan.items()}, [x[j] for x in s_tan], [x[j] for x in h_tan]
+    )
+
+
+def _stack_tangents(per_direction: list[Any], names: Any, n_state: int) -> Any:
+    """The per-direction steps' output tangents stacked on a leading direction axis."""
+    return (
+        {k: torch.stack([r[1][0][k] for r in per_direction]) for k in names},
+        [torch.stack([r[1][1][i] for r in per_direction]) for i in range(n_state)],
+        None,
+    )
