@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import deque
 from typing import Any, TextIO
 
 LINE_EVERY_S = 5.0
+# the time left is estimated from the rate over about the last minute, not since the start:
+# a run's phases differ in cost per step (maml's iMAML steps are several times MAML's), so
+# the average since the start would promise a minute while ten are left
+RATE_WINDOW_S = 60.0
 
 
 def _duration(seconds: float) -> str:
@@ -57,6 +62,7 @@ class LineProgress:
         self.t0 = self.last = clock()
         self.postfix = ""
         self.printed_n = -1
+        self.samples: deque[tuple[float, int]] = deque([(self.t0, initial)])
 
     def set_postfix_str(self, text: str, refresh: bool = False) -> None:
         self.postfix = text
@@ -81,9 +87,13 @@ class LineProgress:
         if self.total:
             text += f"/{self.total} ({100 * self.n / self.total:.0f}%)"
         text += f", {_duration(elapsed)}"
-        done = self.n - self.start_n
-        if self.total and done > 0 and self.n < self.total:
-            text += f", ~{_duration(elapsed / done * (self.total - self.n))} left"
+        while len(self.samples) > 1 and now - self.samples[1][0] >= RATE_WINDOW_S:
+            self.samples.popleft()
+        t_base, n_base = self.samples[0]
+        done = self.n - n_base
+        if self.total and done > 0 and self.n < self.total and now > t_base:
+            text += f", ~{_duration((now - t_base) / done * (self.total - self.n))} left"
+        self.samples.append((now, self.n))
         if self.postfix:
             text += f", {self.postfix}"
         print(text, file=self.file, flush=True)

@@ -353,6 +353,24 @@ def test_line_progress_prints_every_few_seconds():
     ]
 
 
+def test_line_progress_time_left_follows_the_recent_rate():
+    # a cheap phase (1 s a step) then one ten times dearer: the time left must come from
+    # the recent rate, not from the average since the start
+    import io
+
+    from experiments.progress import RATE_WINDOW_S, LineProgress
+
+    now = [0.0]
+    out = io.StringIO()
+    bar = LineProgress(total=200, desc="x", file=out, every=5.0, clock=lambda: now[0])
+    for step in range(150):
+        now[0] += 1.0 if step < 100 else 10.0
+        bar.update(1)
+    last = out.getvalue().splitlines()[-1]
+    assert last == "x: step 150/200 (75%), 10m00s, ~8m20s left"
+    assert RATE_WINDOW_S <= 60.0  # the window the 8m20s (10 s a step) assumes
+
+
 def test_tie_rule():
     from experiments.compare import TIE_MARGIN, versus
 
