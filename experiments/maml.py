@@ -17,7 +17,10 @@ under ``torch.func.vmap``) compares
                           on the positive definite H + lam I (``bilevel.argmin``),
 
 against a model pretrained on all tasks jointly (plain regression on pooled tasks). Meta-test:
-MSE on 500 held-out tasks after 0, 1, 5 and 10 SGD adaptation steps, mean and 95% interval.
+MSE on 500 held-out tasks after 0, 1, 5 and 10 SGD adaptation steps, mean and 95% interval,
+and after each method's own adaptation (``mse@own``: k SGD steps for MAML-k, the argmin for
+iMAML). An evaluation in which some task's adaptation diverges is reported as null with a
+note (``diverged``), not averaged over the tasks that survived.
 The final meta-parameters of every method are saved in ``meta_params.pt``.
 
 Under ``torchrun --nproc_per_node=N -m experiments maml ...`` every meta-batch (and the
@@ -471,6 +474,16 @@ def _nonfinite_step(cfg: dict[str, Any], method: str, k: int, ranks: list[int]) 
     )
 
 
+def _interval(per_task: Tensor) -> dict[str, Any]:
+    """Mean and 95% half-width over tasks; ``None`` and a count when some task diverged (a
+    mean over the finite tasks only would flatter the method)."""
+    bad = int((~torch.isfinite(per_task)).sum())
+    if bad:
+        return {"mse": None, "ci95": None, "diverged_tasks": bad}
+    mean = float(per_task.mean())
+    return {"mse": mean, "ci95": float(1.96 * per_task.std() / math.sqrt(per_task.numel()))}
+
+
 def evaluate(
     params: dict[str, Tensor], tasks: Task, steps_list: list[int], lr: float, activation: str
 ) -> dict[str, Any]:
@@ -482,11 +495,43 @@ def evaluate(
             xs, ys, xq, yq = task
             return mse(adapt(p, xs, ys, steps, lr, activation), xq, yq, activation).detach()
 
-        per_task = per_task_values(one, params, tasks).double()
-        mean = float(per_task.mean())
-        half = float(1.96 * per_task.std() / math.sqrt(per_task.numel()))
-        out[str(steps)] = {"mse": mean, "ci95": half}
+        out[str(steps)] = _interval(per_task_values(one, params, tasks).double())
     return out
+
+
+def evaluate_own(params: dict[str, Tensor], tasks: Task, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Meta-test MSE after the adaptation the method meta-trained for (``cfg["method"]``):
+    k SGD steps for MAML-k, the proximal argmin for iMAML.
+
+    The SGD columns score every method with one rule; this one scores each with its own.
+    They differ most for iMAML, whose initialization is trained for the argmin and may sit
+    where the support loss is too curved for SGD at ``--inner-lr`` (curvature above 2/lr).
+    """
+
+    def one(p: dict[str, Tensor], task: Task) -> Tensor:
+        return task_loss(p, task, cfg).detach()
+
+    return _interval(per_task_values(one, params, tasks).double())
+
+
+def diverged_notes(results: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    """One line per meta-test evaluation in which some task's adaptation diverged."""
+    notes = []
+    for method, res in results.items():
+        for steps, e in res["eval"].items():
+            if e.get("diverged_tasks"):
+                notes.append(
+                    f"{method}: {steps} SGD steps at --inner-lr {cfg['inner_lr']:g} diverged on "
+                    f"{e['diverged_tasks']} of {cfg['test_tasks']} test tasks (the support loss "
+                    f"is curved beyond 2/lr at its initialization); mse@{steps} is null"
+                    + ("; its own adaptation is in mse@own" if method != "pretrained" else "")
+                )
+        own = res.get("own") or {}
+        if own.get("diverged_tasks"):
+            notes.append(
+                f"{method}: its own adaptation diverged on {own['diverged_tasks']} test tasks"
+            )
+    return notes
 
 
 # -- the experiment -------------------------------------------------------------------------
@@ -516,12 +561,15 @@ def run(run: Run, cfg: dict[str, Any]) -> dict[str, Any]:
         params = {k: v.requires_grad_() for k, v in init_params(run.rng("init"), dev, dt).items()}
         return {"params": params, "outer": torch.optim.Adam(params.values(), lr=cfg["outer_lr"])}
 
-    def finish(state: dict[str, Any]) -> dict[str, Any]:
+    def finish(state: dict[str, Any], method: str | None = None) -> dict[str, Any]:
         params = {k: v.detach() for k, v in state["params"].items()}
-        return {
+        out = {
             "eval": evaluate(params, test, cfg["eval_steps"], cfg["inner_lr"], cfg["activation"]),
             "params": {k: v.clone() for k, v in params.items()},  # saved apart, not in the summary
         }
+        if method is not None:
+            out["own"] = evaluate_own(params, test, {**cfg, "method": method})
+        return out
 
     # baseline: one model regressed on all tasks pooled, same number of (task-batch) steps
     def pretrain_step(state: dict[str, Any], k: int) -> dict[str, Any]:
@@ -591,7 +639,7 @@ def run(run: Run, cfg: dict[str, Any]) -> dict[str, Any]:
                     "meta-gradients): the method never left its initialisation; lower "
                     f"--inner-lr {cfg['inner_lr']:g}"
                 )
-            return {**finish(state), "skipped_steps": state["skipped"]}
+            return {**finish(state, method), "skipped_steps": state["skipped"]}
 
         def init_method() -> dict[str, Any]:
             return {**init(), "skipped": 0}
@@ -609,23 +657,28 @@ def run(run: Run, cfg: dict[str, Any]) -> dict[str, Any]:
             e = res["eval"][str(s)]
             row[f"mse@{s}"] = e["mse"]
             row[f"ci95@{s}"] = e["ci95"]
+        own = res.get("own", {})
+        row["mse@own"], row["ci95@own"] = own.get("mse"), own.get("ci95")
         rows.append(row)
     _plot(run, cfg, results)
+    notes = diverged_notes(results, cfg)
+    for note in notes:
+        run.echo(f"maml: {note}")
     last = str(max(cfg["eval_steps"]))
-    best = min(
-        (m for m in results if m != "pretrained"),
-        key=lambda m: results[m]["eval"][last]["mse"],
-        default=None,
-    )
+    # methods compared by their own adaptation (what each meta-trained for) against the
+    # pretrained model after the most SGD steps; a diverged evaluation never wins
+    inf = float("inf")
+    score = {m: (r.get("own") or {}).get("mse") for m, r in results.items() if m != "pretrained"}
+    baseline = results["pretrained"]["eval"][last]["mse"]
+    best = min(score, key=lambda m: inf if score[m] is None else score[m], default=None)
     return {
         "table": rows,
         "results": results,
         "best_method": best,
         "beats_pretrained": {
-            m: results[m]["eval"][last]["mse"] < results["pretrained"]["eval"][last]["mse"]
-            for m in results
-            if m != "pretrained"
+            m: v is not None and baseline is not None and v < baseline for m, v in score.items()
         },
+        "diverged": notes,
         "plots": ["maml.png"],
     }
 
@@ -636,8 +689,10 @@ def _plot(run: Run, cfg: dict[str, Any], results: dict[str, Any]) -> None:
     # each method's points shifted sideways so the intervals at one x do not hide each other
     spread = 0.12 * min((b - a for a, b in zip(steps, steps[1:])), default=1)
     for i, (name, res) in enumerate(results.items()):
-        mean = [res["eval"][str(s)]["mse"] for s in steps]
-        half = [res["eval"][str(s)]["ci95"] for s in steps]
+        # a diverged evaluation (null) is left out of its curve
+        nan = float("nan")
+        mean = [nan if (v := res["eval"][str(s)]["mse"]) is None else v for s in steps]
+        half = [nan if (v := res["eval"][str(s)]["ci95"]) is None else v for s in steps]
         shift = (i - (len(results) - 1) / 2) * spread
         xs = [s + shift for s in steps]
         ax[0].errorbar(xs, mean, yerr=half, label=name, marker="o", ms=3, capsize=2, lw=1.2)

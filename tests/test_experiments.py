@@ -48,7 +48,7 @@ FIELDS = {
     ),
     "maml": (
         ["results", "best_method", "beats_pretrained"],
-        ["method", "mse@0", "ci95@0", "mse@1", "mse@5", "mse@10", "ci95@10"],
+        ["method", "mse@0", "ci95@0", "mse@1", "mse@5", "mse@10", "ci95@10", "mse@own"],
     ),
     "hyperclean": (["flags", "test_acc", "tables"], ["training set", "val_loss", "test_acc"]),
     "argmin-timeseries": (
@@ -267,3 +267,42 @@ def test_maml_batched_meta_gradient_equals_vmap_of_task_loss(method, activation)
     torch.testing.assert_close(loss, mean_loss(params), rtol=1e-12, atol=1e-12)
     for name in params:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-10, atol=1e-12)
+
+
+def test_maml_meta_test_divergence_is_reported_not_averaged():
+    # an SGD step far beyond 2/curvature: the adapted weights blow up on some tasks; the
+    # evaluation must say so (null and a count, and a note) rather than average the rest
+    from experiments import maml
+
+    params = maml.init_params(torch.Generator().manual_seed(0), "cpu", torch.float64)
+    tasks = maml.sample_tasks(torch.Generator().manual_seed(1), 6, 10, 20)
+    ev = maml.evaluate(params, tasks, [0, 20], lr=1e3, activation="gelu")
+    assert math.isfinite(ev["0"]["mse"]) and "diverged_tasks" not in ev["0"]
+    assert ev["20"]["mse"] is None and ev["20"]["ci95"] is None
+    assert 1 <= ev["20"]["diverged_tasks"] <= 6
+    notes = maml.diverged_notes({"imaml": {"eval": ev}}, {"inner_lr": 1e3, "test_tasks": 6})
+    assert len(notes) == 1
+    assert notes[0].startswith("imaml: 20 SGD steps at --inner-lr 1000 diverged on")
+    assert "mse@own" in notes[0]
+
+
+def test_maml_own_adaptation_is_the_trained_rule():
+    # MAML-k's own adaptation is k SGD steps (equal to the SGD column); iMAML's is its argmin
+    from experiments import maml
+
+    params = maml.init_params(torch.Generator().manual_seed(0), "cpu", torch.float64)
+    tasks = maml.sample_tasks(torch.Generator().manual_seed(1), 4, 10, 20)
+    cfg = {"inner_lr": 0.01, "activation": "gelu", "imaml_lambda": 10.0}
+    cfg.update({"imaml_tol": 1e-8, "imaml_steps": 200, "cg_steps": 200})
+    sgd = maml.evaluate(params, tasks, [1], 0.01, "gelu")["1"]
+    own = maml.evaluate_own(params, tasks, {**cfg, "method": "maml-1"})
+    assert own["mse"] == pytest.approx(sgd["mse"], rel=1e-12)
+    own_imaml = maml.evaluate_own(params, tasks, {**cfg, "method": "imaml"})
+    # vmapped over the tasks it equals the per-task loop (each task its own L-BFGS solve)
+    loop = []
+    for i in range(4):
+        xs, ys, xq, yq = (t[i] for t in tasks)
+        w = maml.imaml_adapt(params, xs, ys, {**cfg, "method": "imaml"})
+        loop.append(float(maml.mse(w, xq, yq, "gelu")))
+    assert own_imaml["mse"] == pytest.approx(sum(loop) / 4, rel=1e-10)
+    assert own_imaml["mse"] != pytest.approx(sgd["mse"], rel=1e-3)
