@@ -33,6 +33,7 @@ system), so hypergradients are differentiable again (double backward, ``jacfwd``
 """
 
 from bilevel.implicit.argmin import argmin
+from bilevel.implicit.compiled import CompileFallbackWarning
 from bilevel.implicit.custom_fixed_point import custom_fixed_point
 from bilevel.implicit.custom_root import custom_root
 from bilevel.implicit.diagnostics import ImplicitDiagnostics, last_backward_info, last_forward_info
@@ -43,6 +44,7 @@ from bilevel.implicit.root import root
 from bilevel.implicit.warm_start import WarmStart
 
 __all__ = [
+    "CompileFallbackWarning",
     "ImplicitDiagnostics",
     "WarmStart",
     "argmin",

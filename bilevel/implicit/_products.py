@@ -65,3 +65,23 @@ def _dense(tree: Any) -> Any:
         [x if not isinstance(x, Tensor) or x.is_contiguous() else x.contiguous() for x in leaves],
         spec,
     )
+
+
+class _Products:
+    """``v -> (dF/dw)^T v`` with ``matmat``: the products of a stack of vectors at once
+    (leaves with a leading batch dimension), which :func:`bilevel.linalg.dense` uses to
+    form the matrix in one pass; ``definite``: the operator should be symmetric positive
+    definite (the Hessian at a minimum), so dense checks it."""
+
+    def __init__(
+        self,
+        matvec: Callable[[Sequence[Tensor]], list[Tensor]],
+        matmat: Callable[[Sequence[Tensor]], list[Tensor]],
+        definite: bool = False,
+    ) -> None:
+        self.matvec = matvec
+        self.matmat = matmat
+        self.definite = definite
+
+    def __call__(self, v: Sequence[Tensor]) -> list[Tensor]:
+        return self.matvec(v)

@@ -123,6 +123,15 @@ class _LinearProblem(_Problem):
                 "dF/dw is singular at the solution (is the minimizer / root unique? is the "
                 "inner problem strongly convex there?)"
             ) from err
+        self.report(kind, info)
+        out = [t.detach() for t in tree_leaves(x)]
+        if ws is not None:
+            ws.store(kind, out)
+        return out
+
+    def report(self, kind: str, info: Any) -> None:
+        """Record a linear solve's info and warn (raise when strict) as the theorem needs:
+        negative curvature at a minimum, a solve that did not converge."""
         _record(self.diagnostics, kind, info)
         if self.minimum and getattr(info, "checked", True) and _indefinite(info):
             self._not_a_minimum(info)
@@ -134,12 +143,8 @@ class _LinearProblem(_Problem):
                 "symmetric indefinite dF/dw (a saddle point) or gmres for a non-symmetric one, "
                 "and check that the inner solution is accurate",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-        out = [t.detach() for t in tree_leaves(x)]
-        if ws is not None:
-            ws.store(kind, out)
-        return out
 
 
 def _indefinite(info: Any) -> bool:

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from bilevel._tree import tree_unflatten
 from bilevel.implicit._leaves import _check_like, _Packer
-from bilevel.implicit._products import _ForwardModeSwitch, _jvp
+from bilevel.implicit._products import _ForwardModeSwitch, _jvp, _Products
 from bilevel.implicit.diagnostics import ImplicitDiagnostics, _record
 from bilevel.implicit.problem import _Problem
 from bilevel.implicit.warm_start import is_wrapped
@@ -41,6 +41,8 @@ class LayerSpec:
         returns_info: whether the solver returns ``(solution, info)``.
         hvp: ``"forward"`` or ``"reverse"`` products.
         warm_start: a :class:`bilevel.WarmStart` for the linear solves, or None.
+        compiled: the inner loss for the compiled exact backward (``argmin(...,
+            compiled=True)``), or None.
     """
 
     name: str
@@ -57,6 +59,7 @@ class LayerSpec:
     returns_info: bool = True
     hvp: str = "forward"
     warm_start: Any = None
+    compiled: Any = None
 
 
 class _UserProblem(_Problem):
@@ -82,6 +85,7 @@ class _UserProblem(_Problem):
         self.switch = _ForwardModeSwitch(forward=layer.hvp == "forward", name=layer.name)
         self.minimum = layer.objective is not None
         self.warm_start = layer.warm_start
+        self.compiled = layer.compiled
         self.n_sol = len(sol_like)
         self.n_theta = len(packer.tensors)
         # the inner loss's graph at the given solution, built by check_objective
@@ -166,6 +170,7 @@ class _UserProblem(_Problem):
         theta = list(theta)
         if (
             self.solver is None
+            and self.compiled is None
             and not self.switch.ok
             and torch.is_grad_enabled()
             and any(t.requires_grad for t in theta)
@@ -208,6 +213,12 @@ class _UserProblem(_Problem):
         """
         if self.objective is not None and self.switch.ok:
             return None
+        if self.compiled is not None:
+            from bilevel.implicit.compiled import compiled_vjp
+
+            fast = compiled_vjp(self, sol, theta, g, which)
+            if fast is not None:
+                return fast
         n = sum(x.numel() for x in sol)
         forms_matrix = getattr(self.linear_solver, "forms_matrix", None)
         if n > _BATCHED_BACKWARD_MAX and callable(forms_matrix) and forms_matrix(n):
@@ -362,26 +373,6 @@ class _UserProblem(_Problem):
         if self.strict:
             raise NotStationaryError(msg)
         warnings.warn(msg, NotStationaryWarning, stacklevel=2)
-
-
-class _Products:
-    """``v -> (dF/dw)^T v`` with ``matmat``: the products of a stack of vectors at once
-    (leaves with a leading batch dimension), which :func:`bilevel.linalg.dense` uses to
-    form the matrix in one pass; ``definite``: the operator should be symmetric positive
-    definite (the Hessian at a minimum), so dense checks it."""
-
-    def __init__(
-        self,
-        matvec: Callable[[Sequence[Tensor]], list[Tensor]],
-        matmat: Callable[[Sequence[Tensor]], list[Tensor]],
-        definite: bool = False,
-    ) -> None:
-        self.matvec = matvec
-        self.matmat = matmat
-        self.definite = definite
-
-    def __call__(self, v: Sequence[Tensor]) -> list[Tensor]:
-        return self.matvec(v)
 
 
 def _solution_and_info(out: Any) -> tuple[Any, Any]:
