@@ -24,6 +24,8 @@ from torch import Tensor, nn
 
 from bilevel._tree import Tree, tree_flatten, tree_unflatten
 from bilevel.implicit import ImplicitDiagnostics, argmin, custom_root
+from bilevel.linalg.base import LinearSolver, _is_batched
+from bilevel.linalg.info import LinearSolveInfo
 from bilevel.qp.layer import QPLayer
 
 __all__ = ["ArgMinLayer", "QPLayer", "RidgeArgMin", "RidgePredictor", "RidgeRegression"]
@@ -180,19 +182,61 @@ def _ridge_solve(
     init: Tensor, h: dict[str, Tensor], X: Tensor, Y: Tensor, method: str, cg_solver: Any
 ) -> Tensor:
     lam = h["log_l2"].exp()
-    p = X.shape[-1]
     if method == "solve":
-        gram = X.transpose(-2, -1) @ X
-        reg = (
-            torch.diag_embed(lam.expand(p))
-            if lam.ndim > 0
-            else lam * torch.eye(p, dtype=X.dtype, device=X.device)
-        )
-        return torch.linalg.solve(gram + reg, X.transpose(-2, -1) @ Y)
+        return torch.linalg.solve(_ridge_gram(X, lam), X.transpose(-2, -1) @ Y)
     lam_rows = lam.unsqueeze(-1) if lam.ndim > 0 else lam
     rhs = X.transpose(-2, -1) @ Y
     x, _ = cg_solver(lambda V: X.transpose(-2, -1) @ (X @ V) + lam_rows * V, rhs, init)
     return x
+
+
+def _ridge_gram(X: Tensor, lam: Tensor) -> Tensor:
+    """``X^T X + diag(lambda)`` per problem: the Hessian of each column's ridge problem."""
+    p = X.shape[-1]
+    gram = X.transpose(-2, -1) @ X
+    if lam.ndim > 0:
+        return gram + torch.diag_embed(lam.expand(p))
+    return gram + lam * torch.eye(p, dtype=X.dtype, device=X.device)
+
+
+class _GramCholesky(LinearSolver):
+    """The exact backward of :class:`RidgeRegression`: ``(X^T X + lambda I) u = b`` for
+    every problem and column at once, by a batched Cholesky factorisation of the Gram
+    matrices, instead of CG on all the unknowns as one system (the operator is block
+    diagonal: a ``p x p`` block per problem and column). ``matvec`` serves one product,
+    the residual check of the info record. A Gram that is not positive definite (not
+    possible for ``lambda > 0`` in exact arithmetic) raises ``LinAlgError``."""
+
+    name = "cholesky"
+    symmetric = True
+
+    def __init__(self, X: Tensor, lam: Tensor, tol: float = 1e-10) -> None:
+        super().__init__()
+        self.X, self.lam, self.tol = X, lam, tol
+
+    def _solve(
+        self, A: Callable[[list[Tensor]], list[Tensor]], b: list[Tensor], x0: Any
+    ) -> tuple[list[Tensor], LinearSolveInfo]:
+        (rhs,) = b
+        factor, flag = torch.linalg.cholesky_ex(_ridge_gram(self.X.detach(), self.lam.detach()))
+        u = torch.cholesky_solve(rhs, factor)
+        (Au,) = A([u])
+        norms = torch.stack(
+            [torch.linalg.vector_norm(rhs - Au), torch.linalg.vector_norm(rhs), flag.ne(0).any()]
+        )
+        if _is_batched(norms):  # under vmap: no host read
+            return [u], LinearSolveInfo(
+                self.name, 1, math.nan, False, False, "under vmap", checked=False
+            )
+        rn, bn, bad = norms.tolist()
+        if bad:
+            raise torch.linalg.LinAlgError(
+                "RidgeRegression: a Gram matrix X^T X + lambda I is not positive definite"
+            )
+        converged = rn <= self.tol * bn or rn == 0.0
+        message = "" if converged else f"residual {rn:.1e} > tol {self.tol:.0e} x ||b|| (rounding)"
+        info = LinearSolveInfo(self.name, 1, rn, converged, False, message, threshold=self.tol * bn)
+        return [u], info
 
 
 class RidgeRegression(nn.Module):
@@ -210,7 +254,11 @@ class RidgeRegression(nn.Module):
             weight per feature.
         learnable: train ``log_l2`` (else it is a buffer).
         method: ``"solve"`` or ``"cg"`` for the forward pass.
-        linear_solver: the backward's solver (default :func:`bilevel.linalg.cg`).
+        linear_solver: the backward's solver. Default: exact, a batched Cholesky
+            factorisation of each problem's ``X^T X + lambda I`` (the operator is block
+            diagonal, one ``p x p`` block per problem and column; as fast as autograd
+            through the closed form); or any :mod:`bilevel.linalg` solver, e.g.
+            ``cg(tol=1e-6)``, which treats all the unknowns as one system.
 
     Example:
         >>> ridge = RidgeRegression(l2=0.5).double()
@@ -244,7 +292,7 @@ class RidgeRegression(nn.Module):
         self.method = method
         from bilevel import linalg
 
-        self.linear_solver = linear_solver if linear_solver is not None else linalg.cg(tol=1e-10)
+        self.linear_solver = linear_solver  # None: the exact block solve (_GramCholesky)
         self._cg = linalg.cg(tol=1e-12)
         self.last_diagnostics = ImplicitDiagnostics()
 
@@ -280,9 +328,10 @@ class RidgeRegression(nn.Module):
         diag = ImplicitDiagnostics()
         method, cg_solver = self.method, self._cg
 
-        @custom_root(
-            _ridge_optimality, linear_solver=self.linear_solver, symmetric=True, diagnostics=diag
-        )
+        lam = self.log_l2.to(X.dtype).exp()
+        backward = self.linear_solver if self.linear_solver is not None else _GramCholesky(X, lam)
+
+        @custom_root(_ridge_optimality, linear_solver=backward, symmetric=True, diagnostics=diag)
         def ridge(init: Tensor, h: dict[str, Tensor], X: Tensor, Y: Tensor) -> Tensor:
             return _ridge_solve(init, h, X, Y, method, cg_solver)
 

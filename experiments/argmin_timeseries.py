@@ -43,7 +43,7 @@ from torch import Tensor, nn
 import bilevel
 
 from . import plot
-from .options import Option, positive_float, positive_int
+from .options import Option, choice, positive_float, positive_int
 from .run import Run, UsageError, warn
 
 DESCRIPTION = (
@@ -81,7 +81,16 @@ OPTIONS = [
     Option("batch_size", 32, quick=16, type=positive_int, help="windows per step"),
     Option("lr", 1e-3, quick=3e-3, type=positive_float, help="Adam step size"),
     Option("init_lambda", 1.0, type=positive_float, help="initial ridge weight lam"),
-    Option("cg_tol", 1e-6, type=positive_float, help="CG tolerance of the implicit backward"),
+    Option(
+        "backward",
+        "exact",
+        type=choice(["exact", "cg"]),
+        help="the argmin layer's backward linear solve: exact (batched Cholesky of each "
+        "window's Gram matrix, the layer's default) or cg on all the unknowns at once",
+    ),
+    Option(
+        "cg_tol", 1e-6, type=positive_float, help="CG tolerance of the backward (--backward cg)"
+    ),
     Option("monitor_every", 50, quick=3, type=positive_int, help="validation MSE every N steps"),
     Option(
         "max_eval",
@@ -361,9 +370,10 @@ class Forecaster(nn.Module):
         self.predictor = predictor
         if predictor == "argmin":
             # one ridge problem per window: rows = the C channels, features = past steps
+            cg = cfg["backward"] == "cg"
             self.ridge = bilevel.nn.RidgeArgMin(
                 l2=cfg["init_lambda"],
-                linear_solver=bilevel.linalg.cg(tol=cfg["cg_tol"], maxiter=500),
+                linear_solver=bilevel.linalg.cg(tol=cfg["cg_tol"], maxiter=500) if cg else None,
             )
         else:
             self.w = nn.Parameter(torch.randn(self.horizon, self.past) / math.sqrt(self.past))

@@ -131,11 +131,19 @@ def test_quick_run_small_implicit_rows(quick):
     _, data = quick
     rows = _rows(data, "implicit-small")
     names = {(r["data"], r["implementation"]) for r in rows}
-    ridge_names = ("closed form", "bilevel auto", "bilevel cg", "bilevel dense", "bilevel lbfgs")
+    ridge_names = (
+        "closed form",
+        "bilevel auto",
+        "bilevel compiled",
+        "bilevel cg",
+        "bilevel dense",
+        "bilevel lbfgs",
+    )
     expected = (
         {("ridge 10x3", n) for n in ridge_names}
         | {("digits", "bilevel cg"), ("digits", "bilevel auto")}
         | {("tutorial step", "closed-form ridge layer"), ("tutorial step", "bilevel RidgeArgMin")}
+        | {("tutorial step", "bilevel RidgeArgMin cg")}
     )
     if bench_core.peer("jaxopt").available:
         expected |= {("ridge 10x3", "jaxopt cg"), ("ridge 10x3", "jaxopt LBFGS")}

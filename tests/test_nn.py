@@ -163,3 +163,30 @@ def test_ridge_predictor_shapes_and_gradients(shared):
     assert torch.isfinite(x.grad).all()
     with pytest.raises(ValueError, match="target_len"):
         RidgePredictor(10, 10)
+
+
+@pytest.mark.parametrize("per_feature", [False, True], ids=["scalar", "per_feature"])
+def test_ridge_layer_default_backward_is_the_exact_block_solve(per_feature):
+    # float64: the batched Cholesky backward equals autograd through the closed form to
+    # rounding, and an explicit cg backward to its tolerance; the record says which ran
+    g = torch.Generator().manual_seed(8)
+    X = torch.randn(3, 9, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    Y = torch.randn(3, 9, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    l2 = torch.linspace(0.3, 1.5, 4, dtype=torch.float64) if per_feature else 0.4
+    target = torch.randn(3, 4, 2, generator=g, dtype=torch.float64)
+    results = {}
+    for name, solver in (("exact", None), ("cg", linalg.cg(tol=1e-13))):
+        layer = RidgeRegression(l2=l2, linear_solver=solver).double()
+        W = layer(X, Y)
+        results[name] = torch.autograd.grad((W * target).sum(), [layer.log_l2, X, Y])
+        info = layer.last_diagnostics.last_backward
+        assert info.method == ("cholesky" if name == "exact" else "cg") and info.converged
+    log_l2 = layer.log_l2.detach().clone().requires_grad_(True)
+    X2, Y2 = X.detach().clone().requires_grad_(True), Y.detach().clone().requires_grad_(True)
+    lam = log_l2.exp()
+    reg = torch.diag_embed(lam) if per_feature else lam * torch.eye(4, dtype=torch.float64)
+    W_ref = torch.linalg.solve(X2.transpose(-2, -1) @ X2 + reg, X2.transpose(-2, -1) @ Y2)
+    refs = torch.autograd.grad((W_ref * target).sum(), [log_l2, X2, Y2])
+    for a, b, c in zip(results["exact"], refs, results["cg"]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(c, b, rtol=1e-8, atol=1e-10)

@@ -7,7 +7,8 @@ Ridge regression (one weight, ``lambda = exp(h)``, float64)::
 with designs 10 x 3, 100 x 30 and 1000 x 300 (Gaussian, fixed seed; the validation set has
 the train set's size). The floor is autograd through the closed form
 ``torch.linalg.solve(X^T X / n + lambda I, X^T y / n)`` (forward included); then bilevel's
-``argmin`` with the solution given (``solver=None``; ``cg`` and ``dense`` backward), with
+``argmin`` with the solution given (``solver=None``; ``auto``, ``cg`` and ``dense`` backward, and
+``compiled=True`` with ``auto`` up to 64 unknowns, its compile time printed), with
 ``solvers.lbfgs`` from zero (forward solve included), and JAXopt's counterparts (jitted).
 Ratios are to the closed form.
 
@@ -17,8 +18,8 @@ half for validation; bilevel against JAXopt with the solution given and with L-B
 zero, at the same tolerances. Ratios are bilevel's time over JAXopt's.
 
 The course tutorial's training step: the ``argmin-timeseries`` network (CNN encoder,
-``bilevel.nn.RidgeArgMin`` layer with its exact forward solve and implicit cg backward, CNN
-decoder; the experiment's own settings, one batch of 32 synthetic windows, float64): zero
+``bilevel.nn.RidgeArgMin`` layer with its exact forward solve and implicit backward (its
+default exact block solve; and, a second row, ``--backward cg``), CNN decoder; the experiment's own settings, one batch of 32 synthetic windows, float64): zero
 the gradients, forward, MSE, backward and an Adam step (learning rate 0, so that every call
 sees the same weights), against the same network whose ridge layer is the hand-written
 closed form ``torch.linalg.solve(X^T X + lambda I, X^T Y)`` under autograd. The gradients
@@ -31,6 +32,7 @@ with the dense Hessian for digits) before its time is shown.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -55,10 +57,12 @@ SOLVE_TOL = 1e-12  # gradient norm at which the L-BFGS forward solves stop (both
 LBFGS_MAXITER = 500
 LBFGS_HISTORY = 20
 RTOL = 1e-9  # agreement with the exact hypergradient
+COMPILED_MAX = 64  # unknowns up to which the compiled row runs (auto's dense limit)
 
 CLOSED_FORM = "closed form"
 TARGETS = {
     "bilevel auto": 2.0,
+    "bilevel compiled": 2.0,
     "bilevel cg": 2.0,
     "bilevel dense": 2.0,
     "bilevel lbfgs": 3.0,
@@ -67,6 +71,7 @@ TUTORIAL_TARGET = 1.5  # bilevel's training step / the closed-form layer's
 TUTORIAL_RTOL = 1e-6  # gradients of the two networks (the experiment's cg tolerance is 1e-6)
 TUTORIAL_CLOSED = "closed-form ridge layer"
 TUTORIAL_BILEVEL = "bilevel RidgeArgMin"
+TUTORIAL_BILEVEL_CG = "bilevel RidgeArgMin cg"
 PAIRS = (("bilevel cg", "jaxopt cg"), ("bilevel lbfgs", "jaxopt LBFGS"))  # digits: bilevel / JAXopt
 
 
@@ -279,12 +284,19 @@ def _jax_digits_outer(w: Any, val: Any) -> Any:
 # --------------------------------------------------------------------------- implementations
 
 
-def bilevel_impl(problem: Small, linear_solver: Any, solver: Any = None) -> Callable[[], Tensor]:
+def bilevel_impl(
+    problem: Small, linear_solver: Any, solver: Any = None, compiled: bool = False
+) -> Callable[[], Tensor]:
     start = problem.w_star if solver is None else torch.zeros_like(problem.w_star)
 
     def run() -> Tensor:
         w = bilevel.implicit.argmin(
-            problem.inner, start, problem.h, solver=solver, linear_solver=linear_solver
+            problem.inner,
+            start,
+            problem.h,
+            solver=solver,
+            linear_solver=linear_solver,
+            compiled=compiled,
         )
         return torch.autograd.grad(problem.outer(w), problem.h)[0]  # type: ignore[arg-type]
 
@@ -299,6 +311,18 @@ def small_impls(problem: Small, *, closed_form: bool, dense: bool, lbfgs: bool) 
     impls.append(
         Impl("bilevel auto", bilevel_impl(problem, None), note="default linear_solver: auto()")
     )
+    if problem.unknowns <= COMPILED_MAX:
+        run = bilevel_impl(problem, None, compiled=True)
+        start = time.perf_counter()
+        run()  # dynamo and inductor compile here, untimed
+        seconds = time.perf_counter() - start
+        impls.append(
+            Impl(
+                "bilevel compiled",
+                run,
+                note=f"compiled=True, auto (dense); compile {seconds:.1f} s (untimed)",
+            )
+        )
     impls.append(Impl("bilevel cg", bilevel_impl(problem, linalg.cg(tol=TOL))))
     if dense:
         impls.append(Impl("bilevel dense", bilevel_impl(problem, linalg.dense())))
@@ -378,6 +402,8 @@ def tutorial_impls(seed: int) -> list[Impl]:
     hand = T.Forecaster(cfg, "argmin").double()
     hand.load_state_dict(ours.state_dict())
     hand.ridge = _ClosedFormRidge(ours.ridge.log_l2)  # type: ignore[assignment]
+    ours_cg = T.Forecaster({**cfg, "backward": "cg"}, "argmin").double()
+    ours_cg.load_state_dict(ours.state_dict())
 
     def step_of(model: torch.nn.Module) -> Callable[[], Tensor]:
         opt = torch.optim.Adam(model.parameters(), lr=0.0)  # same cost, weights unchanged
@@ -396,7 +422,12 @@ def tutorial_impls(seed: int) -> list[Impl]:
         Impl(
             TUTORIAL_BILEVEL,
             step_of(ours),
-            note=f"exact forward, cg(tol={cfg['cg_tol']:g}) backward; {n_w} unknowns per batch",
+            note=f"exact forward and backward (batched Cholesky); {n_w} unknowns per batch",
+        ),
+        Impl(
+            TUTORIAL_BILEVEL_CG,
+            step_of(ours_cg),
+            note=f"--backward cg: cg(tol={cfg['cg_tol']:g}) on all {n_w} unknowns",
         ),
     ]
 
