@@ -210,9 +210,12 @@ class _GramCholesky(LinearSolver):
     name = "cholesky"
     symmetric = True
 
-    def __init__(self, X: Tensor, lam: Tensor, tol: float = 1e-10) -> None:
+    def __init__(self, X: Tensor, lam: Tensor) -> None:
         super().__init__()
-        self.X, self.lam, self.tol = X, lam, tol
+        self.X, self.lam = X, lam
+        # a direct solve's relative residual is about eps x cond: above sqrt(eps) the
+        # Gram matrices are too ill-conditioned for an accurate hypergradient (warned)
+        self.tol = torch.finfo(X.dtype).eps ** 0.5
 
     def _solve(
         self, A: Callable[[list[Tensor]], list[Tensor]], b: list[Tensor], x0: Any
@@ -234,7 +237,9 @@ class _GramCholesky(LinearSolver):
                 "RidgeRegression: a Gram matrix X^T X + lambda I is not positive definite"
             )
         converged = rn <= self.tol * bn or rn == 0.0
-        message = "" if converged else f"residual {rn:.1e} > tol {self.tol:.0e} x ||b|| (rounding)"
+        message = (
+            "" if converged else "ill-conditioned Gram matrices (relative residual > sqrt(eps))"
+        )
         info = LinearSolveInfo(self.name, 1, rn, converged, False, message, threshold=self.tol * bn)
         return [u], info
 
