@@ -4,17 +4,19 @@ function of (solution, hyperparameters, outgoing gradient).
 Eager autograd pays Python and dispatch overhead per operation on every pass (the loss's
 graph, its gradient's graph, a batched backward for the Hessian, the final product): at a
 few unknowns that alone is several times autograd through a closed form. Here the
-Hessian (``torch.func.jacrev`` of ``torch.func.grad`` of the inner loss), the dense solve
-with its checks (:func:`bilevel.linalg.dense.factor_and_solve`) and the hypergradient
-(``torch.func.vjp``) are traced once by ``torch.compile`` (inductor) into one kernel
-call; the host then reads the one summary vector, as the eager dense path does, and
-builds the same info record.
+Hessian (``torch.func.jacrev`` of ``torch.func.grad`` of the inner loss), its Cholesky
+factorisation (which solves and tests positive definiteness at once) and the hypergradient
+(``torch.func.vjp``) are traced once by ``torch.compile`` (inductor) into one kernel call;
+the host then reads one summary vector (residual, Cholesky flag, diagonal of the factor)
+and builds the info record. A Hessian that is not positive definite, or is singular to
+working precision, goes back to the eager path, which warns or raises as it always does.
 
 One compiled function is kept per inner-loss code object and structure (leaf shapes go
 to dynamo's guards): a training loop that calls the layer with new tensors of the same
 shapes reuses it, also when the loss is a new closure each step. When compiling fails,
-or dynamo would recompile past its limit (shapes or Python numbers the loss reads change
-between calls), a :class:`CompileFallbackWarning` names why and that loss runs eagerly.
+or dynamo would recompile past ``_MAX_GRAPHS`` (shapes or Python numbers the loss reads
+change between calls), a :class:`CompileFallbackWarning` names why and that loss runs
+eagerly from then on.
 """
 
 from __future__ import annotations
