@@ -32,9 +32,10 @@ class _BatchedProblem(_Problem):
     solved on its own: the linear solves of backward and jvp passes run vectorised under
     ``torch.func.vmap``, each problem with its own step sizes, masks and stopping decision
     (the loop ends when every problem is done). An inner solver with a ``solve_batch``
-    method (:func:`bilevel.solvers.lbfgs`) minimises the stack at once, each problem with
-    its own iterate, line search and stopping decision; other inner solvers run once per
-    instance. Either way element ``i``'s answer does not depend on the other elements.
+    method (:func:`bilevel.solvers.lbfgs`, ``gradient_descent``, ``newton_cg``,
+    ``proximal_gradient``, :func:`bilevel.constraints.projected_gradient`) minimises the
+    stack at once, each problem with its own iterate, step sizes, line search and stopping
+    decision; other inner solvers run once per instance. Either way element ``i``'s answer does not depend on the other elements.
     """
 
     def __init__(self, base: _Problem, theta_dims: Sequence[int | None], batch_size: int) -> None:
@@ -113,28 +114,48 @@ class _BatchedProblem(_Problem):
     def _batch_solver(self) -> Callable[..., Any] | None:
         """The inner solver's ``solve_batch`` when this stack can be minimised at once."""
         base = self.base
-        if self.kind != "objective" or not isinstance(base, _UserProblem):
+        if self.kind not in ("objective", "composite") or not isinstance(base, _UserProblem):
             return None
         if not base.returns_info or base.solver is None:
             return None
+        if not getattr(base.solver, "supports_batch", True):
+            return None
         return getattr(base.solver, "solve_batch", None)
+
+    def _stack_target(self, theta: Sequence[Tensor]) -> Any:
+        """What ``solve_batch`` minimises: the ``(B,)`` values of a stacked tree, or for a
+        composite problem a batched :class:`bilevel.solvers.Composite`."""
+        base = self.base
+        assert isinstance(base, _UserProblem)
+        spec = base.sol_spec
+        theta = list(theta)
+
+        def one(sol: list[Tensor], th: list[Tensor]) -> Tensor:
+            target = base.target(th)
+            objective = target.objective if self.kind == "composite" else target
+            return objective(tree_unflatten(sol, spec)).reshape(())
+
+        stacked = _vmap_over(one, (0, self.dims))
+
+        def values(W: Any) -> Tensor:
+            return stacked(tree_flatten(W)[0], theta)
+
+        if self.kind != "composite":
+            return values
+        from bilevel.solvers.proximal_gradient import Composite
+
+        prox_one = _vmap_over(
+            lambda w, th, step: base.target(th).prox(w, step), (0, self.dims, 0)
+        )
+        return Composite(values, lambda W, step: prox_one(W, theta, step), batch=self.batch_size)
 
     def _solve_stack(self, init: Sequence[Tensor], theta: Sequence[Tensor]) -> list[Tensor]:
         base = self.base
         assert isinstance(base, _UserProblem)
         spec = base.sol_spec
-
-        def one(sol: list[Tensor], th: list[Tensor]) -> Tensor:
-            return base.target(th)(tree_unflatten(sol, spec)).reshape(())
-
-        stacked = _vmap_over(one, (0, self.dims))
-
-        def values(W: Any) -> Tensor:
-            return stacked(tree_flatten(W)[0], list(theta))
-
         solve_batch = self._batch_solver()
         assert solve_batch is not None
-        out, infos = solve_batch(values, tree_unflatten(list(init), spec))
+        out, infos = solve_batch(self._stack_target(theta), tree_unflatten(list(init), spec))
         leaves = tree_flatten(out)[0]
         sols = []
         for i, info in enumerate(infos):

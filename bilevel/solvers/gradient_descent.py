@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from bilevel._tree import Tree, tree_unflatten
-from bilevel.solvers._flat import _norm, _tree_value_and_grad
+from bilevel.solvers._stack import _keep, _one_row, _row_norms, _stacked, _timed, _values_and_grads
 from bilevel.solvers.base import Objective, Solver, SolverInfo, _check_int, _check_tol, _check_tree
 
 
@@ -54,38 +55,133 @@ class GradientDescent(Solver):
             "check_every": self.check_every,
         }
 
+    @property
+    def supports_batch(self) -> bool:
+        """Whether :meth:`solve_batch` can step the stack at once: every optimizer but the
+        hypergradient-descent ones, whose learning rate adapts from a dot product over all
+        parameters (a stack would share it)."""
+        from bilevel.optim.hd import _HDMixin
+
+        return not isinstance(self.optimizer, _HDMixin)
+
     def _solve(self, objective: Objective, init: Tree) -> tuple[Tree, SolverInfo]:
+        # one problem is a stack of one, through the same code: vmap equals a loop
         leaves, spec = _check_tree(init)
-        names = _optimizer_names(init, leaves)
+        rows = [leaf.detach().unsqueeze(0) for leaf in leaves]
+        out, infos = self._descend(_one_row(objective, spec), rows, spec, init)
+        return tree_unflatten([x[0] for x in out], spec), infos[0]
+
+    def solve_batch(
+        self, values: Callable[[Tree], Tensor], init: Tree
+    ) -> tuple[Tree, list[SolverInfo]]:
+        """Minimise ``B`` independent objectives at once (the ``vmap`` rule of the layers).
+
+        ``values(W)`` returns the ``(B,)`` objective values of a tree ``W`` whose leaves
+        carry the problems in dimension 0, each depending on its own slice only. The
+        optimizer steps the stack as one set of parameters (its updates are elementwise,
+        so each row gets its own step); each problem is checked every ``check_every``
+        steps on its own gradient norm and frozen when it stops. Element ``i``'s answer
+        and record are a single call's (up to rounding). Not for the hypergradient-descent
+        optimizers (:attr:`supports_batch`).
+
+        Example:
+            >>> import torch, bilevel
+            >>> c = torch.tensor([[1.0], [-2.0], [30.0]], dtype=torch.float64)
+            >>> solver = gradient_descent(bilevel.optim.sgd(lr=0.25), tol=1e-9, check_every=1)
+            >>> w, infos = solver.solve_batch(lambda W: ((W - c) ** 2).sum(1), torch.zeros(3, 1, dtype=torch.float64))
+            >>> [i.iterations for i in infos]
+            [31, 32, 36]
+            >>> w1, info1 = solver(lambda v: ((v - c[2]) ** 2).sum(), torch.zeros(1, dtype=torch.float64))
+            >>> info1.iterations, bool(torch.equal(w1, w[2]))
+            (36, True)
+        """
+        if not callable(values):
+            raise TypeError(f"values must be callable; got {type(values).__name__}")
+        if not self.supports_batch:
+            raise ValueError(
+                f"gradient_descent with {type(self.optimizer).__name__} cannot step a stack at "
+                "once (its learning rate adapts from all parameters together): solve the "
+                "problems one by one"
+            )
+        leaves, spec, _ = _stacked(init)
+        start = time.perf_counter()
+        with torch.no_grad():
+            out, infos = self._descend(values, [x.detach() for x in leaves], spec, None)
+        self.last_info = infos[-1]
+        return tree_unflatten(out, spec), _timed(infos, start)
+
+    def _descend(
+        self,
+        values: Callable[[Tree], Tensor],
+        leaves: list[Tensor],
+        spec: Any,
+        init: Tree | None,
+    ) -> tuple[list[Tensor], list[SolverInfo]]:
+        """The descent loop on a stack (``B`` rows); ``init``: the single call's tree (for
+        the optimizer's parameter names), None for a stack."""
+        B = leaves[0].shape[0]
+        row_tree = tree_unflatten([x[0] for x in leaves], spec) if init is None else init
+        names = _optimizer_names(row_tree, leaves)
         # Copies, so that an objective or optimizer working in place cannot touch init.
         params = {n: leaf.detach().clone() for n, leaf in zip(names, leaves)}
         opt = self.optimizer
         if hasattr(opt, "validate"):
             opt.validate(params, {})  # device/dtype mismatches fail before the loop
         state = opt.init(params)
-        converged, message, gnorm = False, "", math.nan
-        f = torch.zeros(())
-        k = 0
-        for k in range(self.maxiter + 1):  # noqa: B007 - k is reported
-            f, grads_list = _tree_value_and_grad(objective, list(params.values()), spec)
+        device = leaves[0].device
+        live = torch.ones(B, dtype=torch.bool, device=device)
+        status = torch.zeros(B, dtype=torch.long, device=device)
+        stopped_at = torch.zeros(B, dtype=torch.long, device=device)
+        gnorm = f = torch.zeros(0)  # set at k = 0, a check
+        for k in range(self.maxiter + 1):
+            f_k, grads_list = _values_and_grads(values, list(params.values()), spec)
             if k % self.check_every == 0 or k == self.maxiter:
-                gnorm = float(_norm(grads_list))  # the only sync of the loop
-                if not math.isfinite(gnorm):
-                    message = f"diverged: non-finite gradient at step {k}; lower the learning rate"
+                gn = _row_norms(grads_list)
+                if k == 0:
+                    gnorm, f = gn, f_k
+                why = torch.where(gn <= self.tol, _CONVERGED, _MAXITER if k == self.maxiter else 0)
+                why = torch.where(torch.isfinite(gn), why, _DIVERGED)
+                stop = live & (why > 0)
+                status = torch.where(stop, why, status)
+                stopped_at = torch.where(stop, k, stopped_at)
+                gnorm = torch.where(live, gn, gnorm)
+                f = torch.where(live, f_k, f)
+                live = live & ~stop
+                if not bool(live.any()):  # the loop's only host read
                     break
-                if gnorm <= self.tol:
-                    converged, message = True, "gradient norm <= tol"
-                    break
-            if k == self.maxiter:
-                message = f"maxiter={self.maxiter} reached (raise maxiter or the learning rate)"
-                break
             grads = dict(zip(names, grads_list))
-            params, state = opt.step(params, grads, state, {})
-        out = tree_unflatten([p.detach().clone() for p in params.values()], spec)
-        info = SolverInfo(
-            self.method, k, converged, gnorm, float(f), message, tol=self.tol, evaluations=k + 1
-        )
-        return out, info
+            new, state = opt.step(params, grads, state, {})
+            # a stopped problem keeps its point (its optimizer state runs on, unused); a
+            # stack of one stops as a whole, so it needs no mask
+            params = new if B == 1 else {n: _keep(live, new[n], params[n]) for n in names}
+        out = [p.detach().clone() for p in params.values()]
+        infos = []
+        counts = torch.stack([status, stopped_at]).tolist()
+        floats = torch.stack([gnorm, f.to(gnorm.dtype)]).tolist()
+        for why, k, norm, value in zip(*counts, *floats):
+            infos.append(
+                SolverInfo(
+                    self.method,
+                    k,
+                    why == _CONVERGED,
+                    norm,
+                    value,
+                    self._message(why, k),
+                    tol=self.tol,
+                    evaluations=k + 1,
+                )
+            )
+        return out, infos
+
+    def _message(self, why: int, k: int) -> str:
+        if why == _CONVERGED:
+            return "gradient norm <= tol"
+        if why == _DIVERGED:
+            return f"diverged: non-finite gradient at step {k}; lower the learning rate"
+        return f"maxiter={self.maxiter} reached (raise maxiter or the learning rate)"
+
+
+_CONVERGED, _MAXITER, _DIVERGED = 1, 2, 3
 
 
 def gradient_descent(
