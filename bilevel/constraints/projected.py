@@ -24,6 +24,7 @@ from torch import Tensor
 
 from bilevel._tree import Tree, tree_flatten, tree_unflatten
 from bilevel.constraints.projections import project_nonnegative  # noqa: F401 (doctests)
+from bilevel.solvers._stack import _keep, _one_row, _stacked, _timed, _values_and_grads
 
 __all__ = ["ProjectedGradient", "projected_argmin", "projected_gradient"]
 
@@ -90,68 +91,131 @@ class ProjectedGradient:
         )
 
     def __call__(self, objective: Callable[[Tree], Tensor], init: Tree) -> tuple[Tree, Any]:
-        from bilevel.solvers import SolverInfo
-
         if not callable(objective):
             raise TypeError(f"objective must be callable, got {type(objective).__name__}")
-        leaves, spec = tree_flatten(init)
-        if not leaves or not all(isinstance(x, Tensor) and x.is_floating_point() for x in leaves):
-            raise TypeError(
-                "init must be a floating tensor or a non-empty tree of floating tensors"
-            )
+        leaves, spec = _floating_tree(init)
         start = time.perf_counter()
-        eta = self.step_size
-
-        def value(w: list[Tensor]) -> Tensor:
-            return objective(tree_unflatten(w, spec)).reshape(())
-
-        grad_fn = torch.func.grad(value)
-
-        def step(w: list[Tensor]) -> list[Tensor]:
-            g = grad_fn(w)
-            moved = tree_unflatten([x - eta * gx for x, gx in zip(w, g)], spec)
-            return [x.detach() for x in tree_flatten(self.projection(moved))[0]]
-
+        # one problem is a stack of one, through the same code: vmap equals a loop
         with torch.no_grad():
-            w = [x.detach().clone() for x in leaves]
-            w = step(w)  # feasible from the first iterate on
-            it, res = 1, math.inf
-            while it < self.maxiter:
-                new = step(w)
-                it += 1
-                if it % self.check_every == 0 or it == self.maxiter:
-                    # gradient mapping norm ||w - P(w - eta g)|| / eta: zero exactly at a KKT point
-                    res = _dist(new, w) / eta
-                    w = new
-                    if res <= self.tol:
-                        break
-                else:
-                    w = new
-            if res == math.inf:
-                new = step(w)
-                res = _dist(new, w) / eta
-            fval = float(value(w))
-        converged = res <= self.tol
-        info = SolverInfo(
-            self.method,
-            it,
-            converged,
-            res,
-            fval,
-            "projected-gradient residual <= tol"
-            if converged
-            else f"reached maxiter={self.maxiter}; raise maxiter or step_size (<= 1/L)",
-            tol=self.tol,
-            evaluations=it,
-            time=time.perf_counter() - start,
-        )
+            rows = [x.detach().unsqueeze(0) for x in leaves]
+            out, infos = self._descend(_one_row(objective, spec), rows, spec)
+        info = _timed(infos, start)[0]
         self.last_info = info
-        return tree_unflatten(w, spec), info
+        return tree_unflatten([x[0] for x in out], spec), info
+
+    def solve_batch(
+        self, values: Callable[[Tree], Tensor], init: Tree
+    ) -> tuple[Tree, list[Any]]:
+        """Minimise ``B`` independent objectives over the set at once (the ``vmap`` rule).
+
+        ``values(W)`` returns the ``(B,)`` objective values of a tree ``W`` whose leaves
+        carry the problems in dimension 0, each depending on its own slice only; the
+        projection is applied to each problem's slice (``torch.func.vmap`` of it). Each
+        problem checks its own residual every ``check_every`` iterations and is frozen
+        when it converged; element ``i``'s answer and record are a single call's.
+
+        Example:
+            >>> c = torch.tensor([[1.0, -1.0], [2.0, 3.0]], dtype=torch.float64)
+            >>> solver = projected_gradient(project_nonnegative, step_size=0.5)
+            >>> W, infos = solver.solve_batch(lambda W: ((W - c) ** 2).sum(1), torch.zeros(2, 2, dtype=torch.float64))
+            >>> W, [i.converged for i in infos]
+            (tensor([[1., 0.],
+                    [2., 3.]], dtype=torch.float64), [True, True])
+        """
+        if not callable(values):
+            raise TypeError(f"values must be callable, got {type(values).__name__}")
+        _floating_tree(init)
+        leaves, spec, _ = _stacked(init)
+        start = time.perf_counter()
+        with torch.no_grad():
+            out, infos = self._descend(values, [x.detach() for x in leaves], spec)
+        self.last_info = infos[-1]
+        return tree_unflatten(out, spec), _timed(infos, start)
+
+    def _descend(
+        self, values: Callable[[Tree], Tensor], w: list[Tensor], spec: Any
+    ) -> tuple[list[Tensor], list[Any]]:
+        """The iterations on a stack of ``B`` rows, each with its own stopping decision."""
+        from bilevel.solvers import SolverInfo
+
+        B, eta = w[0].shape[0], self.step_size
+        if B == 1:
+
+            def project(leaves: list[Tensor]) -> list[Tensor]:
+                moved = tree_unflatten([x[0] for x in leaves], spec)
+                return [x.detach().unsqueeze(0) for x in tree_flatten(self.projection(moved))[0]]
+
+        else:
+            each = torch.func.vmap(
+                lambda *ls: tuple(tree_flatten(self.projection(tree_unflatten(list(ls), spec)))[0])
+            )
+
+            def project(leaves: list[Tensor]) -> list[Tensor]:
+                return [x.detach() for x in each(*leaves)]
+
+        def step(x: list[Tensor]) -> list[Tensor]:
+            _, g = _values_and_grads(values, x, spec)
+            return project([xi - eta * gi for xi, gi in zip(x, g)])
+
+        device = w[0].device
+        live = torch.ones(B, dtype=torch.bool, device=device)
+        stopped_at = torch.full((B,), self.maxiter, dtype=torch.long, device=device)
+        w = step([x.clone() for x in w])  # feasible from the first iterate on
+        res: Tensor | None = None
+        it = 1
+        while it < self.maxiter:
+            new = step(w)
+            it += 1
+            if it % self.check_every == 0 or it == self.maxiter:
+                # gradient mapping norm ||w - P(w - eta g)|| / eta: zero exactly at a KKT point
+                r = _row_dist(new, w) / eta
+                res = r if res is None else torch.where(live, r, res)
+                w = new if B == 1 else [_keep(live, a, b) for a, b in zip(new, w)]
+                stop = live & (r <= self.tol)
+                stopped_at = torch.where(stop, it, stopped_at)
+                live = live & ~stop
+                if not bool(live.any()):  # the loop's only host read
+                    break
+            else:
+                w = new if B == 1 else [_keep(live, a, b) for a, b in zip(new, w)]
+        if res is None:  # maxiter == 1: the residual of one more step, not taken
+            res = _row_dist(step(w), w) / eta
+        f = values(tree_unflatten(w, spec)).detach()
+        counts = stopped_at.tolist()
+        floats = torch.stack([res, f.to(res.dtype)]).tolist()
+        infos = []
+        for k, r_i, f_i in zip(counts, *floats):
+            converged = r_i <= self.tol
+            infos.append(
+                SolverInfo(
+                    self.method,
+                    k,
+                    converged,
+                    r_i,
+                    f_i,
+                    "projected-gradient residual <= tol"
+                    if converged
+                    else f"reached maxiter={self.maxiter}; raise maxiter or step_size (<= 1/L)",
+                    tol=self.tol,
+                    evaluations=k,
+                )
+            )
+        return w, infos
 
 
-def _dist(a: list[Tensor], b: list[Tensor]) -> float:
-    """``||a - b||`` over all leaves (one host sync)."""
-    return float(torch.stack([((x - y) ** 2).sum() for x, y in zip(a, b)]).sum().sqrt())
+def _floating_tree(init: Tree) -> tuple[list[Tensor], Any]:
+    leaves, spec = tree_flatten(init)
+    if not leaves or not all(isinstance(x, Tensor) and x.is_floating_point() for x in leaves):
+        raise TypeError("init must be a floating tensor or a non-empty tree of floating tensors")
+    return leaves, spec
+
+
+def _row_dist(a: list[Tensor], b: list[Tensor]) -> Tensor:
+    """``||a_i - b_i||`` over all leaves per row ``(B,)`` (row-wise sums: batch-independent)."""
+    B = a[0].shape[0]
+    return (
+        torch.stack([((x - y) ** 2).reshape(B, -1).sum(1) for x, y in zip(a, b)], 1).sum(1).sqrt()
+    )
 
 
 def projected_gradient(
