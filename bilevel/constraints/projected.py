@@ -103,9 +103,7 @@ class ProjectedGradient:
         self.last_info = info
         return tree_unflatten([x[0] for x in out], spec), info
 
-    def solve_batch(
-        self, values: Callable[[Tree], Tensor], init: Tree
-    ) -> tuple[Tree, list[Any]]:
+    def solve_batch(self, values: Callable[[Tree], Tensor], init: Tree) -> tuple[Tree, list[Any]]:
         """Minimise ``B`` independent objectives over the set at once (the ``vmap`` rule).
 
         ``values(W)`` returns the ``(B,)`` objective values of a tree ``W`` whose leaves

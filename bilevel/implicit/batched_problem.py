@@ -144,9 +144,7 @@ class _BatchedProblem(_Problem):
             return values
         from bilevel.solvers.proximal_gradient import Composite
 
-        prox_one = _vmap_over(
-            lambda w, th, step: base.target(th).prox(w, step), (0, self.dims, 0)
-        )
+        prox_one = _vmap_over(lambda w, th, step: base.target(th).prox(w, step), (0, self.dims, 0))
         return Composite(values, lambda W, step: prox_one(W, theta, step), batch=self.batch_size)
 
     def _solve_stack(self, init: Sequence[Tensor], theta: Sequence[Tensor]) -> list[Tensor]:

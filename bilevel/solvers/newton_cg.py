@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from bilevel._tree import Tree
+from bilevel._tree import Tree, tree_flatten, tree_unflatten
 from bilevel.solvers._flat import _eps, _Flat, _flat_value_and_grad
-from bilevel.solvers.base import Objective, Solver, SolverInfo, _check_int, _check_tol, _stopping
+from bilevel.solvers._newton_batch import _default_cg_maxiter, _newton, _NewtonSettings, _StackHVP
+from bilevel.solvers._stack import _stacked, _timed
+from bilevel.solvers.base import (
+    Objective,
+    Solver,
+    SolverInfo,
+    _check_int,
+    _check_tol,
+    _scalar,
+    _stopping,
+)
 from bilevel.solvers.hvp import _HVP
+from bilevel.solvers.lbfgs import _unravel_rows
 from bilevel.solvers.line_search import _backtracking, _LineFunction
 
 
@@ -67,7 +79,85 @@ class NewtonCG(Solver):
         # checks every iteration rather than running masked (wasted) products.
         return linalg.cg(tol=forcing, maxiter=maxiter, check_every=1)
 
+    @property
+    def supports_batch(self) -> bool:
+        """Whether :meth:`solve_batch` runs: with the built-in CG (``linear_solver=None``);
+        a given linear solver is a black box for one problem, so a ``vmap`` stack then
+        runs once per problem."""
+        return self.linear_solver is None
+
+    def _settings_of_run(self, size: int) -> _NewtonSettings:
+        cg_maxiter = _default_cg_maxiter(self.cg_maxiter, size)
+        return _NewtonSettings(self.tol, self.maxiter, cg_maxiter, self.hvp, self.max_backtracks)
+
     def _solve(self, objective: Objective, init: Tree) -> tuple[Tree, SolverInfo]:
+        if self.linear_solver is not None:
+            return self._solve_with_linear_solver(objective, init)
+        # one problem is a stack of one, through the same code: vmap equals a loop
+        flat = _Flat(init)
+        shape = init.shape if isinstance(init, Tensor) else None
+
+        def values(X: Tensor) -> Tensor:
+            point = X[0].reshape(shape) if shape is not None else flat.unravel(X[0])
+            return _scalar(objective(point)).reshape(1)
+
+        products = _StackHVP(values, self.hvp)
+        X = flat.ravel(init).detach().clone().unsqueeze(0)
+        run = _newton(values, X, self._settings_of_run(flat.size), products)
+        info = run.infos(self.method, self._settings_of_run(flat.size), products)[0]
+        return flat.output(run.X[0]), info
+
+    def solve_batch(
+        self, values: Callable[[Tree], Tensor], init: Tree
+    ) -> tuple[Tree, list[SolverInfo]]:
+        """Minimise ``B`` independent objectives at once (the ``vmap`` rule of the layers).
+
+        ``values(W)`` returns the ``(B,)`` objective values of a tree ``W`` whose leaves
+        carry the problems in dimension 0, each depending on its own slice only. Every
+        problem keeps its own iterate, forcing term, CG iterates (masked per row),
+        backtracking step, iteration count and stopping decision; a stopped problem is
+        frozen while the others go on. Element ``i``'s answer and record are a single
+        call's (up to rounding). Needs the built-in CG (:attr:`supports_batch`).
+
+        Example:
+            >>> import torch
+            >>> c = torch.tensor([[1.0], [-2.0], [30.0]], dtype=torch.float64)
+            >>> loss = lambda W: ((W - c) ** 4).sum(1) + (W ** 2).sum(1)
+            >>> w, infos = newton_cg(tol=1e-10).solve_batch(loss, torch.zeros(3, 1, dtype=torch.float64))
+            >>> w1, info1 = newton_cg(tol=1e-10)(lambda v: ((v - c[2]) ** 4).sum() + (v ** 2).sum(),
+            ...                                  torch.zeros(1, dtype=torch.float64))
+            >>> [i.iterations for i in infos], info1.iterations
+            ([5, 6, 11], 11)
+            >>> bool(torch.allclose(w[2], w1, rtol=1e-12, atol=0))
+            True
+        """
+        if not callable(values):
+            raise TypeError(f"values must be callable; got {type(values).__name__}")
+        if not self.supports_batch:
+            raise ValueError(
+                "newton_cg with a given linear_solver solves one problem at a time: use "
+                "linear_solver=None (the built-in CG) to minimise a stack at once"
+            )
+        leaves, spec, batch = _stacked(init)
+        flat = _Flat(tree_unflatten([leaf[0] for leaf in leaves], spec))
+        X = torch.cat([leaf.detach().reshape(batch, -1).to(flat.dtype) for leaf in leaves], 1)
+
+        def stacked(Z: Tensor) -> Tensor:
+            return values(_unravel_rows(flat, Z))
+
+        products = _StackHVP(stacked, self.hvp)
+        opts = self._settings_of_run(flat.size)
+        start = time.perf_counter()
+        with torch.no_grad():
+            run = _newton(stacked, X.clone(), opts, products)
+        infos = _timed(run.infos(self.method, opts, products), start)
+        self.last_info = infos[-1]
+        out = [leaf.detach().clone() for leaf in tree_flatten(_unravel_rows(flat, run.X))[0]]
+        return tree_unflatten(out, spec), infos
+
+    def _solve_with_linear_solver(
+        self, objective: Objective, init: Tree
+    ) -> tuple[Tree, SolverInfo]:
         flat = _Flat(init)
         x = flat.ravel(init).detach().clone()
         f, g = _flat_value_and_grad(objective, flat, x)

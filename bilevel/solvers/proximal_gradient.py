@@ -99,13 +99,50 @@ class ProximalGradient(Solver):
     def _solve(self, fn: Any, init: Any) -> tuple[Any, SolverInfo]:
         target: Composite = fn
         if target.batch is None:
+            # one problem is a stack of one: its record is the row's, as in solve_batch
             values = lambda W: target.objective(W[0]).reshape(1)  # noqa: E731
             prox = lambda W, step: target.prox(W[0], step[0]).unsqueeze(0)  # noqa: E731
-            W, sol_shape = init.detach().unsqueeze(0).clone(), None
-        else:
-            values, prox, W, sol_shape = target.objective, target.prox, init.detach().clone(), 1
-        out, info = _fista(values, prox, W, self)
-        return (out[0] if sol_shape is None else out), info
+            run = _fista(values, prox, init.detach().unsqueeze(0).clone(), self)
+            return run.x[0], run.rows(self)[0]
+        run = _fista(target.objective, target.prox, init.detach().clone(), self)
+        return run.x, run.summary(self)
+
+    def solve_batch(self, target: Composite, init: Tensor) -> tuple[Tensor, list[SolverInfo]]:
+        """Minimise a stack of ``B`` composite problems, one :class:`SolverInfo` per problem.
+
+        ``target`` is a :class:`Composite` with ``batch = B`` (the ``vmap`` rule of
+        :func:`bilevel.proximal_argmin` builds it); ``init`` has the problems in dimension
+        0. Each problem keeps its own Lipschitz estimate, momentum and stopping decision,
+        so element ``i``'s answer and record (iterations, step size, message) are what a
+        single call on it gives.
+
+        Example:
+            >>> import bilevel
+            >>> a = torch.tensor([[1.0], [1000.0]], dtype=torch.float64)
+            >>> target = Composite(lambda W: 0.5 * (a * (W - 1) ** 2).sum(-1),
+            ...                    lambda W, step: bilevel.prox.lasso(W, 0.1, step.unsqueeze(-1)), batch=2)
+            >>> W, infos = proximal_gradient(tol=1e-12).solve_batch(target, torch.zeros(2, 1, dtype=torch.float64))
+            >>> [i.converged for i in infos], [round(w, 12) for w in W.squeeze(-1).tolist()]
+            ([True, True], [0.9, 0.9999])
+        """
+        if not isinstance(target, Composite) or target.batch is None:
+            raise TypeError(
+                "solve_batch needs a Composite with batch = B (the number of stacked problems)"
+            )
+        if not isinstance(init, Tensor) or init.ndim == 0 or init.shape[0] != target.batch:
+            got = tuple(init.shape) if isinstance(init, Tensor) else type(init).__name__
+            raise ValueError(
+                f"init must carry the {target.batch} problems in dimension 0; got {got}"
+            )
+        start = time.perf_counter()
+        with torch.no_grad():
+            run = _fista(target.objective, target.prox, init.detach().clone(), self)
+            infos = run.rows(self)
+        elapsed = time.perf_counter() - start
+        for info in infos:
+            info.time = elapsed
+        self.last_info = infos[-1]
+        return run.x, infos
 
 
 def _per_problem(v: Tensor, like: Tensor) -> Tensor:
@@ -122,7 +159,7 @@ def _fista(
     prox: Callable[[Tensor, Tensor], Tensor],
     x: Tensor,
     opts: ProximalGradient,
-) -> tuple[Tensor, SolverInfo]:
+) -> _Run:
     def value_and_grad(W: Tensor) -> tuple[Tensor, Tensor]:
         def total(V: Tensor) -> tuple[Tensor, Tensor]:
             v = values(V)
@@ -146,7 +183,7 @@ def _fista(
     done = torch.zeros(B, dtype=torch.bool, device=x.device)
     res = torch.full((B,), math.inf, dtype=x.dtype, device=x.device)
     iterations = torch.zeros(B, dtype=torch.long, device=x.device)
-    k, converged = 0, False
+    k = 0
     while k < opts.maxiter:
         k += 1
         fy, gy = value_and_grad(y)
@@ -173,26 +210,66 @@ def _fista(
         iterations = iterations + (~done).long()
         done = done | newly
         if k % opts.check_every == 0 and bool(done.all()):  # the loop's only host read
-            converged = True
             break
-    if not converged:
-        converged = bool(done.all())
-    worst = float(res.max()) if B else 0.0
-    info = SolverInfo(
-        opts.method,
-        k,
-        converged,
-        worst,
-        float(values(x).sum()) if B else 0.0,
-        "gradient-mapping norm L ||prox step|| <= tol for every problem"
-        if converged
-        else f"maxiter={opts.maxiter} reached for {int((~done).sum())} of {B} problem(s); "
-        "raise maxiter or give step_size <= 1/L",
-        tol=opts.tol,
-        evaluations=3 * k,
-        extra={"step_size": (1 / L).tolist(), "iterations": iterations.tolist()},
-    )
-    return x, info
+    return _Run(x, values(x).detach(), L, res, done, iterations, k)
+
+
+_CONVERGED = "gradient-mapping norm L ||prox step|| <= tol"
+
+
+@dataclass(frozen=True)
+class _Run:
+    """Where a FISTA run ended: per-problem tensors, ``k`` the loop's iterations."""
+
+    x: Tensor
+    f: Tensor
+    L: Tensor
+    res: Tensor
+    done: Tensor
+    iterations: Tensor
+    k: int
+
+    def rows(self, opts: ProximalGradient) -> list[SolverInfo]:
+        """One record per problem, from its own counts (independent of its batch-mates)."""
+        out = []
+        done, its = self.done.tolist(), self.iterations.tolist()
+        floats = torch.stack([self.res, self.f.to(self.res.dtype), 1 / self.L]).tolist()
+        for ok, n, (res, f, step) in zip(done, its, zip(*floats)):
+            out.append(
+                SolverInfo(
+                    opts.method,
+                    n,
+                    ok,
+                    res,
+                    f,
+                    _CONVERGED
+                    if ok
+                    else f"maxiter={opts.maxiter} reached; raise maxiter or give step_size <= 1/L",
+                    tol=opts.tol,
+                    evaluations=3 * n,
+                    extra={"step_size": step},
+                )
+            )
+        return out
+
+    def summary(self, opts: ProximalGradient) -> SolverInfo:
+        """One record for a whole batch (a :class:`Composite` with ``batch``)."""
+        B = self.x.shape[0]
+        converged = bool(self.done.all())
+        return SolverInfo(
+            opts.method,
+            self.k,
+            converged,
+            float(self.res.max()) if B else 0.0,
+            float(self.f.sum()) if B else 0.0,
+            _CONVERGED + " for every problem"
+            if converged
+            else f"maxiter={opts.maxiter} reached for {int((~self.done).sum())} of {B} "
+            "problem(s); raise maxiter or give step_size <= 1/L",
+            tol=opts.tol,
+            evaluations=3 * self.k,
+            extra={"step_size": (1 / self.L).tolist(), "iterations": self.iterations.tolist()},
+        )
 
 
 def proximal_gradient(
