@@ -24,7 +24,7 @@ from torch import Tensor
 
 from bilevel._tree import Tree, tree_flatten, tree_unflatten
 from bilevel.constraints.projections import project_nonnegative  # noqa: F401 (doctests)
-from bilevel.solvers._stack import _keep, _one_row, _stacked, _timed, _values_and_grads
+from bilevel.solvers._stack import Oracle, _keep, _single_oracle, _stack_oracle, _stacked, _timed
 
 __all__ = ["ProjectedGradient", "projected_argmin", "projected_gradient"]
 
@@ -97,11 +97,11 @@ class ProjectedGradient:
         start = time.perf_counter()
         # one problem is a stack of one, through the same code: vmap equals a loop
         with torch.no_grad():
-            rows = [x.detach().unsqueeze(0) for x in leaves]
-            out, infos = self._descend(_one_row(objective, spec), rows, spec)
+            oracle = _single_oracle(objective, spec)
+            out, infos = self._descend(oracle, [x.detach() for x in leaves], spec, 1)
         info = _timed(infos, start)[0]
         self.last_info = info
-        return tree_unflatten([x[0] for x in out], spec), info
+        return tree_unflatten(out, spec), info
 
     def solve_batch(self, values: Callable[[Tree], Tensor], init: Tree) -> tuple[Tree, list[Any]]:
         """Minimise ``B`` independent objectives over the set at once (the ``vmap`` rule).
@@ -123,25 +123,27 @@ class ProjectedGradient:
         if not callable(values):
             raise TypeError(f"values must be callable, got {type(values).__name__}")
         _floating_tree(init)
-        leaves, spec, _ = _stacked(init)
+        leaves, spec, batch = _stacked(init)
         start = time.perf_counter()
         with torch.no_grad():
-            out, infos = self._descend(values, [x.detach() for x in leaves], spec)
+            oracle = _stack_oracle(values, spec)
+            out, infos = self._descend(oracle, [x.detach() for x in leaves], spec, batch)
         self.last_info = infos[-1]
         return tree_unflatten(out, spec), _timed(infos, start)
 
     def _descend(
-        self, values: Callable[[Tree], Tensor], w: list[Tensor], spec: Any
+        self, oracle: Oracle, w: list[Tensor], spec: Any, B: int
     ) -> tuple[list[Tensor], list[Any]]:
-        """The iterations on a stack of ``B`` rows, each with its own stopping decision."""
+        """The iterations on ``B`` problems (``B = 1``: leaves without a batch dimension),
+        each with its own stopping decision."""
         from bilevel.solvers import SolverInfo
 
-        B, eta = w[0].shape[0], self.step_size
+        eta = self.step_size
         if B == 1:
 
             def project(leaves: list[Tensor]) -> list[Tensor]:
-                moved = tree_unflatten([x[0] for x in leaves], spec)
-                return [x.detach().unsqueeze(0) for x in tree_flatten(self.projection(moved))[0]]
+                moved = tree_unflatten(list(leaves), spec)
+                return [x.detach() for x in tree_flatten(self.projection(moved))[0]]
 
         else:
             each = torch.func.vmap(
@@ -152,7 +154,7 @@ class ProjectedGradient:
                 return [x.detach() for x in each(*leaves)]
 
         def step(x: list[Tensor]) -> list[Tensor]:
-            _, g = _values_and_grads(values, x, spec)
+            _, g = oracle(x)
             return project([xi - eta * gi for xi, gi in zip(x, g)])
 
         device = w[0].device
@@ -166,7 +168,7 @@ class ProjectedGradient:
             it += 1
             if it % self.check_every == 0 or it == self.maxiter:
                 # gradient mapping norm ||w - P(w - eta g)|| / eta: zero exactly at a KKT point
-                r = _row_dist(new, w) / eta
+                r = _row_dist(new, w, B) / eta
                 res = r if res is None else torch.where(live, r, res)
                 w = new if B == 1 else [_keep(live, a, b) for a, b in zip(new, w)]
                 stop = live & (r <= self.tol)
@@ -177,8 +179,8 @@ class ProjectedGradient:
             else:
                 w = new if B == 1 else [_keep(live, a, b) for a, b in zip(new, w)]
         if res is None:  # maxiter == 1: the residual of one more step, not taken
-            res = _row_dist(step(w), w) / eta
-        f = values(tree_unflatten(w, spec)).detach()
+            res = _row_dist(step(w), w, B) / eta
+        f = oracle(w)[0]
         counts = stopped_at.tolist()
         floats = torch.stack([res, f.to(res.dtype)]).tolist()
         infos = []
@@ -208,9 +210,8 @@ def _floating_tree(init: Tree) -> tuple[list[Tensor], Any]:
     return leaves, spec
 
 
-def _row_dist(a: list[Tensor], b: list[Tensor]) -> Tensor:
+def _row_dist(a: list[Tensor], b: list[Tensor], B: int) -> Tensor:
     """``||a_i - b_i||`` over all leaves per row ``(B,)`` (row-wise sums: batch-independent)."""
-    B = a[0].shape[0]
     return (
         torch.stack([((x - y) ** 2).reshape(B, -1).sum(1) for x, y in zip(a, b)], 1).sum(1).sqrt()
     )

@@ -133,12 +133,14 @@ def _cg_rows(
         pAp = _dot(p, Ap)
         bad = running & (pAp <= 0)
         active = running & ~bad
+        # Masking the scalars is enough (as bilevel.linalg.cg): alpha = 0 leaves a row's x
+        # and r as they are, beta = 0 restarts its p from r; no vector-sized where().
         alpha = torch.where(active, rs / pAp, zero).unsqueeze(1)
-        x = _keep(active, x + alpha * p, x)
-        r = _keep(active, r - alpha * Ap, r)
+        x = torch.addcmul(x, alpha, p)
+        r = torch.addcmul(r, -alpha, Ap)
         rs_new = _dot(r, r)
         beta = torch.where(active, rs_new / rs, zero).unsqueeze(1)
-        p = _keep(active, r + beta * p, r)
+        p = torch.addcmul(r, beta, p)
         rs = torch.where(active, rs_new, rs)
         negative = negative | bad
         done = done | bad | ~(rs > t2)
@@ -154,24 +156,24 @@ class _NewtonRun:
     evals: Tensor
     hvps: Tensor
     status: Tensor
-    negative: Tensor  # (B, maxiter): CG met negative curvature at that iteration
-    steepest: Tensor  # (B, maxiter): -gradient replaced a non-descent direction
+    notes: list[Tensor]  # per Newton step (3, B): iteration, CG met negative curvature,
+    # -gradient replaced a non-descent direction
 
     def infos(self, method: str, opts: _NewtonSettings, products: _StackHVP) -> list[SolverInfo]:
         floats = torch.stack([self.f.to(self.gnorm.dtype), self.gnorm]).tolist()
         ints = torch.stack([self.k, self.evals, self.hvps, self.status]).tolist()
-        neg, steep = self.negative.tolist(), self.steepest.tolist()
+        steps = torch.stack(self.notes).tolist() if self.notes else []
         out = []
         for i, ((f, gnorm), (k, evals, hvps, status)) in enumerate(zip(zip(*floats), zip(*ints))):
             extra: dict[str, Any] = {"hvp_evaluations": hvps, "hvp": products.mode}
             if products.reason is not None:
                 extra["hvp_fallback_reason"] = products.reason
             notes = []
-            for j in range(opts.maxiter):
-                if neg[i][j]:
-                    notes.append(f"iteration {j}: negative curvature met by the linear solver")
-                if steep[i][j]:
-                    notes.append(f"iteration {j}: not a descent direction, used -gradient")
+            for ks, negative, steepest in steps:
+                if negative[i]:
+                    notes.append(f"iteration {ks[i]}: negative curvature met by the linear solver")
+                if steepest[i]:
+                    notes.append(f"iteration {ks[i]}: not a descent direction, used -gradient")
             if notes:
                 extra["linear_solver_notes"] = notes
             out.append(
@@ -208,15 +210,13 @@ def _newton(
 ) -> _NewtonRun:
     B = X.shape[0]
     device = X.device
-    rows = torch.arange(B, device=device)
     f, g = _flat_values_and_grads(values, X)
     gnorm = torch.linalg.vector_norm(g, dim=1)
     gnorm0 = gnorm
     k = torch.zeros(B, dtype=torch.long, device=device)
     evals = torch.ones_like(k)
     hvps = torch.zeros_like(k)
-    negative = torch.zeros(B, opts.maxiter, dtype=torch.bool, device=device)
-    steepest = torch.zeros_like(negative)
+    notes: list[Tensor] = []  # per Newton step: (iteration, negative curvature, steepest)
 
     def check(f: Tensor, gnorm: Tensor, k: Tensor) -> Tensor:
         status = torch.where(k >= opts.maxiter, _MAXITER, _RUNNING)
@@ -233,11 +233,9 @@ def _newton(
         forcing = torch.clamp((gnorm / gnorm0).sqrt(), max=0.1)
         d, neg, used = _cg_rows(products.at(X), -g, forcing, live, opts.cg_maxiter)
         hvps = hvps + used
-        at = (rows, k.clamp(max=opts.maxiter - 1))
-        negative[at] = negative[at] | (neg & live)
         d0 = _dot(g, d)
         steep = live & ~(torch.isfinite(d0) & (d0 < 0))
-        steepest[at] = steepest[at] | steep
+        notes.append(torch.stack([k, (neg & live).long(), steep.long()]))
         d = _keep(steep, -g, d)
         d0 = torch.where(steep, -gnorm * gnorm, d0)
         # Armijo backtracking by halving, with a rounding-level slack near the optimum
@@ -265,7 +263,7 @@ def _newton(
         k = k + step.long()
         status = torch.where(live & searching, _NO_STEP, status)
         status = torch.where(step, check(f, gnorm, k), status)
-    return _NewtonRun(X, f, gnorm, k, evals, hvps, status, negative, steepest)
+    return _NewtonRun(X, f, gnorm, k, evals, hvps, status, notes)
 
 
 def _default_cg_maxiter(cg_maxiter: int | None, size: int) -> int:

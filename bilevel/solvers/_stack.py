@@ -14,8 +14,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bilevel._tree import Tree, tree_flatten, tree_unflatten
-from bilevel.solvers.base import _NO_PATH, SolverInfo, _check_tree, _scalar
+from bilevel._tree import Tree, tree_unflatten
+from bilevel.solvers._flat import _tree_value_and_grad
+from bilevel.solvers.base import _NO_PATH, SolverInfo, _check_tree
 
 
 def _stacked(init: Tree, name: str = "init") -> tuple[list[Tensor], Any, int]:
@@ -30,14 +31,24 @@ def _stacked(init: Tree, name: str = "init") -> tuple[list[Tensor], Any, int]:
     return leaves, spec, batch
 
 
-def _one_row(objective: Callable[[Tree], Tensor], spec: Any) -> Callable[[Tree], Tensor]:
-    """A single objective as the ``(1,)`` values of a stack of one (the leaves' row 0)."""
+Oracle = Callable[[Sequence[Tensor]], tuple[Tensor, list[Tensor]]]
+"""Leaves of ``B`` problems -> their values ``(B,)`` and gradients (like the leaves)."""
 
-    def values(tree: Tree) -> Tensor:
-        row = tree_unflatten([x[0] for x in tree_flatten(tree)[0]], spec)
-        return _scalar(objective(row)).reshape(1)
 
-    return values
+def _single_oracle(objective: Callable[[Tree], Tensor], spec: Any) -> Oracle:
+    """One problem as a stack of one whose leaves keep their own shapes (no batch
+    dimension, nothing to index: a single call pays nothing for sharing the code)."""
+
+    def oracle(leaves: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        f, grads = _tree_value_and_grad(objective, leaves, spec)
+        return f.reshape(1), grads
+
+    return oracle
+
+
+def _stack_oracle(values: Callable[[Tree], Tensor], spec: Any) -> Oracle:
+    """A stack: ``values`` of a tree whose leaves carry the problems in dimension 0."""
+    return lambda leaves: _values_and_grads(values, leaves, spec)
 
 
 def _values_and_grads(
@@ -61,9 +72,8 @@ def _values_and_grads(
     return f.detach(), out
 
 
-def _row_norms(leaves: Sequence[Tensor]) -> Tensor:
+def _row_norms(leaves: Sequence[Tensor], B: int) -> Tensor:
     """Per-row Euclidean norm over all leaves ``(B,)``, in their widest dtype."""
-    B = leaves[0].shape[0]
     norms = [torch.linalg.vector_norm(leaf.reshape(B, -1), dim=1) for leaf in leaves]
     if len(norms) == 1:
         return norms[0]

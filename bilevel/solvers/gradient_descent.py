@@ -10,7 +10,15 @@ import torch
 from torch import Tensor
 
 from bilevel._tree import Tree, tree_unflatten
-from bilevel.solvers._stack import _keep, _one_row, _row_norms, _stacked, _timed, _values_and_grads
+from bilevel.solvers._stack import (
+    Oracle,
+    _keep,
+    _row_norms,
+    _single_oracle,
+    _stack_oracle,
+    _stacked,
+    _timed,
+)
 from bilevel.solvers.base import Objective, Solver, SolverInfo, _check_int, _check_tol, _check_tree
 
 
@@ -66,9 +74,9 @@ class GradientDescent(Solver):
     def _solve(self, objective: Objective, init: Tree) -> tuple[Tree, SolverInfo]:
         # one problem is a stack of one, through the same code: vmap equals a loop
         leaves, spec = _check_tree(init)
-        rows = [leaf.detach().unsqueeze(0) for leaf in leaves]
-        out, infos = self._descend(_one_row(objective, spec), rows, spec, init)
-        return tree_unflatten([x[0] for x in out], spec), infos[0]
+        oracle = _single_oracle(objective, spec)
+        out, infos = self._descend(oracle, [x.detach() for x in leaves], 1, init)
+        return tree_unflatten(out, spec), infos[0]
 
     def solve_batch(
         self, values: Callable[[Tree], Tensor], init: Tree
@@ -102,25 +110,21 @@ class GradientDescent(Solver):
                 "once (its learning rate adapts from all parameters together): solve the "
                 "problems one by one"
             )
-        leaves, spec, _ = _stacked(init)
+        leaves, spec, batch = _stacked(init)
+        row = tree_unflatten([x[0] for x in leaves], spec)  # for the parameter names
         start = time.perf_counter()
         with torch.no_grad():
-            out, infos = self._descend(values, [x.detach() for x in leaves], spec, None)
+            oracle = _stack_oracle(values, spec)
+            out, infos = self._descend(oracle, [x.detach() for x in leaves], batch, row)
         self.last_info = infos[-1]
         return tree_unflatten(out, spec), _timed(infos, start)
 
     def _descend(
-        self,
-        values: Callable[[Tree], Tensor],
-        leaves: list[Tensor],
-        spec: Any,
-        init: Tree | None,
+        self, oracle: Oracle, leaves: list[Tensor], B: int, row: Tree
     ) -> tuple[list[Tensor], list[SolverInfo]]:
-        """The descent loop on a stack (``B`` rows); ``init``: the single call's tree (for
-        the optimizer's parameter names), None for a stack."""
-        B = leaves[0].shape[0]
-        row_tree = tree_unflatten([x[0] for x in leaves], spec) if init is None else init
-        names = _optimizer_names(row_tree, leaves)
+        """The descent loop on ``B`` problems (``B = 1``: leaves without a batch
+        dimension); ``row``: one problem's tree, for the optimizer's parameter names."""
+        names = _optimizer_names(row, leaves)
         # Copies, so that an objective or optimizer working in place cannot touch init.
         params = {n: leaf.detach().clone() for n, leaf in zip(names, leaves)}
         opt = self.optimizer
@@ -133,9 +137,9 @@ class GradientDescent(Solver):
         stopped_at = torch.zeros(B, dtype=torch.long, device=device)
         gnorm = f = torch.zeros(0)  # set at k = 0, a check
         for k in range(self.maxiter + 1):
-            f_k, grads_list = _values_and_grads(values, list(params.values()), spec)
+            f_k, grads_list = oracle(list(params.values()))
             if k % self.check_every == 0 or k == self.maxiter:
-                gn = _row_norms(grads_list)
+                gn = _row_norms(grads_list, B)
                 if k == 0:
                     gnorm, f = gn, f_k
                 why = torch.where(gn <= self.tol, _CONVERGED, _MAXITER if k == self.maxiter else 0)

@@ -98,7 +98,8 @@ class NewtonCG(Solver):
         shape = init.shape if isinstance(init, Tensor) else None
 
         def values(X: Tensor) -> Tensor:
-            point = X[0].reshape(shape) if shape is not None else flat.unravel(X[0])
+            # a tensor: the stack of one reshaped (one view), no tree to rebuild
+            point = X.reshape(shape) if shape is not None else flat.unravel(X[0])
             return _scalar(objective(point)).reshape(1)
 
         products = _StackHVP(values, self.hvp)
