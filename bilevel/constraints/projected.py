@@ -229,7 +229,10 @@ def projected_gradient(
     ``solution, info = solver(objective, init)``. Convergence is
     ``||w - P(w - step_size grad f(w))|| / step_size <= tol``, read on the host every
     ``check_every`` iterations. ``info.grad_norm`` holds that residual. For an
-    ``L``-smooth objective take ``step_size <= 1 / L``.
+    ``L``-smooth objective take ``step_size <= 1 / L``. Under ``torch.func.vmap``,
+    :func:`projected_argmin` minimises the stack at once with
+    :meth:`ProjectedGradient.solve_batch` (the projection vmapped over the problems; a
+    single call shares its code), each problem stopping on its own residual.
 
     Example:
         >>> solver = projected_gradient(project_nonnegative, step_size=0.5)

@@ -9,7 +9,7 @@ Two families share one calling convention and one report, :class:`SolverInfo`:
 * minimisation solvers, ``solution, info = solver(objective, init)`` where
   ``objective(params)`` returns a 0-d tensor: :func:`gradient_descent` (any
   :mod:`bilevel.optim` optimizer), :func:`lbfgs` (strong Wolfe line search),
-  :func:`newton_cg` (Hessian-vector products and :func:`bilevel.linalg.cg`) and
+  :func:`newton_cg` (Hessian-vector products and conjugate gradients) and
   :func:`scipy_minimize` (a bridge to :func:`scipy.optimize.minimize`, bounds
   included);
 * :func:`proximal_gradient` -- FISTA for ``f + g`` given ``g``'s prox (a
@@ -25,13 +25,15 @@ gradient norm at a solution, since the implicit hypergradient assumes an exact
 optimum.
 
 Host synchronisation: gradient descent and the fixed-point solvers synchronise
-only at their convergence checks (every ``check_every`` iterations). Newton-CG
-synchronises once per objective evaluation, because a line search branches on function
-values; L-BFGS, whose line search decides with device-side masks, reads one flag per
-evaluation (did a search end?) and one more when a search ended (is any problem live?).
-:meth:`LBFGS.solve_batch` minimises a stack of problems at once, each with its own line
-search and stopping (the ``vmap`` rule of :func:`bilevel.argmin`); the scipy bridge runs
-on the host by design.
+only at their convergence checks (every ``check_every`` iterations). Newton-CG reads one
+flag per CG iteration, per line-search trial step and per Newton step; L-BFGS, whose line
+search decides with device-side masks, reads one flag per evaluation (did a search end?)
+and one more when a search ended (is any problem live?). ``solve_batch`` of
+:class:`LBFGS`, :class:`GradientDescent`, :class:`NewtonCG` and
+:class:`ProximalGradient` (and :class:`bilevel.constraints.ProjectedGradient`) minimises
+a stack of problems at once, each with its own step sizes, line search and stopping, and
+row ``i`` is what a single call on problem ``i`` gives: the ``vmap`` rule of the implicit
+layers. The scipy bridge runs on the host, once per problem, by design.
 """
 
 from bilevel.solvers.anderson import Anderson, anderson

@@ -196,7 +196,10 @@ def gradient_descent(
     is empty). The gradient norm is read (one host sync) every ``check_every`` steps
     and at ``maxiter``, so the result can be up to ``check_every - 1`` steps past the
     first point below ``tol``. A tensor ``init`` is named ``"params"`` for the
-    optimizer; a flat dict keeps its keys (for per-parameter settings).
+    optimizer; a flat dict keeps its keys (for per-parameter settings). Under
+    ``torch.func.vmap`` the layers minimise the stack at once with
+    :meth:`GradientDescent.solve_batch` (one call shares its code), except with the
+    hypergradient-descent optimizers, which then run once per problem.
 
     Example:
         >>> import torch, bilevel

@@ -236,10 +236,14 @@ def newton_cg(
     (``hvp="reverse"``, measured 4-5x faster per product on CPU than
     ``torch.func.jvp`` of ``torch.func.grad``); ``hvp="forward"`` uses the latter,
     and ``hvp="auto"`` tries forward-over-reverse and switches on the first failure
-    (``info.extra["hvp"]`` says which ran). With ``linear_solver=None`` it uses :func:`bilevel.linalg.cg` with the
-    relative tolerance ``min(0.1, sqrt(||g|| / ||g_0||))`` (inexact Newton: superlinear
-    convergence without over-solving far from the optimum); a given
-    ``linear_solver`` is used as is. When CG meets negative curvature it returns its
+    (``info.extra["hvp"]`` says which ran). With ``linear_solver=None`` it runs its own
+    conjugate gradients (those of :func:`bilevel.linalg.cg`, per problem of a stack) to
+    the relative tolerance ``min(0.1, sqrt(||g|| / ||g_0||))`` (inexact Newton:
+    superlinear convergence without over-solving far from the optimum), at most
+    ``cg_maxiter`` (default ``max(20, min(n, 500))``) iterations; a given
+    ``linear_solver`` is used as is. Under ``torch.func.vmap`` the layers minimise the
+    stack at once with :meth:`NewtonCG.solve_batch` (a single call shares its code); with a
+    given ``linear_solver`` they run once per problem. When CG meets negative curvature it returns its
     iterate so far (a descent direction); a direction that is not a descent
     direction is replaced by ``-g``. ``info.extra["hvp_evaluations"]`` counts the
     Hessian-vector products.

@@ -291,6 +291,11 @@ def proximal_gradient(
         acceleration: FISTA momentum with adaptive restart (``False``: ISTA).
         backtrack: factor by which ``L`` grows after a failed trial step.
 
+    A single call's ``info.iterations`` counts the problem's own iterations (it stops
+    being updated when it converges, up to ``check_every - 1`` loop passes before the
+    loop ends); under ``torch.func.vmap``, :func:`bilevel.proximal_argmin` minimises the
+    stack at once with :meth:`ProximalGradient.solve_batch`, one record per problem.
+
     Example:
         >>> import bilevel
         >>> target = Composite(lambda w: 0.5 * ((w - torch.tensor([3.0, 0.5])) ** 2).sum(),
