@@ -351,3 +351,29 @@ def test_a_diverging_row_stops_alone():
         )
         torch.testing.assert_close(W[i], w, rtol=1e-12, atol=1e-14)
         _same_record(infos[i], info)
+
+
+@pytest.mark.parametrize("name", ["gd", "projected_gradient"])
+def test_stopped_problems_are_not_evaluated_again(name):
+    """A stack whose values can select problems (as the vmap rule's stacks can) evaluates
+    only the running ones after a check; the answers stay each single call's."""
+    A, b, h = _tasks()
+    one = torch.func.vmap(lambda w, h, A, b: _loss(w, h, (A, b)))
+    sizes = []
+
+    def values(W, rows=None):
+        sizes.append(W.shape[0])
+        if rows is None:
+            return one(W, h, A, b)
+        return one(W, h[rows], A[rows], b[rows])
+
+    values.selectable = True
+    solver = MINIMIZERS[name](True)
+    W, infos = solver.solve_batch(values, torch.zeros(B, N, dtype=D))
+    assert sizes[0] == B and min(sizes) == 1  # the slowest problem ran alone at the end
+    full, _ = solver.solve_batch(_stacked_values(A, b, h), torch.zeros(B, N, dtype=D))
+    torch.testing.assert_close(W, full, rtol=1e-12, atol=1e-14)
+    for i, info in enumerate(infos):
+        w, single = solver(lambda w, i=i: _loss(w, h[i], (A[i], b[i])), torch.zeros(N, dtype=D))
+        torch.testing.assert_close(W[i], w, rtol=1e-12, atol=1e-14)
+        _same_record(info, single)

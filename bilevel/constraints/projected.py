@@ -110,7 +110,11 @@ class ProjectedGradient:
         carry the problems in dimension 0, each depending on its own slice only; the
         projection is applied to each problem's slice (``torch.func.vmap`` of it). Each
         problem checks its own residual every ``check_every`` iterations and is frozen
-        when it converged; element ``i``'s answer and record are a single call's.
+        when it converged; element ``i``'s answer and record are a single call's. A ``values`` that can also
+        evaluate a subset, ``values(W, rows)`` with ``W`` holding the rows of the problems
+        ``rows`` (a long tensor), and says so with ``values.selectable = True`` (the
+        ``vmap`` rule's stacks do) is called on the running problems only after each
+        check, so stopped problems cost nothing.
 
         Example:
             >>> c = torch.tensor([[1.0, -1.0], [2.0, 3.0]], dtype=torch.float64)
@@ -126,7 +130,7 @@ class ProjectedGradient:
         leaves, spec, batch = _stacked(init)
         start = time.perf_counter()
         with torch.no_grad():
-            oracle = _stack_oracle(values, spec)
+            oracle = _stack_oracle(values, spec, batch)
             out, infos = self._descend(oracle, [x.detach() for x in leaves], spec, batch)
         self.last_info = infos[-1]
         return tree_unflatten(out, spec), _timed(infos, start)
@@ -174,12 +178,15 @@ class ProjectedGradient:
                 stop = live & (r <= self.tol)
                 stopped_at = torch.where(stop, it, stopped_at)
                 live = live & ~stop
-                if not bool(live.any()):  # the loop's only host read
+                running = live.tolist()  # the loop's only host read
+                if not any(running):
                     break
+                oracle.narrow(running)
             else:
                 w = new if B == 1 else [_keep(live, a, b) for a, b in zip(new, w)]
         if res is None:  # maxiter == 1: the residual of one more step, not taken
             res = _row_dist(step(w), w, B) / eta
+        oracle.narrow([True] * B)  # every problem's value at its answer
         f = oracle(w)[0]
         counts = stopped_at.tolist()
         floats = torch.stack([res, f.to(res.dtype)]).tolist()

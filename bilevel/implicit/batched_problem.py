@@ -136,10 +136,21 @@ class _BatchedProblem(_Problem):
             return objective(tree_unflatten(sol, spec)).reshape(())
 
         stacked = _vmap_over(one, (0, self.dims))
+        chosen: list[Any] = [None, theta]  # the latest subset of problems and its theta
 
-        def values(W: Any) -> Tensor:
-            return stacked(tree_flatten(W)[0], theta)
+        def values(W: Any, rows: Tensor | None = None) -> Tensor:
+            """The stack's values; with ``rows``, those of these problems only (``W`` holds
+            their rows): a solver skips its stopped problems."""
+            if rows is None:
+                return stacked(tree_flatten(W)[0], theta)
+            if chosen[0] is not rows:  # sliced once per subset, not per evaluation
+                part = [
+                    t if d is None else t.index_select(d, rows) for t, d in zip(theta, self.dims)
+                ]
+                chosen[:] = [rows, part]
+            return stacked(tree_flatten(W)[0], chosen[1])
 
+        values.selectable = True  # type: ignore[attr-defined]
         if self.kind != "composite":
             return values
         from bilevel.solvers.proximal_gradient import Composite

@@ -31,24 +31,69 @@ def _stacked(init: Tree, name: str = "init") -> tuple[list[Tensor], Any, int]:
     return leaves, spec, batch
 
 
-Oracle = Callable[[Sequence[Tensor]], tuple[Tensor, list[Tensor]]]
-"""Leaves of ``B`` problems -> their values ``(B,)`` and gradients (like the leaves)."""
+class Oracle:
+    """Values ``(B,)`` and gradients (like the leaves) of ``B`` problems' leaves.
+
+    :meth:`narrow` tells it which problems are still running: a stack whose ``values``
+    can evaluate a subset of its problems (``values.selectable``: the ``vmap`` rule's
+    stacks) then evaluates those only, and the rows of stopped problems come back as
+    zeros (the solvers freeze them anyway). A stack runs as many iterations as its
+    slowest problem; skipping the stopped ones keeps the cost near the loop's where each
+    problem's evaluation is expensive.
+    """
+
+    def __call__(self, leaves: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def narrow(self, live: list[bool]) -> None:
+        """The problems still running (read on the host at a convergence check)."""
 
 
-def _single_oracle(objective: Callable[[Tree], Tensor], spec: Any) -> Oracle:
+class _SingleOracle(Oracle):
     """One problem as a stack of one whose leaves keep their own shapes (no batch
     dimension, nothing to index: a single call pays nothing for sharing the code)."""
 
-    def oracle(leaves: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
-        f, grads = _tree_value_and_grad(objective, leaves, spec)
+    def __init__(self, objective: Callable[[Tree], Tensor], spec: Any) -> None:
+        self.objective, self.spec = objective, spec
+
+    def __call__(self, leaves: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        f, grads = _tree_value_and_grad(self.objective, leaves, self.spec)
         return f.reshape(1), grads
 
-    return oracle
 
-
-def _stack_oracle(values: Callable[[Tree], Tensor], spec: Any) -> Oracle:
+class _StackOracle(Oracle):
     """A stack: ``values`` of a tree whose leaves carry the problems in dimension 0."""
-    return lambda leaves: _values_and_grads(values, leaves, spec)
+
+    def __init__(self, values: Callable[..., Tensor], spec: Any, batch: int) -> None:
+        self.values, self.spec, self.batch = values, spec, batch
+        self.selectable = bool(getattr(values, "selectable", False)) and batch > 1
+        self.rows: Tensor | None = None  # the running problems, None: all
+        self.device: torch.device | None = None
+
+    def narrow(self, live: list[bool]) -> None:
+        if not self.selectable or all(live):
+            self.rows = None
+            return
+        running = [i for i, x in enumerate(live) if x]
+        self.rows = torch.tensor(running, dtype=torch.long, device=self.device)
+
+    def __call__(self, leaves: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        self.device = leaves[0].device
+        rows = self.rows
+        if rows is None:
+            return _values_and_grads(self.values, leaves, self.spec)
+        part = [x.index_select(0, rows) for x in leaves]
+        f, grads = _values_and_grads(lambda tree: self.values(tree, rows), part, self.spec)
+        f_all = f.new_zeros(self.batch).index_copy(0, rows, f)
+        return f_all, [torch.zeros_like(x).index_copy(0, rows, g) for x, g in zip(leaves, grads)]
+
+
+def _single_oracle(objective: Callable[[Tree], Tensor], spec: Any) -> Oracle:
+    return _SingleOracle(objective, spec)
+
+
+def _stack_oracle(values: Callable[..., Tensor], spec: Any, batch: int) -> Oracle:
+    return _StackOracle(values, spec, batch)
 
 
 def _values_and_grads(

@@ -89,7 +89,11 @@ class GradientDescent(Solver):
         so each row gets its own step); each problem is checked every ``check_every``
         steps on its own gradient norm and frozen when it stops. Element ``i``'s answer
         and record are a single call's (up to rounding). Not for the hypergradient-descent
-        optimizers (:attr:`supports_batch`).
+        optimizers (:attr:`supports_batch`). A ``values`` that can also
+        evaluate a subset, ``values(W, rows)`` with ``W`` holding the rows of the problems
+        ``rows`` (a long tensor), and says so with ``values.selectable = True`` (the
+        ``vmap`` rule's stacks do) is called on the running problems only after each
+        check, so stopped problems cost nothing.
 
         Example:
             >>> import torch, bilevel
@@ -114,7 +118,7 @@ class GradientDescent(Solver):
         row = tree_unflatten([x[0] for x in leaves], spec)  # for the parameter names
         start = time.perf_counter()
         with torch.no_grad():
-            oracle = _stack_oracle(values, spec)
+            oracle = _stack_oracle(values, spec, batch)
             out, infos = self._descend(oracle, [x.detach() for x in leaves], batch, row)
         self.last_info = infos[-1]
         return tree_unflatten(out, spec), _timed(infos, start)
@@ -150,8 +154,10 @@ class GradientDescent(Solver):
                 gnorm = torch.where(live, gn, gnorm)
                 f = torch.where(live, f_k, f)
                 live = live & ~stop
-                if not bool(live.any()):  # the loop's only host read
+                running = live.tolist()  # the loop's only host read
+                if not any(running):
                     break
+                oracle.narrow(running)
             grads = dict(zip(names, grads_list))
             new, state = opt.step(params, grads, state, {})
             # a stopped problem keeps its point (its optimizer state runs on, unused); a

@@ -129,8 +129,20 @@ def _solve_fns(name: str, solver: Any, X: torch.Tensor, y: torch.Tensor, h: torc
 
         return stacked, loop
 
+    part: list[Any] = [None]
+
+    def selectable(W: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        # the problems `rows` only, as the vmap rule's stacks offer: stopped ones are skipped
+        if rows is None:
+            return values(W, h, X, y)
+        if part[0] is None or part[0][0] is not rows:  # sliced once per subset
+            part[0] = (rows, h[rows], X if shared else X[rows], y[rows])
+        return values(W, *part[0][1:])
+
+    selectable.selectable = True  # type: ignore[attr-defined]
+
     def stacked() -> tuple[torch.Tensor, list[int]]:
-        W, infos = solver.solve_batch(lambda W: values(W, h, X, y), init)
+        W, infos = solver.solve_batch(selectable, init)
         return W, [i.iterations for i in infos]
 
     def loop() -> tuple[torch.Tensor, list[int]]:
