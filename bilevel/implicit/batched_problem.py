@@ -35,7 +35,8 @@ class _BatchedProblem(_Problem):
     method (:func:`bilevel.solvers.lbfgs`, ``gradient_descent``, ``newton_cg``,
     ``proximal_gradient``, :func:`bilevel.constraints.projected_gradient`) minimises the
     stack at once, each problem with its own iterate, step sizes, line search and stopping
-    decision; other inner solvers run once per instance. Either way element ``i``'s answer does not depend on the other elements.
+    decision; other inner solvers run once per instance. Either way element ``i``'s answer
+    does not depend on the other elements.
     """
 
     def __init__(self, base: _Problem, theta_dims: Sequence[int | None], batch_size: int) -> None:

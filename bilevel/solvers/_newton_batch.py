@@ -229,7 +229,13 @@ def _newton(
         live = status == _RUNNING
         if not bool(live.any()):  # host read per Newton step
             break
-        # Relative CG tolerance min(0.1, sqrt(||g_k|| / ||g_0||)) per problem (see NewtonCG)
+        # Relative CG tolerance eta_k = min(0.1, sqrt(||g_k|| / ||g_0||)) per problem:
+        # loose far from the optimum, tightening as the gradient falls, which gives
+        # superlinear convergence (Eisenstat & Walker); the ratio makes it invariant to the
+        # objective's scale. Measured against min(0.5, sqrt||g||) (Nocedal & Wright) on
+        # logistic regression, ridge and Rosenbrock: fewer evaluations and products. An HVP
+        # costs a forward and a backward pass, far more than a host read, so CG checks
+        # every iteration rather than running masked (wasted) products.
         forcing = torch.clamp((gnorm / gnorm0).sqrt(), max=0.1)
         d, neg, used = _cg_rows(products.at(X), -g, forcing, live, opts.cg_maxiter)
         hvps = hvps + used
