@@ -377,3 +377,35 @@ def test_stopped_problems_are_not_evaluated_again(name):
         w, single = solver(lambda w, i=i: _loss(w, h[i], (A[i], b[i])), torch.zeros(N, dtype=D))
         torch.testing.assert_close(W[i], w, rtol=1e-12, atol=1e-14)
         _same_record(info, single)
+
+
+def test_host_reads_of_a_stack():
+    """Gradient descent and projected gradient read once per check for the whole stack
+    (plus the records at the end); Newton-CG once per CG iteration, trial step and
+    Newton step, whatever the number of problems."""
+    from bilevel._sync import count_syncs
+
+    A, b, h = _tasks()
+    values = _stacked_values(A, b, h)
+    gd = solvers.gradient_descent(bilevel.optim.sgd(lr=0.05), tol=0.0, maxiter=20, check_every=5)
+    with count_syncs("cpu") as syncs:
+        gd.solve_batch(values, torch.zeros(B, N, dtype=D))
+    assert syncs.count == 5 + 2  # checks at 0, 5, 10, 15, 20; the records
+    pg = constraints.projected_gradient(constraints.project_nonnegative, 0.05, tol=0.0, maxiter=20)
+    with count_syncs("cpu") as syncs:
+        pg.solve_batch(values, torch.zeros(B, N, dtype=D))
+    assert syncs.count == 2 + 2  # checks at 10 and 20; the records
+    newton = solvers.newton_cg(tol=1e-11)
+    with count_syncs("cpu") as syncs:
+        _, (info,) = newton.solve_batch(
+            _stacked_values(A[3:], b[3:], h[3:]), torch.zeros(1, N, dtype=D)
+        )
+    k, products, trials = info.iterations, info.extra["hvp_evaluations"], info.evaluations - 1
+    # per Newton step: is any problem live, its CG iterations and the read that ends CG,
+    # its trial steps; then the last live check and the records
+    assert syncs.count == k * 2 + products + trials + 1 + 3
+    with count_syncs("cpu") as syncs:
+        _, infos = newton.solve_batch(values, torch.zeros(B, N, dtype=D))
+    k = max(i.iterations for i in infos)
+    most = k * 2 + max(i.extra["hvp_evaluations"] for i in infos) * B + 30 * k + 4
+    assert k * 3 + 4 <= syncs.count <= most  # one read per pass for the whole stack
