@@ -409,3 +409,20 @@ def test_host_reads_of_a_stack():
     k = max(i.iterations for i in infos)
     most = k * 2 + max(i.extra["hvp_evaluations"] for i in infos) * B + 30 * k + 4
     assert k * 3 + 4 <= syncs.count <= most  # one read per pass for the whole stack
+
+
+def test_per_element_settings_run_per_element(monkeypatch):
+    """A per-element learning rate has one problem's shape, not the stack's: vmap solves
+    element by element; numbers, 0-d tensors and per-parameter numbers stack."""
+    per = {"params": bilevel.optim.per_element(torch.linspace(0.02, 0.08, N, dtype=D))}
+    solver = solvers.gradient_descent(bilevel.optim.sgd(lr=per), tol=1e-9, maxiter=3000)
+    assert not solver.supports_batch
+    for lr in (0.05, torch.tensor(0.05, dtype=D), {"params": 0.05}):
+        assert solvers.gradient_descent(bilevel.optim.sgd(lr=lr)).supports_batch
+    calls = _spy(monkeypatch, solvers.GradientDescent)
+    A, b, h = _tasks()
+    layer = _argmin_layer(solver)
+    wv = torch.func.vmap(layer)(A, b, h)
+    assert calls == ["single"] * B
+    for i in range(B):
+        torch.testing.assert_close(wv[i], layer(A[i], b[i], h[i]), rtol=1e-12, atol=1e-13)

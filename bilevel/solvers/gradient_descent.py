@@ -64,12 +64,19 @@ class GradientDescent(Solver):
 
     @property
     def supports_batch(self) -> bool:
-        """Whether :meth:`solve_batch` can step the stack at once: every optimizer but the
+        """Whether :meth:`solve_batch` can step the stack at once: a :mod:`bilevel.optim`
+        optimizer whose settings are the same for every element (numbers, 0-d tensors,
+        per-parameter mappings of them, per-step schedules), except the
         hypergradient-descent ones, whose learning rate adapts from a dot product over all
-        parameters (a stack would share it)."""
+        parameters (a stack would share it). Per-element settings have one problem's
+        shape, not the stack's."""
+        from bilevel.optim.base import Optimizer
         from bilevel.optim.hd import _HDMixin
 
-        return not isinstance(self.optimizer, _HDMixin)
+        opt = self.optimizer
+        if not isinstance(opt, Optimizer) or isinstance(opt, _HDMixin):
+            return False
+        return all(_same_for_every_element(v) for v in opt.settings.values())
 
     def _solve(self, objective: Objective, init: Tree) -> tuple[Tree, SolverInfo]:
         # one problem is a stack of one, through the same code: vmap equals a loop
@@ -89,7 +96,7 @@ class GradientDescent(Solver):
         so each row gets its own step); each problem is checked every ``check_every``
         steps on its own gradient norm and frozen when it stops. Element ``i``'s answer
         and record are a single call's (up to rounding). Not for the hypergradient-descent
-        optimizers (:attr:`supports_batch`). A ``values`` that can also
+        optimizers nor per-element settings (:attr:`supports_batch`). A ``values`` that can also
         evaluate a subset, ``values(W, rows)`` with ``W`` holding the rows of the problems
         ``rows`` (a long tensor), and says so with ``values.selectable = True`` (the
         ``vmap`` rule's stacks do) is called on the running problems only after each
@@ -110,9 +117,9 @@ class GradientDescent(Solver):
             raise TypeError(f"values must be callable; got {type(values).__name__}")
         if not self.supports_batch:
             raise ValueError(
-                f"gradient_descent with {type(self.optimizer).__name__} cannot step a stack at "
-                "once (its learning rate adapts from all parameters together): solve the "
-                "problems one by one"
+                f"gradient_descent with {self.optimizer!r} cannot step a stack at once (a "
+                "learning rate adapted from all parameters together, per-element settings, "
+                "or an optimizer outside bilevel.optim): solve the problems one by one"
             )
         leaves, spec, batch = _stacked(init)
         row = tree_unflatten([x[0] for x in leaves], spec)  # for the parameter names
@@ -193,6 +200,21 @@ class GradientDescent(Solver):
 _CONVERGED, _MAXITER, _DIVERGED = 1, 2, 3
 
 
+def _same_for_every_element(value: Any) -> bool:
+    """A setting that broadcasts unchanged over a stack of problems."""
+    from bilevel.optim.hparams import PerElement, Schedule
+
+    if isinstance(value, Mapping):
+        return all(_same_for_every_element(v) for v in value.values())
+    if isinstance(value, PerElement):
+        return False
+    if isinstance(value, Schedule):
+        return value.values.ndim <= 1  # one value per step (not per step and element)
+    if isinstance(value, Tensor):
+        return value.ndim == 0
+    return True
+
+
 def gradient_descent(
     optimizer: Any = None, tol: float = 1e-6, maxiter: int = 1000, check_every: int = 10
 ) -> GradientDescent:
@@ -205,7 +227,8 @@ def gradient_descent(
     optimizer; a flat dict keeps its keys (for per-parameter settings). Under
     ``torch.func.vmap`` the layers minimise the stack at once with
     :meth:`GradientDescent.solve_batch` (one call shares its code), except with the
-    hypergradient-descent optimizers, which then run once per problem.
+    hypergradient-descent optimizers or per-element settings, which then run once per
+    problem.
 
     Example:
         >>> import torch, bilevel
