@@ -426,3 +426,15 @@ def test_per_element_settings_run_per_element(monkeypatch):
     assert calls == ["single"] * B
     for i in range(B):
         torch.testing.assert_close(wv[i], layer(A[i], b[i], h[i]), rtol=1e-12, atol=1e-13)
+
+
+def test_projected_gradient_stack_of_one_projects_its_row():
+    """A stack of one still projects each problem's slice (the simplex of a row, not of
+    the whole (1, n) tensor read some other way)."""
+    c = torch.tensor([[0.9, 0.4, -0.2]], dtype=D)
+    solver = constraints.projected_gradient(constraints.project_simplex, 0.5, tol=1e-12)
+    W, (info,) = solver.solve_batch(lambda W: ((W - c) ** 2).sum(1), torch.zeros(1, 3, dtype=D))
+    w, single = solver(lambda w: ((w - c[0]) ** 2).sum(), torch.zeros(3, dtype=D))
+    torch.testing.assert_close(W[0], w, rtol=1e-12, atol=1e-14)
+    _same_record(info, single)
+    assert abs(float(W.sum()) - 1) < 1e-12

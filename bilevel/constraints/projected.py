@@ -98,7 +98,7 @@ class ProjectedGradient:
         # one problem is a stack of one, through the same code: vmap equals a loop
         with torch.no_grad():
             oracle = _single_oracle(objective, spec)
-            out, infos = self._descend(oracle, [x.detach() for x in leaves], spec, 1)
+            out, infos = self._descend(oracle, [x.detach() for x in leaves], spec, None)
         info = _timed(infos, start)[0]
         self.last_info = info
         return tree_unflatten(out, spec), info
@@ -136,14 +136,15 @@ class ProjectedGradient:
         return tree_unflatten(out, spec), _timed(infos, start)
 
     def _descend(
-        self, oracle: Oracle, w: list[Tensor], spec: Any, B: int
+        self, oracle: Oracle, w: list[Tensor], spec: Any, batch: int | None
     ) -> tuple[list[Tensor], list[Any]]:
-        """The iterations on ``B`` problems (``B = 1``: leaves without a batch dimension),
-        each with its own stopping decision."""
+        """The iterations on ``batch`` stacked problems, or on one whose leaves have no
+        batch dimension (``batch=None``), each with its own stopping decision."""
         from bilevel.solvers import SolverInfo
 
         eta = self.step_size
-        if B == 1:
+        B = 1 if batch is None else batch
+        if batch is None:
 
             def project(leaves: list[Tensor]) -> list[Tensor]:
                 moved = tree_unflatten(list(leaves), spec)
