@@ -11,16 +11,27 @@ loop). One host read per evaluation, ``(f, phi')``: the search branches on these
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from bilevel.solvers.line_search import _Outcome, _WolfeOptions
+from bilevel.solvers.line_search import _WolfeOptions
 
 # dtypes whose tensor arithmetic with a Python scalar is the numpy scalar arithmetic
 _HOST_DTYPES = {torch.float64: np.float64, torch.float32: np.float32}
+
+
+@dataclass(frozen=True)
+class _HostOutcome:
+    """How a search ended: the step (host scalar), its value (host) and gradient (device)."""
+
+    accepted: bool
+    t: Any
+    f: Any
+    g: Tensor
 
 
 def _cubic_min(t1: Any, f1: Any, d1: Any, t2: Any, f2: Any, d2: Any) -> Any:
@@ -44,20 +55,13 @@ class _HostSearch:
         self.lo: tuple[Any, Any, Any, Tensor] = (zero, self.f0, self.d0, g0)  # t, f, slope, g
         self.hi: tuple[Any, Any, Any] = (zero, self.f0, self.d0)
 
-    @staticmethod
-    def start(t0: Tensor, f0: Tensor, d0: Tensor, g0: Tensor, f_tol: Tensor) -> _HostSearch:
-        """A new search from the ``(1,)`` tensors of ``_Search.start`` (one host read)."""
-        return _HostSearch(torch.cat([t0.to(f0.dtype), f0, d0, f_tol]).tolist(), g0)
-
-    def update(self, f: Tensor, s: Tensor, g: Tensor, opts: _WolfeOptions) -> _Outcome | None:
+    def update(self, f: Tensor, s: Tensor, g: Tensor, opts: _WolfeOptions) -> _HostOutcome | None:
         """Take the evaluation at ``self.t``; the outcome when the search ended, else None."""
         f_host, s_host = (self.dt(v) for v in torch.cat([f, s]).tolist())
         with np.errstate(all="ignore"):
-            return self._update(f_host, s_host, f, g, opts)
+            return self._update(f_host, s_host, g, opts)
 
-    def _update(
-        self, f: Any, s: Any, f_dev: Tensor, g: Tensor, opts: _WolfeOptions
-    ) -> _Outcome | None:
+    def _update(self, f: Any, s: Any, g: Tensor, opts: _WolfeOptions) -> _HostOutcome | None:
         t, d0, f0, f_tol = self.t, self.d0, self.f0, self.f_tol
         c1, c1_slope, neg_c2 = self.dt(opts.c1), self.dt(2 * opts.c1 - 1), self.dt(-opts.c2)
         lo_t, lo_f, lo_s, lo_g = self.lo
@@ -68,7 +72,7 @@ class _HostSearch:
         if not opts.strong:
             failed = not armijo and evals >= opts.max_evals
             self.t, self.evals = (t if armijo else 0.5 * t), evals
-            return self._outcome(t, f_dev, g, armijo) if armijo or failed else None
+            return _HostOutcome(armijo, t, f, g) if armijo or failed else None
         curvature = bool(abs(s) <= neg_c2 * d0)
         into_lo_t = accept = into_t_lo = extrapolate = to_hi = to_lo = swap = False
         if not self.zoom:
@@ -108,10 +112,5 @@ class _HostSearch:
             new_t = new_t if inside else 0.5 * (lo_t + hi_t)
         self.t = new_t
         if give_lo:
-            f_lo = torch.full_like(f_dev, float(lo_f))
-            return self._outcome(lo_t, f_lo, lo_g, bool(lo_t > 0))
-        return self._outcome(t, f_dev, g, True) if accept else None
-
-    def _outcome(self, t: Any, f: Tensor, g: Tensor, accepted: bool) -> _Outcome:
-        flag = torch.tensor([accepted], device=g.device)
-        return _Outcome(torch.ones_like(flag), flag, torch.full_like(f, float(t)), f, g)
+            return _HostOutcome(bool(lo_t > 0), lo_t, lo_f, lo_g)
+        return _HostOutcome(True, t, f, g) if accept else None

@@ -19,7 +19,6 @@ import torch
 from torch import Tensor
 
 from bilevel.solvers._flat import _eps
-from bilevel.solvers._host_search import _HOST_DTYPES, _HostSearch
 from bilevel.solvers.base import _NO_PATH, SolverInfo
 from bilevel.solvers.line_search import _rows, _Search, _WolfeOptions
 
@@ -55,6 +54,17 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum(-1)
 
 
+def _pair_products(S: Tensor, Y: Tensor, s: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``s^T Y``, ``S^T y`` and ``y^T Y`` per problem, for the new pair's row and column of
+    ``S^T Y`` and ``Y^T Y``. Elementwise products and row sums, not ``bmm``: a row's bits must
+    not depend on how many rows the stack has (vmap equals a loop).
+    """
+    s_Y = (Y * s.unsqueeze(1)).sum(-1)
+    S_y = (S * y.unsqueeze(1)).sum(-1)
+    y_Y = (Y * y.unsqueeze(1)).sum(-1)
+    return s_Y, S_y, y_Y
+
+
 class _History:
     """Curvature pairs per problem: ``m`` slots each, written in turn at the problem's own
     position; ``stamp`` orders them in time, ``valid`` marks the filled ones. Updated in
@@ -81,13 +91,9 @@ class _History:
         self.S[at] = _rows(mask, s, self.S[at])
         self.Y[at] = _rows(mask, y, self.Y[at])
         # filled slots are always 0 .. count - 1 (a clear restarts at 0), so the new slot is
-        # below used + 1. Products as elementwise multiply and row sums, not bmm: a row's
-        # bits must not depend on how many rows the stack has (vmap equals a loop)
+        # below used + 1
         u = min(self.m, used + 1)
-        S, Y = self.S[:, :u], self.Y[:, :u]
-        s_Y = (Y * s.unsqueeze(1)).sum(-1)
-        S_y = (S * y.unsqueeze(1)).sum(-1)
-        y_Y = (Y * y.unsqueeze(1)).sum(-1)
+        s_Y, S_y, y_Y = _pair_products(self.S[:, :u], self.Y[:, :u], s, y)
         row = (self.rows, self.pos, slice(0, u))
         col = (self.rows, slice(0, u), self.pos)
         self.SY[row] = _rows(mask, s_Y, self.SY[row])
@@ -136,17 +142,39 @@ class _History:
         # newest pair last: gamma = s^T y / y^T y of it, 1 for a problem with none
         gamma = torch.where(valid[:, -1], sy[:, -1] / torch.where(valid[:, -1], yy[:, -1], 1), 1)
         R = torch.triu(SY) + torch.diag_embed(1 - v)  # empty slots: identity rows
-        p = torch.linalg.solve_triangular(R, a.unsqueeze(2), upper=True)
-        YYp = (YY * p.mT).sum(-1, keepdim=True)
-        rhs = (sy * p.squeeze(2)).unsqueeze(2) + gamma.reshape(-1, 1, 1) * YYp
-        rhs = rhs - gamma.reshape(-1, 1, 1) * b.unsqueeze(2)
-        q = torch.linalg.solve_triangular(R.mT, rhs, upper=False)
-        # back to slot order, then H g = gamma g + S q - gamma Y p
-        q_slot = torch.zeros_like(a).scatter(1, order, q.squeeze(2))
-        p_slot = torch.zeros_like(a).scatter(1, order, p.squeeze(2))
-        Hg = gamma.unsqueeze(1) * g + (q_slot.unsqueeze(2) * S).sum(1)
-        Hg = Hg - gamma.unsqueeze(1) * (p_slot.unsqueeze(2) * Y).sum(1)
-        return -Hg
+        p, q = _compact_solve(R, SY, YY, a, b, gamma)
+        # back to slot order
+        q_slot = torch.zeros_like(a).scatter(1, order, q)
+        p_slot = torch.zeros_like(a).scatter(1, order, p)
+        return _compact_step(g, gamma, S, Y, q_slot, p_slot)
+
+
+def _compact_solve(
+    R: Tensor, SY: Tensor, YY: Tensor, a: Tensor, b: Tensor, gamma: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The small part of the compact form in time order: ``p = R^-1 S^T g`` and
+    ``q = R^-T ((D + gamma Y^T Y) p - gamma Y^T g)`` (``D`` the diagonal of ``S^T Y``).
+    Shared by a stack and a single problem, so both round the same.
+    """
+    sy = torch.diagonal(SY, dim1=1, dim2=2)
+    p = torch.linalg.solve_triangular(R, a.unsqueeze(2), upper=True)
+    YYp = (YY * p.mT).sum(-1, keepdim=True)
+    rhs = (sy * p.squeeze(2)).unsqueeze(2) + gamma.reshape(-1, 1, 1) * YYp
+    rhs = rhs - gamma.reshape(-1, 1, 1) * b.unsqueeze(2)
+    q = torch.linalg.solve_triangular(R.mT, rhs, upper=False)
+    return p.squeeze(2), q.squeeze(2)
+
+
+def _compact_step(g: Tensor, gamma: Tensor, S: Tensor, Y: Tensor, q: Tensor, p: Tensor) -> Tensor:
+    """``-H g = -(gamma g + S q - gamma Y p)`` with ``q, p`` in slot order."""
+    return _compact_combine(g, gamma, (q.unsqueeze(2) * S).sum(1), (p.unsqueeze(2) * Y).sum(1))
+
+
+def _compact_combine(g: Tensor, gamma: Tensor, Sq: Tensor, Yp: Tensor) -> Tensor:
+    """``-(gamma g + S q - gamma Y p)`` from the combinations ``S q`` and ``Y p``."""
+    Hg = gamma.unsqueeze(1) * g + Sq
+    Hg = Hg - gamma.unsqueeze(1) * Yp
+    return -Hg
 
 
 @dataclass(frozen=True)
@@ -230,24 +258,14 @@ def _lbfgs(values: Callable[[Tensor], Tensor], X: Tensor, opts: _LBFGSSettings) 
     f_tol = 100 * eps * f.abs()
     if not bool(live.any()):
         return _Result(X, f, gnorm, k, evals, status)
-    # a stack of one decides its line search on the host (the same steps, fewer launches)
-    on_host = B == 1 and X.dtype in _HOST_DTYPES
-    start = _HostSearch.start if on_host else _Search.start
-    search = start(t0, f, _dot(g, d), g, f_tol)
+    search = _Search.start(t0, f, _dot(g, d), g, f_tol)
     while True:
-        t = search.t if isinstance(search, _HostSearch) else search.t.unsqueeze(1)
-        f_t, g_t = _value_and_grad(values, X + t * d)
+        f_t, g_t = _value_and_grad(values, X + search.t.unsqueeze(1) * d)
         evals = evals + live.long()
-        if isinstance(search, _HostSearch):
-            out = search.update(f_t, _dot(g_t, d), g_t, opts.wolfe)
-            if out is None:  # host read of (f, phi'): the search goes on
-                continue
-            ended = out.ended
-        else:
-            search, out = search.update(live, f_t, _dot(g_t, d), g_t, opts.wolfe)
-            ended = out.ended & live
-            if not bool(ended.any()):  # host read: no search ended, evaluate again
-                continue
+        search, out = search.update(live, f_t, _dot(g_t, d), g_t, opts.wolfe)
+        ended = out.ended & live
+        if not bool(ended.any()):  # host read: no search ended, evaluate again
+            continue
         # a found step: x += t d, with a curvature pair when s^T y is safely positive
         step = ended & out.accepted
         s = out.t.unsqueeze(1) * d
@@ -276,9 +294,6 @@ def _lbfgs(values: Callable[[Tensor], Tensor], X: Tensor, opts: _LBFGSSettings) 
             break
         again = ended & live
         d_new, t0 = _new_search(again, g, gnorm, hist, used)
-        # a stack of one gets here only with its search ended and still live: the rows of
-        # the new search are all taken, so skip the masks (the same values)
-        d = d_new if B == 1 else _rows(again, d_new, d)
-        fresh = start(t0, f, _dot(g, d), g, 100 * eps * f.abs())
-        search = fresh if B == 1 else search.where(again, fresh)  # type: ignore[union-attr, arg-type]
+        d = _rows(again, d_new, d)
+        search = search.where(again, _Search.start(t0, f, _dot(g, d), g, 100 * eps * f.abs()))
     return _Result(X, f, gnorm, k, evals, status)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -11,8 +12,11 @@ from torch import Tensor
 
 from bilevel._tree import Tree, tree_flatten, tree_unflatten
 from bilevel.solvers._flat import _Flat
-from bilevel.solvers._lbfgs_batch import _lbfgs, _LBFGSSettings
+from bilevel.solvers._host_search import _HOST_DTYPES
+from bilevel.solvers._lbfgs_batch import _lbfgs, _LBFGSSettings, _value_and_grad
+from bilevel.solvers._lbfgs_single import _Evaluate, _lbfgs_single
 from bilevel.solvers.base import (
+    _NO_PATH,
     Objective,
     Solver,
     SolverInfo,
@@ -62,12 +66,19 @@ class LBFGS(Solver):
         }
 
     def _run(
-        self, values: Callable[[Tensor], Tensor], X: Tensor
+        self, values: Callable[[Tensor], Tensor], X: Tensor, evaluate: _Evaluate | None = None
     ) -> tuple[Tensor, list[SolverInfo]]:
         wolfe = _WolfeOptions(
             self.line_search == "strong_wolfe", self.c1, self.c2, self.max_evals_per_iter
         )
-        out = _lbfgs(values, X, _LBFGSSettings(self.tol, self.maxiter, self.history_size, wolfe))
+        settings = _LBFGSSettings(self.tol, self.maxiter, self.history_size, wolfe)
+        if X.shape[0] == 1 and X.dtype in _HOST_DTYPES:
+            # a stack of one keeps its bookkeeping on the host (the same steps, fewer launches)
+            if evaluate is None:
+                evaluate = functools.partial(_value_and_grad, values)
+            out = _lbfgs_single(evaluate, X, settings)
+        else:
+            out = _lbfgs(values, X, settings)
         return out.X, out.infos(self.method, self.tol, self.maxiter, self.line_search)
 
     def _solve(self, objective: Objective, init: Tree) -> tuple[Tree, SolverInfo]:
@@ -77,12 +88,27 @@ class LBFGS(Solver):
 
         shape = init.shape if isinstance(init, Tensor) else None
 
-        def values(X: Tensor) -> Tensor:
+        def point(row: Tensor) -> Tree:
             # one tensor: its row is the point (no tree to rebuild at each evaluation)
-            point = X[0].reshape(shape) if shape is not None else flat.unravel(X[0])
-            return _scalar(objective(point)).reshape(1)
+            return row.reshape(shape) if shape is not None else flat.unravel(row)
 
-        X, infos = self._run(values, x)
+        def values(X: Tensor) -> Tensor:
+            return _scalar(objective(point(X[0]))).reshape(1)
+
+        def evaluate(X: Tensor) -> tuple[Tensor, Tensor]:
+            # the value and gradient of values(X), with the row itself as the leaf (the
+            # same values and gradient bits, a few autograd nodes fewer)
+            with torch.enable_grad():
+                row = X[0].detach().requires_grad_(True)
+                f = _scalar(objective(point(row)))
+                if not f.requires_grad:
+                    raise ValueError(_NO_PATH)
+                (g,) = torch.autograd.grad(f, row, allow_unused=True)
+            if g is None:
+                raise ValueError(_NO_PATH)
+            return f.detach().to(X.dtype).reshape(1), g.detach().reshape(1, -1)
+
+        X, infos = self._run(values, x, evaluate)
         return flat.output(X[0]), infos[0]
 
     def solve_batch(
