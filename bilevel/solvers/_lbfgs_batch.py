@@ -83,10 +83,42 @@ class _History:
         self.pushes = torch.zeros(B, dtype=torch.long, device=like.device)
         self.count = torch.zeros(B, dtype=torch.long, device=like.device)  # pairs held
         self.rows = torch.arange(B, device=like.device)
-        self.m = m
+        self.m, self.B = m, B
+        # the stack's rows held here (None: all); finished problems are dropped, so that late
+        # passes make the history's memory-bound products over the live rows only
+        self.members: Tensor | None = None
+        self.member_list = list(range(B))
+
+    def _pick(self, t: Tensor) -> Tensor:
+        """The rows of a stack-sized tensor that this history holds."""
+        return t if self.members is None else t.index_select(0, self.members)
+
+    def keep(self, live: list[bool]) -> None:
+        """Drop the problems that stopped, when they are a quarter of the rows held or more."""
+        kept = [i for i, row in enumerate(self.member_list) if live[row]]
+        if not kept or 4 * len(kept) > 3 * len(self.member_list):
+            return
+        index = torch.tensor(kept, device=self.S.device)
+        for name in ("S", "Y", "SY", "YY", "valid", "stamp", "pos", "pushes", "count"):
+            setattr(self, name, getattr(self, name).index_select(0, index))
+        self.member_list = [self.member_list[i] for i in kept]
+        self.members = torch.tensor(self.member_list, device=self.S.device)
+        self.rows = torch.arange(len(kept), device=self.S.device)
+
+    def held_any(self) -> Tensor:
+        """``(B,)``: the problem holds a pair (rows not held hold none)."""
+        if self.members is None:
+            return self.count > 0
+        held = torch.zeros(self.B, dtype=torch.bool, device=self.count.device)
+        return held.index_copy(0, self.members, self.count > 0)
+
+    def spread(self, d: Tensor, rest: Tensor) -> Tensor:
+        """A stack-sized tensor: the held rows from ``d``, the others from ``rest``."""
+        return d if self.members is None else rest.index_copy(0, self.members, d)
 
     def push(self, mask: Tensor, s: Tensor, y: Tensor, used: int) -> None:
-        """Store ``(s, y)`` where ``mask``; ``used`` bounds every problem's pair count."""
+        """Store ``(s, y)`` where ``mask`` (stack-sized); ``used`` bounds every pair count."""
+        mask, s, y = self._pick(mask), self._pick(s), self._pick(y)
         at = (self.rows, self.pos)
         self.S[at] = _rows(mask, s, self.S[at])
         self.Y[at] = _rows(mask, y, self.Y[at])
@@ -107,12 +139,10 @@ class _History:
         self.count = torch.where(mask, torch.clamp(self.count + 1, max=self.m), self.count)
 
     def clear(self, mask: Tensor) -> None:
+        mask = self._pick(mask)
         self.valid = self.valid & ~mask.unsqueeze(1)
         self.count = torch.where(mask, 0, self.count)
         self.pos = torch.where(mask, 0, self.pos)
-
-    def any(self) -> Tensor:
-        return self.count > 0
 
     def direction(self, g: Tensor, used: int) -> Tensor:
         """``-H g`` from the compact form of the L-BFGS matrix (Byrd, Nocedal & Schnabel 1994),
@@ -123,6 +153,7 @@ class _History:
         """
         if used == 0:
             return -g
+        rest, g = g, self._pick(g)
         m, dtype = used, g.dtype  # the filled slots are among the first used ones
         S, Y = self.S[:, :m], self.Y[:, :m]
         # slots in time order per problem, empty ones first
@@ -146,7 +177,8 @@ class _History:
         # back to slot order
         q_slot = torch.zeros_like(a).scatter(1, order, q)
         p_slot = torch.zeros_like(a).scatter(1, order, p)
-        return _compact_step(g, gamma, S, Y, q_slot, p_slot)
+        # rows not held: stopped problems, whose direction is not used
+        return self.spread(_compact_step(g, gamma, S, Y, q_slot, p_slot), -rest)
 
 
 def _compact_solve(
@@ -237,7 +269,7 @@ def _new_search(
     hist.clear(which & steep)
     d = _rows(steep, -g, d)
     tiny = torch.finfo(g.dtype).tiny
-    t0 = torch.where(hist.any(), 1.0, torch.clamp(1.0 / gnorm.clamp_min(tiny), max=1.0))
+    t0 = torch.where(hist.held_any(), 1.0, torch.clamp(1.0 / gnorm.clamp_min(tiny), max=1.0))
     return d, t0
 
 
@@ -282,16 +314,17 @@ def _lbfgs(values: Callable[[Tensor], Tensor], X: Tensor, opts: _LBFGSSettings) 
         # no step: a stale history can give a poor direction, so retry steepest descent
         # once; a second failure stops the problem
         failed = ended & ~out.accepted
-        retry = failed & hist.any() & ~restarted
+        retry = failed & hist.held_any() & ~restarted
         hist.clear(retry)
         restarted = restarted | retry
         status = torch.where(failed & ~retry, _NO_STEP, status)
         status = torch.where(step, _status(f, gnorm, k, opts), status)
         live = status == _RUNNING
-        # host read: is any problem live, and how many pairs the longest history holds
-        any_live, used = torch.stack([live.any().long(), hist.count.max()]).tolist()
-        if not any_live:
+        # host read: which problems are live, and how many pairs the longest history holds
+        *live_host, used = torch.cat([live.long(), hist.count.max().reshape(1)]).tolist()
+        if not any(live_host):
             break
+        hist.keep(live_host)
         again = ended & live
         d_new, t0 = _new_search(again, g, gnorm, hist, used)
         d = _rows(again, d_new, d)

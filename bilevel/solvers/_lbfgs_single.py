@@ -30,8 +30,8 @@ from bilevel.solvers._lbfgs_batch import (
     _NO_STEP,
     _NONFINITE,
     _RUNNING,
-    _compact_combine,
     _compact_solve,
+    _compact_step,
     _dot,
     _LBFGSSettings,
     _Result,
@@ -89,11 +89,12 @@ class _Ring:
         # + 0.0: the stack adds its (here empty) identity rows, which turns a -0 into +0
         R = torch.triu(SY) + 0.0
         p, q = _compact_solve(R, SY, YY, ab[:, 0], ab[:, 1], gamma)
-        qp = torch.stack([q, p], 1)
         if wrapped:  # back to slot order
-            qp = torch.zeros_like(qp).index_copy(2, index, qp)
-        SqYp = (qp.unsqueeze(3) * Z).sum(2)
-        return _compact_combine(g, gamma, SqYp[:, 0], SqYp[:, 1])
+            p = torch.zeros_like(p).index_copy(1, index, p)
+            q = torch.zeros_like(q).index_copy(1, index, q)
+        # the combinations over slots as the stack makes them, one per matrix (a sum over
+        # slots of both at once can take another order for small n)
+        return _compact_step(g, gamma, Z[:, 0], Z[:, 1], q, p)
 
 
 def _lbfgs_single(evaluate: _Evaluate, X: Tensor, opts: _LBFGSSettings) -> _Result:
