@@ -67,8 +67,8 @@ def _pair_products(S: Tensor, Y: Tensor, s: Tensor, y: Tensor) -> tuple[Tensor, 
 
 class _History:
     """Curvature pairs per problem: ``m`` slots each, written in turn at the problem's own
-    position; ``stamp`` orders them in time, ``valid`` marks the filled ones. Updated in
-    place (the solver owns it).
+    position ``pos``; ``count`` pairs held (a clear restarts at slot 0, so the filled slots
+    and their time order follow from the two). Updated in place (the solver owns it).
     """
 
     def __init__(self, B: int, m: int, n: int, like: Tensor) -> None:
@@ -77,10 +77,7 @@ class _History:
         # s_i^T y_j and y_i^T y_j of the slots, updated at each push
         self.SY = torch.zeros(B, m, m, dtype=like.dtype, device=like.device)
         self.YY = torch.zeros_like(self.SY)
-        self.valid = torch.zeros(B, m, dtype=torch.bool, device=like.device)
-        self.stamp = torch.zeros(B, m, dtype=torch.long, device=like.device)
         self.pos = torch.zeros(B, dtype=torch.long, device=like.device)  # next slot to write
-        self.pushes = torch.zeros(B, dtype=torch.long, device=like.device)
         self.count = torch.zeros(B, dtype=torch.long, device=like.device)  # pairs held
         self.rows = torch.arange(B, device=like.device)
         self.m, self.B = m, B
@@ -99,7 +96,7 @@ class _History:
         if not kept or 4 * len(kept) > 3 * len(self.member_list):
             return
         index = torch.tensor(kept, device=self.S.device)
-        for name in ("S", "Y", "SY", "YY", "valid", "stamp", "pos", "pushes", "count"):
+        for name in ("S", "Y", "SY", "YY", "pos", "count"):
             setattr(self, name, getattr(self, name).index_select(0, index))
         self.member_list = [self.member_list[i] for i in kept]
         self.members = torch.tensor(self.member_list, device=self.S.device)
@@ -132,15 +129,11 @@ class _History:
         self.SY[col] = _rows(mask, S_y, self.SY[col])
         self.YY[row] = _rows(mask, y_Y, self.YY[row])
         self.YY[col] = _rows(mask, y_Y, self.YY[col])
-        self.valid[at] = self.valid[at] | mask
-        self.pushes = self.pushes + mask.long()
-        self.stamp[at] = torch.where(mask, self.pushes, self.stamp[at])
         self.pos = torch.where(mask, (self.pos + 1) % self.m, self.pos)
         self.count = torch.where(mask, torch.clamp(self.count + 1, max=self.m), self.count)
 
     def clear(self, mask: Tensor) -> None:
         mask = self._pick(mask)
-        self.valid = self.valid & ~mask.unsqueeze(1)
         self.count = torch.where(mask, 0, self.count)
         self.pos = torch.where(mask, 0, self.pos)
 
@@ -156,9 +149,12 @@ class _History:
         rest, g = g, self._pick(g)
         m, dtype = used, g.dtype  # the filled slots are among the first used ones
         S, Y = self.S[:, :m], self.Y[:, :m]
-        # slots in time order per problem, empty ones first
-        order = torch.argsort(torch.where(self.valid[:, :m], self.stamp[:, :m], -1), dim=1)
-        valid = torch.gather(self.valid[:, :m], 1, order)
+        # slots in time order per problem, empty ones first: a problem holding fewer than m
+        # pairs filled slots 0 .. count - 1 and writes next at pos = count, a full ring's
+        # oldest slot is pos, so the order starts at pos either way
+        j = torch.arange(m, device=g.device)
+        order = (self.pos.unsqueeze(1) + j) % m
+        valid = j >= m - self.count.unsqueeze(1)
         v = valid.to(dtype)
         gv = g.unsqueeze(1)
         a = torch.gather((S * gv).sum(-1), 1, order) * v  # S^T g
