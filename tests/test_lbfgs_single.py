@@ -97,3 +97,19 @@ def test_a_stack_drops_its_finished_rows_and_each_row_equals_its_single_call(mon
             infos[i].evaluations,
             infos[i].message,
         )
+
+
+def test_the_single_call_bench_prints_one_row_per_size_against_a_reference(capsys):
+    """``python -m experiments.bench.lbfgs_single``: this checkout against itself here."""
+    import pathlib
+
+    from experiments.bench import lbfgs_single
+
+    root = str(pathlib.Path(lbfgs_single.__file__).resolve().parents[2])
+    assert lbfgs_single.main(["--reference", root, "--repeats", "1", "--rounds", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "unknowns" in line]
+    assert [row.split()[0] for row in rows] == ["3", "30", "300"]
+    # the same code on both sides: the same iterations and evaluations
+    for row in rows:
+        counts = row.split("(")[1].split()[0], row.split("(")[2].split(")")[0]
+        assert counts[0] == counts[1], row
