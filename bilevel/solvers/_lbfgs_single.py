@@ -4,11 +4,12 @@
 same tensor operations on the same ``(1, ...)`` tensors for every value that reaches the
 iterate (the evaluations, the curvature products of :func:`_pair_products`, the compact-form
 direction of :func:`_compact_solve` and :func:`_compact_step`, the steps), so a single call
-takes bit for bit the steps of its row in a stack (vmap equals a loop). What a stack must
+takes bit for bit the steps the stack's core takes on a stack of one (a row of a larger
+stack agrees with it to rounding and in its counts: vmap equals a loop). What a stack must
 decide per row with masks (which pairs to keep, the ring's time order, which searches
 ended, why a problem stopped) one problem decides on the host, from numpy scalars of its
 dtype (IEEE arithmetic and comparisons round as in a tensor of that dtype): no masks, no
-gathers, no sorting, and a third of the kernel launches per iteration. Host reads: one per
+gathers, and about half the kernel launches per iteration. Host reads: one per
 evaluation (the line search's value and slope), one per step (``s^T y``, ``y^T y`` and the
 gradient norm) and one per search (its slope at 0).
 """
@@ -137,7 +138,7 @@ def _lbfgs_single(evaluate: _Evaluate, X: Tensor, opts: _LBFGSSettings) -> _Resu
                 # a found step: x += t d, with a curvature pair when s^T y is safely positive
                 pair = torch.cat([out.t * d, out.g - g])  # [s; y]
                 products = torch.cat(
-                    [(pair * pair[1]).sum(-1), torch.linalg.vector_norm(out.g)[None]]
+                    [(pair * pair[1]).sum(-1), torch.linalg.vector_norm(out.g, dim=1)]
                 )
                 sy, yy, gnorm = (dt(v) for v in products.tolist())  # host read
                 if sy > eps * yy and yy > 0:
