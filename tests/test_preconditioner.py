@@ -338,3 +338,62 @@ def test_the_reused_graph_products_have_a_batched_form_equal_to_one_by_one():
     (batched,) = stacked([V])
     one_by_one = torch.stack([hvp([v])[0] for v in V])
     torch.testing.assert_close(batched, one_by_one, rtol=1e-13, atol=1e-15)
+
+
+def _out_of_place(solver, matvec, b, x0=None):
+    """The same solve on the out-of-place path: a right-hand side autograd tracks."""
+    leaves = [b] if isinstance(b, torch.Tensor) else list(b.values())
+    with torch.enable_grad():
+        for t in leaves:
+            t.requires_grad_()
+        x, info = solver(matvec, b, x0)
+        for t in leaves:
+            t.requires_grad_(False)
+    return x, info
+
+
+@pytest.mark.parametrize("pre", [None, "jacobi", "diagonal", "callable"])
+@pytest.mark.parametrize("start", ["cold", "warm"])
+@pytest.mark.parametrize("damping", [0.0, 0.5])
+def test_in_place_cg_equals_the_out_of_place_iterates(pre, start, damping):
+    """Outside autograd CG updates its vectors in place: the same iterates bit for bit as
+    the allocating loop (which runs under autograd), the same iteration counts, and the
+    caller's b and x0 untouched."""
+    A = spread_spd(n=40, spread=1e4, seed=6)
+    gen = torch.Generator().manual_seed(9)
+    b = {
+        "u": torch.randn(15, generator=gen, dtype=D),
+        "v": torch.randn(5, 5, generator=gen, dtype=D),
+    }
+    x0 = None
+    if start == "warm":
+        x0 = {k: 0.1 * torch.randn(t.shape, generator=gen, dtype=D) for k, t in b.items()}
+    diag = torch.diagonal(A).clone()
+    tree_diag = {"u": diag[:15], "v": diag[15:].reshape(5, 5)}
+    spec = {
+        None: None,
+        "jacobi": linalg.jacobi(probes=4),
+        "diagonal": tree_diag,
+        "callable": lambda t: {k: t[k] / tree_diag[k] for k in t},
+    }[pre]
+
+    def matvec(t):
+        y = A @ torch.cat([t["u"], t["v"].reshape(-1)])
+        return {"u": y[:15], "v": y[15:].reshape(5, 5)}
+
+    for maxiter in (7, 500):  # truncated and converged
+        solver = linalg.cg(tol=1e-12, maxiter=maxiter, damping=damping, preconditioner=spec)
+        kept = {k: t.clone() for k, t in b.items()}
+        kept0 = None if x0 is None else {k: t.clone() for k, t in x0.items()}
+        x, info = solver(matvec, b, x0)
+        for k in b:
+            assert torch.equal(b[k], kept[k])
+            if x0 is not None:
+                assert torch.equal(x0[k], kept0[k])
+        ref, ref_info = _out_of_place(solver, matvec, b, x0)
+        assert ref["u"].requires_grad  # it did run the allocating loop
+        for k in b:
+            assert torch.equal(x[k], ref[k].detach()), (k, (x[k] - ref[k]).abs().max())
+        assert info.iterations == ref_info.iterations
+        assert info.residual_norm == ref_info.residual_norm
+        assert info.converged == ref_info.converged == (maxiter == 500)

@@ -27,9 +27,14 @@ def _norm(a: Vec) -> Tensor:
     return _dot(a, a).sqrt()
 
 
-def _axpy(alpha: Tensor, x: Vec, y: Vec) -> Vec:
-    """``y + alpha * x`` (``alpha`` a 0-d tensor)."""
-    return [torch.addcmul(yi, xi, alpha) for xi, yi in zip(x, y)]
+def _axpy(alpha: Tensor, x: Vec, y: Vec, out: Vec | None = None) -> Vec:
+    """``y + alpha * x`` (``alpha`` a 0-d tensor): one pass per leaf; written into ``out``
+    when given (which may be ``x`` or ``y`` itself: an in-place update, no allocation)."""
+    if out is None:
+        return [torch.addcmul(yi, xi, alpha) for xi, yi in zip(x, y)]
+    for xi, yi, oi in zip(x, y, out):
+        torch.addcmul(yi, xi, alpha, out=oi)
+    return out
 
 
 def _sub(a: Vec, b: Vec) -> Vec:
