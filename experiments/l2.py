@@ -14,10 +14,13 @@ theorem (one conjugate-gradient solve with Hessian-vector products), and Adam up
 * ``scalar``      one weight for every feature,
 * ``per-feature`` one weight per input feature.
 
-``--warm-start on`` starts each backward solve from the previous outer step's solution and
-``--preconditioner jacobi`` preconditions it with a Hutchinson estimate of the Hessian's
-diagonal (same tolerance, so the same hypergradients to it); ``hypergrad_s`` in the summary
-is the time of the backward passes alone.
+By default (``--warm-start on``) each backward solve starts from the previous outer step's
+solution, and (``--preconditioner jacobi``) is preconditioned with a Hutchinson estimate of
+the Hessian's diagonal (same tolerance, so the same hypergradients to it); what the
+:class:`bilevel.WarmStart` remembers is saved with the checkpoint, so a resumed run is exact.
+``hypergrad_s`` in the summary is the time of the backward passes alone; ``--torchopt on``
+also computes every hypergradient with TorchOpt's implicit CG at the same solution, checks
+that the two agree and reports the time ratio (:mod:`experiments.l2_torchopt`).
 
 The baseline is a grid search over the single weight with the same inner solver (warm
 started along the grid, as the learned runs are along their path).
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -48,6 +52,7 @@ from bilevel import distributed
 from . import plot
 from .compare import TIE_RULE, versus
 from .data import Split, load_sklearn, split
+from .l2_torchopt import TorchOptHypergradient, agree_rtol
 from .options import (
     Option,
     choice,
@@ -88,16 +93,25 @@ OPTIONS = [
     Option("cg_tol", 1e-7, quick=1e-6, type=positive_float, help="CG relative tolerance"),
     Option(
         "warm_start",
-        "off",
+        "on",
         type=choice(["off", "on"]),
-        help="on: start each backward CG solve from the previous outer step's (bilevel.WarmStart)",
+        help="on: start each backward CG solve from the previous outer step's (bilevel.WarmStart, "
+        "saved with the checkpoint)",
     ),
     Option(
         "preconditioner",
-        "none",
+        "jacobi",
         type=choice(["none", "jacobi"]),
         help="CG preconditioner; jacobi: a Hutchinson estimate of the Hessian's diagonal "
         f"({JACOBI_PROBES} probes), re-estimated every {JACOBI_EVERY} solves with --warm-start on",
+    ),
+    Option(
+        "torchopt",
+        "off",
+        type=choice(["off", "on"]),
+        help="on: at every outer step also compute the hypergradient with TorchOpt's implicit "
+        "CG (custom_root + solve_cg at --cg-tol, no warm start) at the same solution, check "
+        "that it agrees, and report bilevel's hypergradient time over TorchOpt's",
     ),
     Option(
         "max_examples",
@@ -140,6 +154,21 @@ class Problem:
         self.train = (distributed.shard(self.data.x_train), distributed.shard(self.data.y_train))
         weight = self.train[0].shape[0] / self.data.x_train.shape[0]
         self.train_loss = distributed.data_parallel_loss(self.local_loss, weight, self.reg)
+        self.torchopt: TorchOptHypergradient | None = None
+        if cfg["torchopt"] == "on":
+            if distributed.is_distributed():
+                raise ValueError(
+                    "l2 --torchopt on runs in one process (TorchOpt's solve sees no all-reduce); "
+                    "run it without torchrun"
+                )
+            self.torchopt = TorchOptHypergradient(
+                self.inner_loss,
+                self.data_loss,
+                self.train,
+                (self.data.x_val, self.data.y_val),
+                cfg["cg_tol"],
+                maxiter=1000,
+            )
 
     def zeros(self) -> dict[str, Tensor]:
         kw: dict[str, Any] = {"device": self.run.device, "dtype": self.run.dtype}
@@ -239,13 +268,20 @@ def _learn_phase(run: Run, prob: Problem, cfg: dict[str, Any], method: str) -> d
             "wall_s": 0.0,
             "hypergrad_s": 0.0,
             "best": None,
-            # not checkpointed (leading _): a resumed run's first backward solve starts cold
+            # the WarmStart object itself is not checkpointed (leading _); what it remembers
+            # is, as tensors (its state_dict, below), so a resumed run solves bit for bit alike
             "_warm": bilevel.WarmStart() if cfg["warm_start"] == "on" else None,
+            "warm": {},
+            "torchopt_hypergrad_s": 0.0,
+            "torchopt_max_rel_diff": 0.0,
         }
 
     def step(state: dict[str, Any], k: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         log_l2: Tensor = state["log_l2"]
+        ws = state.get("_warm")
+        if ws is not None and state["warm"] and not ws.solutions and not ws.preconditioners:
+            ws.load_state_dict(state["warm"])  # resumed from a checkpoint
         state["outer"].zero_grad()
         w_star = distributed.data_parallel_argmin(
             prob.local_loss,
@@ -256,12 +292,17 @@ def _learn_phase(run: Run, prob: Problem, cfg: dict[str, Any], method: str) -> d
             regularizer=prob.reg,
             solver=prob.solver,
             linear_solver=prob.linear_solver,
-            warm_start=state.get("_warm"),
+            warm_start=ws,
         )
         t_backward = time.perf_counter()
         val_loss = prob.data_loss(w_star, prob.data.x_val, prob.data.y_val)
         val_loss.backward()
         state["hypergrad_s"] += time.perf_counter() - t_backward
+        if ws is not None:
+            state["warm"] = ws.state_dict()
+        peer_metrics = {}
+        if prob.torchopt is not None:
+            peer_metrics = _versus_torchopt(prob, state, w_star, log_l2)
         l2_solved = log_l2.detach().exp().cpu().tolist()  # the weights w_star was solved for
         state["outer"].step()
         with torch.no_grad():
@@ -288,6 +329,7 @@ def _learn_phase(run: Run, prob: Problem, cfg: dict[str, Any], method: str) -> d
             "solves": k + 1,
             "cum_wall_s": state["wall_s"],
             "cum_hypergrad_s": state["hypergrad_s"],
+            **peer_metrics,
         }
 
     def finish(state: dict[str, Any]) -> dict[str, Any]:
@@ -300,7 +342,7 @@ def _learn_phase(run: Run, prob: Problem, cfg: dict[str, Any], method: str) -> d
         if best is None or final["val_loss"] < best["val_loss"]:  # the last solve counts too
             solves = cfg["outer_steps"] + 1
             best = {**final, "l2": _l2_text(l2.cpu().tolist()), "solves": solves, "wall_s": wall_s}
-        return {
+        out = {
             "final": final,
             "best": best,
             "wall_s": wall_s,
@@ -308,8 +350,39 @@ def _learn_phase(run: Run, prob: Problem, cfg: dict[str, Any], method: str) -> d
             "solves": cfg["outer_steps"] + 1,
             "l2": state["log_l2"].detach().exp().cpu().tolist(),
         }
+        if prob.torchopt is not None:
+            out["torchopt"] = {
+                "hypergrad_s": state["torchopt_hypergrad_s"],
+                "hypergrad_vs_torchopt": state["hypergrad_s"] / state["torchopt_hypergrad_s"],
+                "max_rel_diff": state["torchopt_max_rel_diff"],
+                "agree_rtol": agree_rtol(cfg["cg_tol"]),
+                "agree": state["torchopt_max_rel_diff"] <= agree_rtol(cfg["cg_tol"]),
+            }
+        return out
 
     return run.phase(f"{prob.name}/{method}", cfg["outer_steps"], init, step, finish)
+
+
+def _versus_torchopt(
+    prob: Problem, state: dict[str, Any], w_star: dict[str, Tensor], log_l2: Tensor
+) -> dict[str, Any]:
+    """TorchOpt's hypergradient at this step's solution: timed, and checked against ours."""
+    assert prob.torchopt is not None and log_l2.grad is not None
+    ours = log_l2.grad.detach()
+    theirs, seconds = prob.torchopt({k: v.detach() for k, v in w_star.items()}, log_l2)
+    rel = float((ours - theirs).norm() / theirs.norm().clamp_min(1e-300))
+    state["torchopt_hypergrad_s"] += seconds
+    state["torchopt_max_rel_diff"] = max(state["torchopt_max_rel_diff"], rel)
+    limit = agree_rtol(prob.cfg["cg_tol"])
+    if not rel <= limit:
+        warnings.warn(
+            f"l2 {prob.name}: bilevel's and TorchOpt's hypergradients differ by {rel:.2e} "
+            f"(relative; allowed {limit:.1e} at --cg-tol {prob.cfg['cg_tol']:g}): the time "
+            "ratio compares solves of different accuracy; tighten --cg-tol",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return {"torchopt_rel_diff": rel, "cum_torchopt_hypergrad_s": state["torchopt_hypergrad_s"]}
 
 
 def run(run: Run, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -359,6 +432,15 @@ def run(run: Run, cfg: dict[str, Any]) -> dict[str, Any]:
                     "solves": res["solves"],
                     "wall_s": res["wall_s"],
                     "hypergrad_s": res["hypergrad_s"],
+                    **(
+                        {
+                            "torchopt_hypergrad_s": res["torchopt"]["hypergrad_s"],
+                            "hypergrad_vs_torchopt": res["torchopt"]["hypergrad_vs_torchopt"],
+                            "torchopt_agree": res["torchopt"]["agree"],
+                        }
+                        if "torchopt" in res
+                        else {}
+                    ),
                     "solves_to_grid_best": (
                         reach["solves"]
                         if reach
