@@ -317,7 +317,10 @@ def resolve(
         return Diagonal(diagonal), f"{what}, estimated)"
     if callable(spec) and not isinstance(spec, Tensor):
         return _user(spec, b, A.spec), "user M^-1"
-    _check_same(spec, tree_unflatten(list(b), A.spec), "preconditioner (a diagonal of A)")
+    # one tensor for one unknown tensor, also when the solve sees it as a list of one leaf
+    # (the implicit layers' backward solves take their right-hand sides as leaf lists)
+    like = b[0] if isinstance(spec, Tensor) and len(b) == 1 else tree_unflatten(list(b), A.spec)
+    _check_same(spec, like, "preconditioner (a diagonal of A)")
     diagonal = [t.to(b[i].dtype) for i, t in enumerate(tree_flatten(spec)[0])]
     damping = A.damping
     if isinstance(damping, Tensor) or damping != 0:
