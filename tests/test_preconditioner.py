@@ -397,3 +397,18 @@ def test_in_place_cg_equals_the_out_of_place_iterates(pre, start, damping):
         assert info.iterations == ref_info.iterations
         assert info.residual_norm == ref_info.residual_norm
         assert info.converged == ref_info.converged == (maxiter == 500)
+
+
+def test_cg_is_differentiable_through_its_iterations_when_the_operator_has_a_graph():
+    """An operator whose products carry a graph (here A + theta I, theta requiring grad)
+    switches CG to the allocating loop at its first product: backpropagating through the
+    iterations then gives d x / d theta = -(A + theta I)^-2 b, not an in-place error."""
+    A = spread_spd(n=20, spread=10.0, seed=2)
+    b = torch.randn(20, generator=torch.Generator().manual_seed(3), dtype=D)
+    theta = torch.tensor(0.3, dtype=D, requires_grad=True)
+    x, info = linalg.cg(tol=1e-13, maxiter=200)(lambda v: A @ v + theta * v, b)
+    assert info.converged
+    (grad,) = torch.autograd.grad(x.sum(), theta)
+    M = A + 0.3 * torch.eye(20, dtype=D)
+    expected = -torch.linalg.solve(M, torch.linalg.solve(M, b)).sum()
+    torch.testing.assert_close(grad, expected, rtol=1e-7, atol=0)
