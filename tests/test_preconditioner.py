@@ -412,3 +412,23 @@ def test_cg_is_differentiable_through_its_iterations_when_the_operator_has_a_gra
     M = A + 0.3 * torch.eye(20, dtype=D)
     expected = -torch.linalg.solve(M, torch.linalg.solve(M, b)).sum()
     torch.testing.assert_close(grad, expected, rtol=1e-7, atol=0)
+
+
+def test_argmin_takes_a_tensor_diagonal_for_a_tensor_unknown():
+    g = torch.Generator().manual_seed(11)
+    X = torch.randn(50, 12, generator=g, dtype=D) * torch.logspace(-1, 1, 12, dtype=D)
+    y = torch.randn(50, generator=g, dtype=D)
+    h = torch.tensor(0.1, dtype=D, requires_grad=True)
+    H = X.T @ X + 0.1 * torch.eye(12, dtype=D)
+    w_star = torch.linalg.solve(H, X.T @ y)
+
+    def loss(w, h):
+        return 0.5 * ((X @ w - y) ** 2).sum() + 0.5 * h * (w**2).sum()
+
+    diag = bilevel.ImplicitDiagnostics()
+    solver = linalg.cg(tol=1e-12, preconditioner=torch.diagonal(H).clone())
+    w = bilevel.argmin(loss, w_star, h, linear_solver=solver, diagnostics=diag)
+    (gh,) = torch.autograd.grad(w.sum(), h)
+    expected = -(torch.linalg.solve(H, torch.ones(12, dtype=D)) @ w_star)
+    torch.testing.assert_close(gh, expected, rtol=1e-9, atol=0)
+    assert diag.last_backward.preconditioner == "diagonal (given)"
