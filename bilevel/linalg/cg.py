@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -67,13 +68,20 @@ class CG(_Preconditioned):
         zero = torch.zeros_like(rs)
         lo = torch.full_like(bnorm, math.inf)  # extreme Rayleigh quotients of the directions
         hi = torch.full_like(bnorm, -math.inf)
+        first = None
+        if inplace and period == 1 and b[0].device.type == "cpu":
+            first = A(p)
+            if not _tracked(first):
+                start = _HostStart(x, r, p, z_out, first, M)
+                return self._solve_on_host(A, start, threshold, maxiter, described)
+            inplace, z_out = False, None  # an operator with a graph: nothing updated yet
 
         # The loop is a few fused vector ops and as few 0-d ops as masking allows (on
         # small and mid-sized problems the 0-d ops cost as much as the product). Per
         # iteration and vector entry: the product, then 13 reads and 4 writes with a
         # diagonal preconditioner (9 and 3 without), every update one kernel.
         for k in range(maxiter):
-            Ap = A(p)
+            Ap = first if k == 0 and first is not None else A(p)
             if k == 0 and inplace and _tracked(Ap):
                 inplace, z_out = False, None  # an operator with a graph: nothing updated yet
             pAp = _dot(p, Ap)
@@ -120,6 +128,88 @@ class CG(_Preconditioned):
         info.preconditioner = described
         return x, info
 
+    def _solve_on_host(
+        self,
+        A: Callable[[Vec], Vec],
+        start: _HostStart,
+        threshold: Tensor,
+        maxiter: int,
+        described: str,
+    ) -> tuple[Vec, LinearSolveInfo]:
+        """The CPU loop that checks convergence every iteration: its scalars are Python
+        floats (a CPU read synchronises with no device), so an iteration is its product,
+        its reductions and three in-place vector updates, no 0-d tensor ops and no masks
+        (on small problems those cost as much as the product). The same iterates as the
+        masked loop to rounding, and the same stopping decisions."""
+        x, r, p, z_out, M = start.x, start.r, start.p, start.z_out, start.M
+        rs = float(_dot(r, r))
+        z = r if M is None else (M(r) if z_out is None else M.into(r, z_out))
+        rz = rs if M is None else float(_dot(r, z))
+        pp = rz
+        t2 = float(threshold * threshold)
+        lo, hi = math.inf, -math.inf
+        iterations, negative = 0, False
+        Ap: Vec | None = start.Ap
+        done = not rs > t2  # also for NaN
+        for _ in range(maxiter):
+            if done:
+                break
+            if Ap is None:
+                Ap = A(p)
+            pAp = float(_dot(p, Ap))
+            q = pAp / pp if pp != 0 else math.nan
+            if q == q:  # NaN (0/0 of p = 0) is skipped, as fmin/fmax do
+                lo, hi = min(lo, q), max(hi, q)
+            if pAp <= 0:
+                negative = True
+                break
+            alpha = rz / pAp
+            for xi, pi, ri, ai in zip(x, p, r, Ap):
+                xi.add_(pi, alpha=alpha)
+                ri.add_(ai, alpha=-alpha)
+            rs_new = float(_dot(r, r))
+            if M is None:
+                z, rz_new = r, rs_new
+            else:
+                z = M(r) if z_out is None else M.into(r, z_out)
+                rz_new = float(_dot(r, z))
+            beta = rz_new / rz
+            for pi, zi in zip(p, z):
+                torch.add(zi, pi, alpha=beta, out=pi)
+            pp = rz_new + beta * beta * pp
+            rs, rz = rs_new, rz_new
+            iterations += 1
+            Ap = None
+            # a NaN from the operator stops the loop instead of running to maxiter
+            done = not rs > t2
+        like = threshold
+        info, _ = self._finish(
+            iterations=torch.tensor(iterations, device=like.device),
+            rnorm=torch.tensor(math.sqrt(rs) if rs >= 0 else math.nan, dtype=like.dtype),
+            threshold=threshold,
+            negative_curvature=torch.tensor(negative, device=like.device),
+            maxiter=maxiter,
+            curvature=(
+                torch.tensor(lo, dtype=like.dtype, device=like.device),
+                torch.tensor(hi, dtype=like.dtype, device=like.device),
+            ),
+        )
+        info.preconditioner = described
+        return x, info
+
+
+@dataclasses.dataclass(frozen=True)
+class _HostStart:
+    """Where the CPU loop starts: its own buffers (x, r, p; z_out for a diagonal M^-1), the
+    first product, and the preconditioner."""
+
+    x: Vec
+    r: Vec
+    p: Vec
+    z_out: Vec | None
+    Ap: Vec
+    M: Any
+
 
 def cg(
     tol: float = 1e-10,
@@ -142,6 +232,13 @@ def cg(
     the true residual ``||r||``, so the answer has the same accuracy. A start ``x0`` (a
     warm start) costs one product; it is dropped for zero when its residual is larger than
     ``||b||``, so it never starts further away than a cold solve.
+
+    Outside autograd (no input or product requiring grad) and functorch transforms, each
+    iteration updates its vectors in place, in buffers of its own (one pass over memory per
+    update and no allocation: at 10^6 unknowns an allocation's page faults cost about as much
+    as the pass); ``b`` and ``x0`` are never written, but the vector given to ``matvec`` is
+    overwritten by the next iteration, so ``matvec`` must not keep it. Under autograd or
+    ``vmap`` the same iterates are computed out of place.
 
     Args:
         tol: relative tolerance on the residual norm.
