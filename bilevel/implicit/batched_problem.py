@@ -35,8 +35,10 @@ class _BatchedProblem(_Problem):
     method (:func:`bilevel.solvers.lbfgs`, ``gradient_descent``, ``newton_cg``,
     ``proximal_gradient``, :func:`bilevel.constraints.projected_gradient`) minimises the
     stack at once, each problem with its own iterate, step sizes, line search and stopping
-    decision; other inner solvers run once per instance. Either way element ``i``'s answer
-    does not depend on the other elements.
+    decision, and a fixed-point solver with one (:func:`bilevel.solvers.fixed_point_iteration`,
+    :func:`bilevel.solvers.anderson`) iterates the stack of maps of ``fixed_point`` at once;
+    other inner solvers run once per instance. Either way element ``i``'s answer does not
+    depend on the other elements.
     """
 
     def __init__(self, base: _Problem, theta_dims: Sequence[int | None], batch_size: int) -> None:
@@ -72,6 +74,10 @@ class _BatchedProblem(_Problem):
             return self._solve_linear(list(init), list(theta))
         if self._batch_solver() is not None:
             return self._solve_stack(init, theta)
+        base = self.base
+        if isinstance(base, _UserProblem) and base.solver is None and base.kind != "opaque":
+            if base.stationarity_tol is None:
+                return base.run(None, list(init))  # the solutions are given: the stack at once
         outs = []
         for i in range(self.batch_size):
             th = [t[i] if d is not None else t for t, d in zip(theta, self.dims)]
@@ -113,33 +119,42 @@ class _BatchedProblem(_Problem):
         return list(_vmap_over(one, (0, self.dims))(init, theta))
 
     def _batch_solver(self) -> Callable[..., Any] | None:
-        """The inner solver's ``solve_batch`` when this stack can be minimised at once."""
+        """The inner solver's ``solve_batch`` when this stack can be solved at once: a
+        minimiser of a stack of objectives, or a fixed-point solver (``kind`` of the solver
+        ``"fixed_point"``) of a stack of maps (``fixed_point``, ``root``)."""
         base = self.base
-        if self.kind not in ("objective", "composite") or not isinstance(base, _UserProblem):
+        if self.kind not in ("objective", "composite", "map") or not isinstance(
+            base, _UserProblem
+        ):
             return None
         if not base.returns_info or base.solver is None:
+            return None
+        if self.kind == "map" and getattr(base.solver, "kind", None) != "fixed_point":
             return None
         if not getattr(base.solver, "supports_batch", True):
             return None
         return getattr(base.solver, "solve_batch", None)
 
     def _stack_target(self, theta: Sequence[Tensor]) -> Any:
-        """What ``solve_batch`` minimises: the ``(B,)`` values of a stacked tree, or for a
-        composite problem a batched :class:`bilevel.solvers.Composite`."""
+        """What ``solve_batch`` solves: the ``(B,)`` values of a stacked tree, the stacked
+        images of a fixed-point map, or for a composite problem a batched
+        :class:`bilevel.solvers.Composite`."""
         base = self.base
         assert isinstance(base, _UserProblem)
         spec = base.sol_spec
         theta = list(theta)
 
-        def one(sol: list[Tensor], th: list[Tensor]) -> Tensor:
+        def one(sol: list[Tensor], th: list[Tensor]) -> Any:
             target = base.target(th)
+            if self.kind == "map":  # a fixed-point map: the image of the problem's own row
+                return target(tree_unflatten(sol, spec))
             objective = target.objective if self.kind == "composite" else target
             return objective(tree_unflatten(sol, spec)).reshape(())
 
         stacked = _vmap_over(one, (0, self.dims))
         chosen: list[Any] = [None, theta]  # the latest subset of problems and its theta
 
-        def values(W: Any, rows: Tensor | None = None) -> Tensor:
+        def values(W: Any, rows: Tensor | None = None) -> Any:
             """The stack's values; with ``rows``, those of these problems only (``W`` holds
             their rows): a solver skips its stopped problems."""
             if rows is None:

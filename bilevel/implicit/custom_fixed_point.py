@@ -21,7 +21,9 @@ def custom_fixed_point(
     :func:`custom_root` applied to ``F(w) = map_fn(w, hparams, *args) - w`` (``dF/dw =
     J - I`` is not symmetric in general: GMRES by default). The solver runs without
     gradient tracking and may be anything: Anderson acceleration, a loop with early
-    stopping, a closed form.
+    stopping, a closed form. Under ``torch.func.vmap`` the solver runs once per element;
+    :func:`bilevel.fixed_point` with :func:`bilevel.solvers.anderson` or
+    :func:`bilevel.solvers.fixed_point_iteration` iterates the stack at once instead.
 
     Args:
         map_fn: ``map_fn(w, hparams, *args)``, a tree shaped like ``w``.

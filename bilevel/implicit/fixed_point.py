@@ -52,6 +52,9 @@ def fixed_point(
         solution_or_init: the fixed point (``solver=None``) or the starting point.
         solver: ``solver(map, init) -> (solution, info)``, e.g.
             :func:`bilevel.solvers.fixed_point_iteration` or :func:`bilevel.solvers.anderson`.
+            Under ``torch.func.vmap`` these two iterate the whole stack at once (their
+            ``solve_batch``), each element with its own iterate and stopping, so every
+            element gets the answer of a single call; another solver runs once per element.
         linear_solver, symmetric, diagnostics, strict: as in :func:`root`.
         warm_start: a :class:`bilevel.WarmStart` carried across outer steps: the
             backward linear solve starts from the previous step's solution.

@@ -38,7 +38,12 @@ def root(
         optimality_fn: returns a residual shaped like ``w``.
         solution_or_init: the root (``solver=None``) or the solver's starting point.
         hparams, data: as in :func:`argmin`.
-        solver: ``solver(fn, init) -> (solution, info)`` finding a root of ``fn(w)``.
+        solver: ``solver(fn, init) -> (solution, info)`` finding a root of ``fn(w)``, or
+            ``None`` (the default: ``solution_or_init`` is the root). Under
+            ``torch.func.vmap`` such a solver runs once per element (with ``None`` the
+            given stack is taken at once). The fixed-point solvers of
+            :mod:`bilevel.solvers` are refused here (they find ``w = fn(w)``): see
+            :func:`fixed_point`.
         linear_solver: default :func:`bilevel.linalg.auto` of :func:`bilevel.linalg.gmres`
             (of ``cg`` when ``symmetric``): dense LU up to 64 unknowns.
         symmetric: whether ``dF/dw`` is symmetric. ``None`` infers it from the linear
@@ -66,6 +71,12 @@ def root(
     if solver is not None and not callable(solver):
         raise TypeError(
             f"solver must be callable solver(fn, init) or None, got {type(solver).__name__}"
+        )
+    if getattr(solver, "kind", None) == "fixed_point":
+        raise ValueError(
+            f"root: solver={solver!r} iterates w <- fn(w), so it would return a fixed point of "
+            "optimality_fn, not a root; use bilevel.fixed_point(map_fn, ...) with the map whose "
+            "fixed point you want (e.g. w - step * optimality_fn(w)), or pass a root solver"
         )
     linear_solver, symmetric = _check_linear_solver(linear_solver, symmetric, "root")
     fn3 = _with_data(optimality_fn, data is not None)

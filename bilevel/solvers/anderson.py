@@ -1,4 +1,4 @@
-"""Anderson acceleration (type II) of a fixed-point iteration."""
+"""Anderson acceleration (type II) of a fixed-point iteration, for one problem or a stack."""
 
 from __future__ import annotations
 
@@ -8,16 +8,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bilevel._tree import Tree
-from bilevel.solvers._flat import _eps, _Flat
-from bilevel.solvers.base import MapFn, Solver, SolverInfo, _check_int, _check_tol
+from bilevel.solvers._flat import _eps
+from bilevel.solvers._map_stack import RowMap, _MapStackSolver, _Stops
+from bilevel.solvers.base import _check_int, _check_tol
 
 
-class Anderson(Solver):
+class Anderson(_MapStackSolver):
     """Anderson acceleration (type II) of ``w <- map_fn(w)``."""
 
     method = "anderson"
-    kind = "fixed_point"
 
     def __init__(
         self,
@@ -49,58 +48,54 @@ class Anderson(Solver):
             "check_every": self.check_every,
         }
 
-    def _solve(self, map_fn: MapFn, init: Tree) -> tuple[Tree, SolverInfo]:
-        flat = _Flat(init)
-        x = flat.ravel(init).detach().clone()
-        dtype, device, n, m = x.dtype, x.device, x.numel(), self.memory
+    def _extra(self) -> dict[str, Any]:
+        return {"memory": self.memory}
+
+    def _run(self, apply: RowMap, X: Tensor) -> tuple[Tensor, _Stops]:
+        B, n = X.shape
+        m, dtype = self.memory, X.dtype
         reg = self.regularization if self.regularization is not None else math.sqrt(_eps(dtype))
         tiny = float(torch.finfo(dtype).tiny)
-
-        def g_of(z: Tensor) -> Tensor:
-            return flat.ravel(map_fn(flat.unravel(z))).detach()
-
-        G = torch.empty(m, n, dtype=dtype, device=device)  # images map_fn(x_i)
-        F = torch.empty(m, n, dtype=dtype, device=device)  # residuals map_fn(x_i) - x_i
-        ones = torch.ones(m, 1, dtype=dtype, device=device)
-        eye = torch.eye(m, dtype=dtype, device=device)
-        converged, message, res = False, "", math.nan
-        k, gx = 0, x
+        G = X.new_zeros(B, m, n)  # images map_fn(x_i), slot i % m
+        F = X.new_zeros(B, m, n)  # residuals map_fn(x_i) - x_i
+        gram = X.new_zeros(B, m, m)  # F_i^T F_j, the row and column of each new slot
+        ones = X.new_ones(B, m, 1)
+        eye = torch.eye(m, dtype=dtype, device=X.device)
+        stops = _Stops.start(X)
+        out, k = X, 0
         while True:
-            gx = g_of(x)
-            fx = gx - x
-            G[k % m], F[k % m] = gx, fx
+            gx = apply(X)
+            fx = gx - X
+            slot, filled = k % m, min(k + 1, m)
+            G[:, slot] = stops.rows(gx, G[:, slot])
+            F[:, slot] = stops.rows(fx, F[:, slot])
+            # products as elementwise multiply and row sums, not bmm: a row's bits must not
+            # depend on how many rows the stack has (vmap equals a loop)
+            dots = (F[:, :filled] * F[:, slot].unsqueeze(1)).sum(-1)
+            gram[:, slot, :filled] = stops.rows(dots, gram[:, slot, :filled])
+            gram[:, :filled, slot] = stops.rows(dots, gram[:, :filled, slot])
+            out = stops.rows(gx, out)  # the last image of each problem is its answer
             k += 1
+            live = True
             if k % self.check_every == 0 or k == self.maxiter:
-                res = float(fx.norm())  # the loop's only sync
-                if not math.isfinite(res):
-                    message = f"diverged: non-finite residual at iteration {k}"
-                    break
-                if res <= self.tol:
-                    converged, message = True, "residual ||map_fn(w) - w|| <= tol"
-                    break
+                live = stops.check(fx, k, self.tol, k >= self.maxiter)
             if k >= self.maxiter:
-                message = f"maxiter={self.maxiter} reached"
+                stops.end(k)
                 break
-            mk = min(k, m)
-            Fk = F[:mk]
-            H = Fk @ Fk.T
+            if not live:
+                break
+            H = gram[:, :filled, :filled]
             # Scale-free Tikhonov term keeps the small Gram system solvable without a sync.
-            H = H / (H.diagonal().mean() + tiny) + reg * eye[:mk, :mk]
-            z = torch.linalg.solve_ex(H, ones[:mk])[0]
-            alpha = z / z.sum()
-            x = (alpha.T @ (G[:mk] - (1.0 - self.mixing) * Fk)).reshape(-1)
-        info = SolverInfo(
-            self.method,
-            k,
-            converged,
-            res,
-            math.nan,
-            message,
-            tol=self.tol,
-            evaluations=k,
-            extra={"memory": m},
-        )
-        return flat.output(gx), info
+            scale = H.diagonal(dim1=1, dim2=2).mean(-1) + tiny
+            H = H / scale[:, None, None] + reg * eye[:filled, :filled]
+            # one LAPACK solve per matrix on the CPU: a row's weights do not depend on the stack
+            z = torch.linalg.solve_ex(H, ones[:, :filled])[0].squeeze(-1)
+            alpha = (z / z.sum(-1, keepdim=True)).unsqueeze(-1)
+            images = G[:, :filled]
+            if self.mixing != 1.0:
+                images = images - (1.0 - self.mixing) * F[:, :filled]
+            X = stops.rows((alpha * images).sum(1), X)
+        return out, stops
 
 
 def anderson(
@@ -117,8 +112,14 @@ def anderson(
     minimising the combined residual (sum of weights 1), from a small Gram system
     solved on the device with a relative Tikhonov term ``regularization`` (default
     ``sqrt(eps)`` of the dtype). ``mixing`` < 1 damps the step. The residual is read
-    every ``check_every`` iterations (one sync each). There is no safeguard against
-    divergence for maps far from contractive; use :func:`fixed_point_iteration` there.
+    every ``check_every`` iterations (one sync each, and one at the end for the info
+    record). There is no safeguard against divergence for maps far from contractive; use
+    :func:`fixed_point_iteration` there. :meth:`Anderson.solve_batch` accelerates a stack
+    of problems at once, each with its own iterate, history, least-squares weights and
+    stopping decision (a stopped problem is frozen); under ``torch.func.vmap``,
+    :func:`bilevel.fixed_point` and :func:`bilevel.root` with this solver use it, and one
+    problem alone runs through the same code as a stack of one, so every element gets the
+    answer a single call gives.
 
     Example:
         >>> import torch

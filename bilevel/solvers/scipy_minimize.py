@@ -253,6 +253,9 @@ def scipy_minimize(
     gradient norm; ``info.extra["polished"]`` says whether it was, and
     ``info.extra["scipy_gradient_norm"]`` gives scipy's own result.
 
+    Under ``torch.func.vmap`` (e.g. of :func:`bilevel.argmin`) this runs once per element:
+    scipy solves one problem on the host at a time, so a stack is a loop of single calls.
+
     Example:
         >>> import torch
         >>> solver = scipy_minimize(bounds=(0.0, None), tol=1e-10)
