@@ -141,9 +141,13 @@ class _MapStackSolver(Solver):
         single = isinstance(init, Tensor)
 
         def apply(X: Tensor) -> Tensor:
-            point = X[0].reshape(init.shape) if single else flat.unravel(X[0])
-            out = _apply_map(map_fn, point, spec, shapes)
-            return torch.cat([leaf.reshape(1, -1).to(flat.dtype) for leaf in out], 1)
+            if single:  # one tensor: no tree to rebuild or check at each evaluation
+                out = map_fn(X[0].reshape(shapes[0]))
+                if isinstance(out, Tensor) and out.shape == shapes[0]:
+                    return out.detach().reshape(1, -1).to(X.dtype)
+                _apply_map(lambda _: out, None, spec, shapes)  # raises, naming what is wrong
+            images = _apply_map(map_fn, flat.unravel(X[0]), spec, shapes)
+            return torch.cat([leaf.reshape(1, -1).to(flat.dtype) for leaf in images], 1)
 
         X, stops = self._run(apply, flat.ravel(init).detach().clone().unsqueeze(0))
         return flat.output(X[0]), self._infos(stops)[0]
@@ -173,9 +177,16 @@ class _MapStackSolver(Solver):
         flat = _Flat(tree_unflatten([leaf[0] for leaf in leaves], spec))
         shapes = [leaf.shape for leaf in leaves]
 
+        single = isinstance(init, Tensor)
+
         def apply(X: Tensor) -> Tensor:
-            out = _apply_map(maps, _unravel_rows(flat, X), spec, shapes)
-            return torch.cat([leaf.reshape(batch, -1).to(flat.dtype) for leaf in out], 1)
+            if single:  # one tensor: no tree to rebuild or check at each evaluation
+                out = maps(X.reshape(shapes[0]))
+                if isinstance(out, Tensor) and out.shape == shapes[0]:
+                    return out.detach().reshape(batch, -1).to(X.dtype)
+                _apply_map(lambda _: out, None, spec, shapes)  # raises, naming what is wrong
+            images = _apply_map(maps, _unravel_rows(flat, X), spec, shapes)
+            return torch.cat([leaf.reshape(batch, -1).to(flat.dtype) for leaf in images], 1)
 
         X = torch.cat([leaf.detach().reshape(batch, -1).to(flat.dtype) for leaf in leaves], 1)
         start = time.perf_counter()
