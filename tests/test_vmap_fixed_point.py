@@ -310,3 +310,40 @@ def test_vmapped_root_with_the_solution_given_equals_a_loop():
     torch.testing.assert_close(wv.detach(), h.detach() ** (1 / 3), rtol=1e-14, atol=0)
     torch.testing.assert_close(gv, gl, rtol=1e-12, atol=0)
     torch.testing.assert_close(gv, (h.detach() ** (-2 / 3)) / 3, rtol=1e-12, atol=0)
+
+
+# ------------------------------------------------------------------ the benchmark script
+
+
+def test_bench_fixed_point_vmap_agrees_and_prints_a_table(capsys, monkeypatch):
+    from experiments.bench import fixed_point_vmap as bench
+
+    assert bench.main(["--batch", "3", "--sizes", "6", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith(("fixed_point", "anderson"))]
+    assert len(rows) == 2 * 2 * 2  # solvers x families x (solver, layer)
+    assert "FAILED" not in out and all(" True" in r for r in rows if " solver " in r)
+    # a truncated solve is reported and fails the command
+    monkeypatch.setitem(
+        bench.SOLVERS, "anderson", lambda: solvers.anderson(tol=bench.TOL, maxiter=3)
+    )
+    assert (
+        bench.main(
+            [
+                "--batch",
+                "2",
+                "--sizes",
+                "4",
+                "--repeats",
+                "1",
+                "--solvers",
+                "anderson",
+                "--families",
+                "own",
+            ]
+        )
+        == 1
+    )
+    assert "FAILED" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main(["--batch", "0"])

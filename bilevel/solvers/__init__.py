@@ -25,7 +25,8 @@ gradient norm at a solution, since the implicit hypergradient assumes an exact
 optimum.
 
 Host synchronisation: gradient descent and the fixed-point solvers synchronise
-only at their convergence checks (every ``check_every`` iterations). Newton-CG reads one
+only at their convergence checks (every ``check_every`` iterations; the fixed-point
+solvers once more at the end, for the info record). Newton-CG reads one
 flag per CG iteration, per line-search trial step and per Newton step; L-BFGS, whose line
 search decides with device-side masks, reads one flag per evaluation (did a search end?)
 and one more when a search ended (is any problem live?). ``solve_batch`` of
@@ -33,7 +34,11 @@ and one more when a search ended (is any problem live?). ``solve_batch`` of
 :class:`ProximalGradient` (and :class:`bilevel.constraints.ProjectedGradient`) minimises
 a stack of problems at once, each with its own step sizes, line search and stopping, and
 row ``i`` is what a single call on problem ``i`` gives: the ``vmap`` rule of the implicit
-layers. The scipy bridge runs on the host, once per problem, by design.
+layers; :meth:`FixedPointIteration.solve_batch` and :meth:`Anderson.solve_batch` iterate a
+stack of maps the same way (each problem its own iterate, Anderson history, least-squares
+weights and stopping; the ``vmap`` rule of :func:`bilevel.fixed_point`), reading one number
+per check for the whole stack. The scipy bridge runs on the host, once per problem, by
+design.
 """
 
 from bilevel.solvers.anderson import Anderson, anderson

@@ -33,7 +33,8 @@ each implementation's, from the same run; threads are pinned with ``torch.set_nu
 # the functional optimizers' kernels: python -m experiments.bench.optim; qp is the QP layer
 # against qpth and cvxpylayers: python -m experiments.bench.qp; stateful_memory the memory of
 # a long higher-style inner loop, bilevel.stateful against higher:
-# python -m experiments.bench.stateful_memory
+# python -m experiments.bench.stateful_memory; fixed_point_vmap a stack of fixed-point
+# problems under vmap against a loop: python -m experiments.bench.fixed_point_vmap
 
 from __future__ import annotations
 

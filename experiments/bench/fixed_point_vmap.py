@@ -25,8 +25,9 @@ Two rows per solver, family and size:
 
 Before timing, the batched answers are compared with the loop's (maximum absolute difference
 of the solutions and hypergradients, and whether every problem took the same iteration count
-as its single call); a difference above 1e-12 is printed and makes the command exit with
-status 1. Times are medians of interleaved repeats of the process CPU time.
+as its single call); a difference above 1e-12, or a solve that did not converge, is printed
+and makes the command exit with status 1. Times are medians of interleaved repeats of the
+process CPU time.
 """
 
 from __future__ import annotations
@@ -202,7 +203,10 @@ def run(
                     f"{t['loop'] / t['batched']:>8.1f}x {gdiff:>9.1e} {'':>8}"
                 )
     if not ok:
-        print("DISAGREEMENT: a batched answer differs from the loop's (see max diff / same its)")
+        print(
+            "FAILED: a batched answer differs from the loop's (max diff, same its) or a solve "
+            "did not converge"
+        )
     return ok
 
 
