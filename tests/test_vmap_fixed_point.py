@@ -318,10 +318,12 @@ def test_vmapped_root_with_the_solution_given_equals_a_loop():
 def test_bench_fixed_point_vmap_agrees_and_prints_a_table(capsys, monkeypatch):
     from experiments.bench import fixed_point_vmap as bench
 
-    assert bench.main(["--batch", "3", "--sizes", "6", "--repeats", "1"]) == 0
+    assert (
+        bench.main(["--batch", "3", "--sizes", "6", "--repeats", "1", "--families", "shared"]) == 0
+    )
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith(("fixed_point", "anderson"))]
-    assert len(rows) == 2 * 2 * 2  # solvers x families x (solver, layer)
+    assert len(rows) == 2 * 2  # solvers x (solver, layer)
     assert "FAILED" not in out and all(" True" in r for r in rows if " solver " in r)
     # a truncated solve is reported and fails the command
     monkeypatch.setitem(

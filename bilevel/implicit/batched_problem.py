@@ -121,7 +121,7 @@ class _BatchedProblem(_Problem):
     def _batch_solver(self) -> Callable[..., Any] | None:
         """The inner solver's ``solve_batch`` when this stack can be solved at once: a
         minimiser of a stack of objectives, or a fixed-point solver (``kind`` of the solver
-        ``"fixed_point"``) of a stack of maps (``fixed_point``, ``root``)."""
+        ``"fixed_point"``) of a stack of maps (``fixed_point``; ``root`` refuses those solvers)."""
         base = self.base
         if self.kind not in ("objective", "composite", "map") or not isinstance(
             base, _UserProblem

@@ -5,7 +5,7 @@ problem's iterate, memory, iteration count and stopping decision are rows of bat
 tensors, and a problem that stopped is frozen (masks) while the others go on. A single
 call runs as a stack of one through the same code, so a row of :meth:`solve_batch` gets
 the answer and info record of a single call on it (the ``vmap`` rule of
-:func:`bilevel.fixed_point` and :func:`bilevel.root`).
+:func:`bilevel.fixed_point`).
 
 Every problem of a stack starts at iteration 0 and a live problem makes one iteration per
 pass, so the live problems share the iteration number ``k``: it is a host integer, and so

@@ -117,9 +117,9 @@ def anderson(
     :func:`fixed_point_iteration` there. :meth:`Anderson.solve_batch` accelerates a stack
     of problems at once, each with its own iterate, history, least-squares weights and
     stopping decision (a stopped problem is frozen); under ``torch.func.vmap``,
-    :func:`bilevel.fixed_point` and :func:`bilevel.root` with this solver use it, and one
-    problem alone runs through the same code as a stack of one, so every element gets the
-    answer a single call gives.
+    :func:`bilevel.fixed_point` with this solver uses it, and one problem alone runs
+    through the same code as a stack of one, so every element gets the answer a single
+    call gives.
 
     Example:
         >>> import torch

@@ -57,14 +57,14 @@ def fixed_point_iteration(
 ) -> FixedPointIteration:
     """A solver iterating ``w <- map_fn(w)``; ``solution, info = solver(map_fn, init)``.
 
-    The residual ``||map_fn(w) - w||`` (reported as ``info.grad_norm``) is read every
-    ``check_every`` iterations and at ``maxiter`` (one host sync each, and one at the end
-    for the info record); the returned point is the last image ``map_fn(w)``.
-    :meth:`FixedPointIteration.solve_batch` iterates a stack of problems at once, each
-    with its own iterate and stopping decision (a stopped problem is frozen); under
-    ``torch.func.vmap``, :func:`bilevel.fixed_point` and :func:`bilevel.root` with this
-    solver use it, and one problem alone runs through the same code as a stack of one, so
-    every element gets the answer a single call gives.
+    The residual ``||map_fn(w) - w||`` (reported as ``info.grad_norm``) is tested every
+    ``check_every`` iterations and at ``maxiter`` (one host sync per test before
+    ``maxiter``, and one at the end for the info record); the returned point is the last
+    image ``map_fn(w)``. :meth:`FixedPointIteration.solve_batch` iterates a stack of
+    problems at once, each with its own iterate and stopping decision (a stopped problem is
+    frozen); under ``torch.func.vmap``, :func:`bilevel.fixed_point` with this solver uses
+    it, and one problem alone runs through the same code as a stack of one, so every
+    element gets the answer a single call gives.
 
     Example:
         >>> import torch
