@@ -113,7 +113,13 @@ class Dense(LinearSolver):
         rcond = self.rcond if self.rcond is not None else n * eps
         if self.method == "solve":
             LU, pivots, lu_info = torch.linalg.lu_factor_ex(M)
-            flat_x = torch.linalg.lu_solve(LU, pivots, flat_b.unsqueeze(-1)).squeeze(-1)
+            if _is_batched(M) or _is_batched(flat_b):
+                # torch's vmap rule of lu_solve is wrong when LU and b are batched at
+                # different vmap levels (vmap of jacrev: the matrix per problem, b per
+                # cotangent; checked on torch 2.13); linalg.solve's rule is right
+                flat_x = torch.linalg.solve(M, flat_b)
+            else:
+                flat_x = torch.linalg.lu_solve(LU, pivots, flat_b.unsqueeze(-1)).squeeze(-1)
             # the pivots travel to the host with the residual (one read, few device ops)
             extra = torch.cat([lu_info.to(M.dtype).reshape(1), LU.diagonal().abs()])
         else:
