@@ -123,9 +123,7 @@ class _BatchedProblem(_Problem):
         minimiser of a stack of objectives, or a fixed-point solver (``kind`` of the solver
         ``"fixed_point"``) of a stack of maps (``fixed_point``; ``root`` refuses those solvers)."""
         base = self.base
-        if self.kind not in ("objective", "composite", "map") or not isinstance(
-            base, _UserProblem
-        ):
+        if self.kind not in ("objective", "composite", "map") or not isinstance(base, _UserProblem):
             return None
         if not base.returns_info or base.solver is None:
             return None
