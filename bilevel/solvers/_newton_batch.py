@@ -23,6 +23,7 @@ from bilevel._tree import tree_flatten
 from bilevel.solvers._flat import _eps
 from bilevel.solvers._stack import _keep, _values_and_grads
 from bilevel.solvers.base import SolverInfo
+from bilevel.solvers.hvp import _auto_products
 
 _RUNNING, _CONVERGED, _NONFINITE, _MAXITER, _NO_STEP = range(5)
 
@@ -84,25 +85,7 @@ class _StackHVP:
 
         if self.mode == "forward":
             return fwd
-        rev: list[Callable[[Tensor], Tensor]] = []
-
-        def first(V: Tensor) -> Tensor:
-            if self.mode == "auto":
-                try:
-                    out = fwd(V)
-                except (RuntimeError, NotImplementedError) as err:
-                    self.mode = "reverse"
-                    self.reason = f"forward-over-reverse failed ({type(err).__name__}: {err})"
-                else:
-                    self.mode = "forward"
-                    return out
-            if self.mode == "forward":
-                return fwd(V)
-            if not rev:
-                rev.append(self._reverse(X))
-            return rev[0](V)
-
-        return first
+        return _auto_products(self, fwd, lambda: self._reverse(X))
 
 
 def _cg_rows(

@@ -5,6 +5,7 @@ and the automatic choice between them.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -64,22 +65,35 @@ class _HVP:
         fwd = _forward_over_reverse(self.objective, self.flat, x)
         if self.mode == "forward":
             return fwd
-        rev: list[Callable[[Tensor], Tensor]] = []
+        return _auto_products(
+            self, fwd, lambda: _reverse_over_reverse(self.objective, self.flat, x)
+        )
 
-        def first(v: Tensor) -> Tensor:
-            if self.mode == "auto":
-                try:
-                    out = fwd(v)
-                except (RuntimeError, NotImplementedError) as err:
-                    self.mode = "reverse"
-                    self.reason = f"forward-over-reverse failed ({type(err).__name__}: {err})"
-                else:
-                    self.mode = "forward"
-                    return out
-            if self.mode == "forward":
-                return fwd(v)
-            if not rev:
-                rev.append(_reverse_over_reverse(self.objective, self.flat, x))
-            return rev[0](v)
 
-        return first
+def _auto_products(
+    owner: Any,
+    forward: Callable[[Tensor], Tensor],
+    reverse: Callable[[], Callable[[Tensor], Tensor]],
+) -> Callable[[Tensor], Tensor]:
+    """Products at one point that settle ``owner.mode`` (``"auto"``) on the first one:
+    ``forward`` if it runs, else ``reverse()`` (built once, on first need) for the rest of
+    the solve, with why in ``owner.reason``."""
+    rev: list[Callable[[Tensor], Tensor]] = []
+
+    def first(v: Tensor) -> Tensor:
+        if owner.mode == "auto":
+            try:
+                out = forward(v)
+            except (RuntimeError, NotImplementedError) as err:
+                owner.mode = "reverse"
+                owner.reason = f"forward-over-reverse failed ({type(err).__name__}: {err})"
+            else:
+                owner.mode = "forward"
+                return out
+        if owner.mode == "forward":
+            return forward(v)
+        if not rev:
+            rev.append(reverse())
+        return rev[0](v)
+
+    return first
