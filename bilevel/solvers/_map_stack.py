@@ -24,8 +24,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bilevel._tree import Tree, tree_flatten, tree_unflatten
+from bilevel._tree import Tree
 from bilevel.solvers._flat import _Flat
+from bilevel.solvers._stack import _flat_rows, _rows_tree, _unravel_rows
 from bilevel.solvers.base import MapFn, Solver, SolverInfo, _apply_map, _check_tree
 
 # why a problem stopped (0: still running)
@@ -167,15 +168,9 @@ class _MapStackSolver(Solver):
         """
         if not callable(maps):
             raise TypeError(f"maps must be callable; got {type(maps).__name__}")
-        leaves, spec = _check_tree(init)
-        batch = leaves[0].shape[0] if leaves[0].ndim else 0
-        if batch < 1 or any(leaf.ndim == 0 or leaf.shape[0] != batch for leaf in leaves):
-            raise ValueError(
-                "init must carry the problems in dimension 0 of every leaf (one size B >= 1); "
-                f"got shapes {[tuple(leaf.shape) for leaf in leaves]}"
-            )
-        flat = _Flat(tree_unflatten([leaf[0] for leaf in leaves], spec))
-        shapes = [leaf.shape for leaf in leaves]
+        flat, X, spec = _flat_rows(init)
+        batch = X.shape[0]
+        shapes = [torch.Size((batch, *shape)) for shape in flat.shapes]
 
         single = isinstance(init, Tensor)
 
@@ -188,7 +183,6 @@ class _MapStackSolver(Solver):
             images = _apply_map(maps, _unravel_rows(flat, X), spec, shapes)
             return torch.cat([leaf.reshape(batch, -1).to(flat.dtype) for leaf in images], 1)
 
-        X = torch.cat([leaf.detach().reshape(batch, -1).to(flat.dtype) for leaf in leaves], 1)
         start = time.perf_counter()
         with torch.no_grad():
             X, stops = self._run(apply, X.clone())
@@ -197,14 +191,4 @@ class _MapStackSolver(Solver):
         for info in infos:
             info.time = elapsed
         self.last_info = infos[-1]
-        out = [leaf.detach().clone() for leaf in tree_flatten(_unravel_rows(flat, X))[0]]
-        return tree_unflatten(out, spec), infos
-
-
-def _unravel_rows(flat: _Flat, X: Tensor) -> Tree:
-    """The tree of a stack of flat vectors ``X`` (B, n): every leaf gets dimension 0 of size B."""
-    out, offset = [], 0
-    for shape, dtype, n in zip(flat.shapes, flat.dtypes, flat.numels):
-        out.append(X[:, offset : offset + n].reshape(X.shape[0], *shape).to(dtype))
-        offset += n
-    return tree_unflatten(out, flat.spec)
+        return _rows_tree(flat, X), infos

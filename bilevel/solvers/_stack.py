@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bilevel._tree import Tree, tree_unflatten
-from bilevel.solvers._flat import _tree_value_and_grad
+from bilevel._tree import Tree, tree_flatten, tree_unflatten
+from bilevel.solvers._flat import _Flat, _tree_value_and_grad
 from bilevel.solvers.base import _NO_PATH, SolverInfo, _check_tree
 
 
@@ -29,6 +29,31 @@ def _stacked(init: Tree, name: str = "init") -> tuple[list[Tensor], Any, int]:
             f"got shapes {[tuple(leaf.shape) for leaf in leaves]}"
         )
     return leaves, spec, batch
+
+
+def _flat_rows(init: Tree, name: str = "init") -> tuple[_Flat, Tensor, Any]:
+    """A stacked tree as one row per problem: the layout of one problem, the rows
+    ``(B, n)`` (detached, in the layout's dtype) and the tree's spec."""
+    leaves, spec, batch = _stacked(init, name)
+    flat = _Flat(tree_unflatten([leaf[0] for leaf in leaves], spec))
+    X = torch.cat([leaf.detach().reshape(batch, -1).to(flat.dtype) for leaf in leaves], 1)
+    return flat, X, spec
+
+
+def _unravel_rows(flat: _Flat, X: Tensor) -> Tree:
+    """The tree of a stack of flat vectors ``X`` (B, n): every leaf gets dimension 0 of size B."""
+    out, offset = [], 0
+    for shape, dtype, n in zip(flat.shapes, flat.dtypes, flat.numels):
+        out.append(X[:, offset : offset + n].reshape(X.shape[0], *shape).to(dtype))
+        offset += n
+    return tree_unflatten(out, flat.spec)
+
+
+def _rows_tree(flat: _Flat, X: Tensor) -> Tree:
+    """The solutions handed back: the rows as a stacked tree of fresh tensors."""
+    return tree_unflatten(
+        [leaf.detach().clone() for leaf in tree_flatten(_unravel_rows(flat, X))[0]], flat.spec
+    )
 
 
 class Oracle:

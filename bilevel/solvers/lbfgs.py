@@ -10,11 +10,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bilevel._tree import Tree, tree_flatten, tree_unflatten
+from bilevel._tree import Tree
 from bilevel.solvers._flat import _Flat
 from bilevel.solvers._host_search import _HOST_DTYPES
 from bilevel.solvers._lbfgs_batch import _lbfgs, _LBFGSSettings, _value_and_grad
 from bilevel.solvers._lbfgs_single import _Evaluate, _lbfgs_single
+from bilevel.solvers._stack import _flat_rows, _rows_tree, _unravel_rows
 from bilevel.solvers.base import (
     _NO_PATH,
     Objective,
@@ -22,7 +23,6 @@ from bilevel.solvers.base import (
     SolverInfo,
     _check_int,
     _check_tol,
-    _check_tree,
     _scalar,
 )
 from bilevel.solvers.line_search import _WolfeOptions
@@ -139,15 +139,7 @@ class LBFGS(Solver):
         """
         if not callable(values):
             raise TypeError(f"values must be callable; got {type(values).__name__}")
-        leaves, spec = _check_tree(init)
-        batch = leaves[0].shape[0] if leaves[0].ndim else 0
-        if batch < 1 or any(leaf.ndim == 0 or leaf.shape[0] != batch for leaf in leaves):
-            raise ValueError(
-                "init must carry the problems in dimension 0 of every leaf (one size B >= 1); "
-                f"got shapes {[tuple(leaf.shape) for leaf in leaves]}"
-            )
-        flat = _Flat(tree_unflatten([leaf[0] for leaf in leaves], spec))
-        X = torch.cat([leaf.detach().reshape(batch, -1).to(flat.dtype) for leaf in leaves], 1)
+        flat, X, spec = _flat_rows(init)
 
         def stacked(Z: Tensor) -> Tensor:
             return values(_unravel_rows(flat, Z))
@@ -159,17 +151,7 @@ class LBFGS(Solver):
         for info in infos:
             info.time = elapsed
         self.last_info = infos[-1]
-        out = [leaf.detach().clone() for leaf in tree_flatten(_unravel_rows(flat, X))[0]]
-        return tree_unflatten(out, spec), infos
-
-
-def _unravel_rows(flat: _Flat, X: Tensor) -> Tree:
-    """The tree of a stack of flat vectors ``X`` (B, n): every leaf gets dimension 0 of size B."""
-    out, offset = [], 0
-    for shape, dtype, n in zip(flat.shapes, flat.dtypes, flat.numels):
-        out.append(X[:, offset : offset + n].reshape(X.shape[0], *shape).to(dtype))
-        offset += n
-    return tree_unflatten(out, flat.spec)
+        return _rows_tree(flat, X), infos
 
 
 def lbfgs(

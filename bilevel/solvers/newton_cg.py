@@ -10,10 +10,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bilevel._tree import Tree, tree_flatten, tree_unflatten
+from bilevel._tree import Tree
 from bilevel.solvers._flat import _eps, _Flat, _flat_value_and_grad
 from bilevel.solvers._newton_batch import _default_cg_maxiter, _newton, _NewtonSettings, _StackHVP
-from bilevel.solvers._stack import _stacked, _timed
+from bilevel.solvers._stack import _flat_rows, _rows_tree, _timed, _unravel_rows
 from bilevel.solvers.base import (
     Objective,
     Solver,
@@ -24,7 +24,6 @@ from bilevel.solvers.base import (
     _stopping,
 )
 from bilevel.solvers.hvp import _HVP
-from bilevel.solvers.lbfgs import _unravel_rows
 from bilevel.solvers.line_search import _backtracking, _LineFunction
 
 
@@ -120,9 +119,7 @@ class NewtonCG(Solver):
                 "newton_cg with a given linear_solver solves one problem at a time: use "
                 "linear_solver=None (the built-in CG) to minimise a stack at once"
             )
-        leaves, spec, batch = _stacked(init)
-        flat = _Flat(tree_unflatten([leaf[0] for leaf in leaves], spec))
-        X = torch.cat([leaf.detach().reshape(batch, -1).to(flat.dtype) for leaf in leaves], 1)
+        flat, X, spec = _flat_rows(init)
 
         def stacked(Z: Tensor) -> Tensor:
             return values(_unravel_rows(flat, Z))
@@ -134,8 +131,7 @@ class NewtonCG(Solver):
             run = _newton(stacked, X.clone(), opts, products)
         infos = _timed(run.infos(self.method, opts, products), start)
         self.last_info = infos[-1]
-        out = [leaf.detach().clone() for leaf in tree_flatten(_unravel_rows(flat, run.X))[0]]
-        return tree_unflatten(out, spec), infos
+        return _rows_tree(flat, run.X), infos
 
     def _solve_with_linear_solver(
         self, objective: Objective, init: Tree
