@@ -63,9 +63,14 @@ def test_a_single_call_uses_the_host_path(monkeypatch):
     torch.testing.assert_close(w, torch.ones(3))
 
 
-def test_a_stack_drops_its_finished_rows_and_each_row_equals_its_single_call(monkeypatch):
+@pytest.mark.parametrize("selectable", [False, True], ids=["all_rows", "running_rows"])
+def test_a_stack_drops_its_finished_rows_and_each_row_equals_its_single_call(
+    monkeypatch, selectable
+):
     """Eight problems needing 1 to ~30 iterations, with a 3-pair ring (it wraps): the
-    history is compacted as rows stop, and no row's answer or count changes."""
+    history is compacted as rows stop, and no row's answer or count changes. Where the
+    values can select problems (as the vmap rule's can), only the running ones are
+    evaluated."""
     held = []
     keep = _History.keep
 
@@ -83,11 +88,24 @@ def test_a_stack_drops_its_finished_rows_and_each_row_equals_its_single_call(mon
     def one(w, c, q):
         return ((w - c) ** 2).sum() + q * ((w - c) ** 4).sum() + q * (w.sin() ** 2).sum()
 
+    sizes, subsets = [], {}  # subsets: the rows tensors by identity (kept alive)
+
+    def values(W, rows=None):
+        sizes.append(W.shape[0])
+        if rows is None:
+            return torch.func.vmap(one)(W, C, quartic)
+        subsets[id(rows)] = rows
+        return torch.func.vmap(one)(W, C[rows], quartic[rows])
+
+    values.selectable = selectable
     solver = solvers.lbfgs(tol=1e-11, maxiter=100, history_size=3)
-    W, infos = solver.solve_batch(
-        lambda W: torch.func.vmap(one)(W, C, quartic), torch.zeros(B, n, dtype=D)
-    )
+    W, infos = solver.solve_batch(values, torch.zeros(B, n, dtype=D))
     assert min(held) < B  # compacted while some rows were still running
+    if selectable:  # the slowest problem ran alone at the end; a subset per change
+        assert sizes[0] == B and min(sizes) == 1 and sizes == sorted(sizes, reverse=True)
+        assert len(subsets) == len(set(sizes)) - 1
+    else:
+        assert set(sizes) == {B}
     assert len({i.iterations for i in infos}) > 3
     for i in range(B):
         w, info = solver(lambda w, i=i: one(w, C[i], quartic[i]), torch.zeros(n, dtype=D))

@@ -5,7 +5,8 @@ Every problem is a row: its iterate, gradient, curvature pairs, line search (see
 rows of batched tensors, updated with masks. Each loop pass makes one batched evaluation
 of the objective at every live problem's own trial step; a problem whose line search
 ends takes its step (or restarts, or stops) in the same pass and starts its next search,
-without waiting for the others. Stopped problems are frozen. The host reads one flag per
+without waiting for the others. Stopped problems are frozen, and not evaluated where
+``values`` can take a subset of the stack (the ``vmap`` rule's). The host reads one flag per
 evaluation (did a search end?) and one more when some did (is any problem still live?):
 the line search branches on values, and these reads are its convergence checks.
 """
@@ -48,6 +49,38 @@ def _value_and_grad(values: Callable[[Tensor], Tensor], X: Tensor) -> tuple[Tens
     if g is None:
         raise ValueError(_NO_PATH)
     return f.detach().to(X.dtype), g.detach()
+
+
+class _Running:
+    """Evaluates the running rows only, where ``values`` can take a subset of the stack
+    (``values(X, rows)``, flagged ``values.selectable``: the ``vmap`` rule's stacks); the
+    rows of stopped problems come back as zeros (the solver freezes them). The subset is
+    sliced when it changes, from the live flags the solver already read on the host.
+    """
+
+    def __init__(self, values: Callable[..., Tensor], B: int) -> None:
+        self.values, self.B = values, B
+        self.selectable = bool(getattr(values, "selectable", False)) and B > 1
+        self.running: list[int] | None = None  # None: every row
+        self.rows: Tensor | None = None
+
+    def narrow(self, live: list[bool], device: torch.device) -> None:
+        running = [i for i, x in enumerate(live) if x]
+        if not self.selectable or len(running) == self.B or running == self.running:
+            return
+        # a new tensor only when the subset changes: values slices its data once per subset
+        self.running = running
+        self.rows = torch.tensor(running, dtype=torch.long, device=device)
+
+    def __call__(self, X: Tensor, t: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+        """Values and gradients at ``X + t d``, row by row."""
+        rows = self.rows
+        if rows is None:
+            return _value_and_grad(self.values, X + t.unsqueeze(1) * d)
+        Z = X.index_select(0, rows) + t.index_select(0, rows).unsqueeze(1) * d.index_select(0, rows)
+        f, g = _value_and_grad(lambda W: self.values(W, rows), Z)
+        f_all = f.new_zeros(self.B).index_copy(0, rows, f)
+        return f_all, torch.zeros_like(X).index_copy(0, rows, g)
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
@@ -269,8 +302,9 @@ def _new_search(
     return d, t0
 
 
-def _lbfgs(values: Callable[[Tensor], Tensor], X: Tensor, opts: _LBFGSSettings) -> _Result:
+def _lbfgs(values: Callable[..., Tensor], X: Tensor, opts: _LBFGSSettings) -> _Result:
     B, n = X.shape
+    evaluate = _Running(values, B)
     m = opts.history_size
     eps = _eps(X.dtype)
     f, g = _value_and_grad(values, X)
@@ -284,11 +318,13 @@ def _lbfgs(values: Callable[[Tensor], Tensor], X: Tensor, opts: _LBFGSSettings) 
     live = status == _RUNNING
     d, t0 = _new_search(live, g, gnorm, hist, used)
     f_tol = 100 * eps * f.abs()
-    if not bool(live.any()):
+    live_host = live.tolist()  # host read: is any problem live, and which
+    if not any(live_host):
         return _Result(X, f, gnorm, k, evals, status)
+    evaluate.narrow(live_host, X.device)
     search = _Search.start(t0, f, _dot(g, d), g, f_tol)
     while True:
-        f_t, g_t = _value_and_grad(values, X + search.t.unsqueeze(1) * d)
+        f_t, g_t = evaluate(X, search.t, d)
         evals = evals + live.long()
         search, out = search.update(live, f_t, _dot(g_t, d), g_t, opts.wolfe)
         ended = out.ended & live
@@ -321,6 +357,7 @@ def _lbfgs(values: Callable[[Tensor], Tensor], X: Tensor, opts: _LBFGSSettings) 
         if not any(live_host):
             break
         hist.keep(live_host)
+        evaluate.narrow(live_host, X.device)
         again = ended & live
         d_new, t0 = _new_search(again, g, gnorm, hist, used)
         d = _rows(again, d_new, d)

@@ -141,8 +141,13 @@ class LBFGS(Solver):
             raise TypeError(f"values must be callable; got {type(values).__name__}")
         flat, X, spec = _flat_rows(init)
 
-        def stacked(Z: Tensor) -> Tensor:
-            return values(_unravel_rows(flat, Z))
+        def stacked(Z: Tensor, rows: Tensor | None = None) -> Tensor:
+            # with rows (values.selectable), Z holds those problems only: stopped ones are
+            # not evaluated
+            W = _unravel_rows(flat, Z)
+            return values(W) if rows is None else values(W, rows)  # type: ignore[call-arg]
+
+        stacked.selectable = getattr(values, "selectable", False)  # type: ignore[attr-defined]
 
         start = time.perf_counter()
         with torch.no_grad():
