@@ -121,7 +121,9 @@ class LBFGS(Solver):
         ``torch.func.vmap`` of one objective does). Every problem keeps its own iterate,
         curvature pairs, line search and stopping decision as rows of batched tensors: a
         problem that converged or stopped is frozen while the others go on, and the loop
-        ends when all are done. Element ``i``'s answer and info record are what a single
+        ends when all are done; where ``values(W, rows)`` evaluates the problems ``rows``
+        only (``W`` holds their rows; flagged ``values.selectable = True``, as the ``vmap``
+        rule's stacks are), stopped problems are not evaluated. Element ``i``'s answer and info record are what a single
         call on it gives (up to rounding), whatever its batch-mates do. Returns the
         solutions stacked like ``init`` and one :class:`SolverInfo` per problem.
 
