@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from bilevel.linalg.base import _is_batched
 from bilevel.qp.problem import QPData
 
 __all__ = ["QPFunction", "duals_from_primal"]
@@ -133,6 +134,11 @@ def _solve_kkt(K: Tensor, rhs: Tensor) -> Tensor:
     """``K^{-1} rhs``; least squares (pseudo-inverse) for the elements where ``K`` is
     singular (dependent active constraints). One host read of the failure flags."""
     u, info = torch.linalg.solve_ex(K, rhs)
+    if _is_batched(u):
+        # under torch.func (jacrev batches the cotangents) the failure flags cannot be read:
+        # every element's least-squares answer is formed, kept where the solve failed
+        singular = (info != 0).unsqueeze(-1).unsqueeze(-1)
+        return torch.where(singular, torch.linalg.pinv(K) @ rhs, u).squeeze(-1)
     failed = (info != 0).nonzero().flatten()
     if failed.numel():  # only those elements pay for a pseudo-inverse
         u = u.index_put((failed,), torch.linalg.pinv(K[failed]) @ rhs[failed])
