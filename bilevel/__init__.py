@@ -8,6 +8,7 @@ inner solution through its optimality condition (implicit function theorem).
 from bilevel import constraints, distributed, linalg, nn, optim, prox, solvers, stateful
 from bilevel.check import HypergradCheckError, HypergradReport, hypergradcheck
 from bilevel.implicit import (
+    CompileFallbackWarning,
     ImplicitDiagnostics,
     WarmStart,
     argmin,
@@ -31,6 +32,7 @@ del _name, _qp_package
 
 __version__ = "0.1.0"
 __all__ = [
+    "CompileFallbackWarning",
     "HypergradCheckError",
     "HypergradReport",
     "ImplicitDiagnostics",

@@ -75,7 +75,7 @@ def argmin(
             shapes compiles (10-40 s), so it pays in loops of thousands of calls (see the
             README, "Small problems"). Double backward, ``torch.func`` transforms and
             ``hvp="forward"`` still take the general path; a loss that cannot be compiled
-            warns :class:`bilevel.implicit.CompileFallbackWarning` and runs uncompiled.
+            warns :class:`bilevel.CompileFallbackWarning` and runs uncompiled.
 
     Returns:
         The solution, shaped like ``solution_or_init``, attached to the autograd graph:

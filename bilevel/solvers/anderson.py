@@ -17,6 +17,9 @@ class Anderson(_MapStackSolver):
     """Anderson acceleration (type II) of ``w <- map_fn(w)``."""
 
     method = "anderson"
+    # named here so the API reference lists it under this class (autodoc skips members
+    # inherited from the private base)
+    solve_batch = _MapStackSolver.solve_batch
 
     def __init__(
         self,

@@ -14,6 +14,9 @@ class FixedPointIteration(_MapStackSolver):
     """Plain iteration ``w <- map_fn(w)`` until ``||map_fn(w) - w|| <= tol``."""
 
     method = "fixed_point_iteration"
+    # named here so the API reference lists it under this class (autodoc skips members
+    # inherited from the private base)
+    solve_batch = _MapStackSolver.solve_batch
 
     def __init__(self, tol: float = 1e-10, maxiter: int = 1000, check_every: int = 10) -> None:
         super().__init__()
