@@ -22,10 +22,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from bilevel._ridge import _GramCholesky, _ridge_optimality, _ridge_solve
 from bilevel._tree import Tree, tree_flatten, tree_unflatten
 from bilevel.implicit import ImplicitDiagnostics, argmin, custom_root
-from bilevel.linalg.base import LinearSolver, _is_batched
-from bilevel.linalg.info import LinearSolveInfo
 from bilevel.qp.layer import QPLayer
 
 __all__ = ["ArgMinLayer", "QPLayer", "RidgeArgMin", "RidgePredictor", "RidgeRegression"]
@@ -169,79 +168,6 @@ def _same_shapes(a: Tree, b: Tree) -> bool:
 
 
 # --------------------------------------------------------------------------- ridge
-
-
-def _ridge_optimality(W: Tensor, h: dict[str, Tensor], X: Tensor, Y: Tensor) -> Tensor:
-    # half the gradient of ||X W - Y||^2 + lambda ||W||^2 (same roots, better scaled)
-    lam = h["log_l2"].exp()
-    lam = lam.unsqueeze(-1) if lam.ndim > 0 else lam  # per-feature weights scale rows of W
-    return X.transpose(-2, -1) @ (X @ W - Y) + lam * W
-
-
-def _ridge_solve(
-    init: Tensor, h: dict[str, Tensor], X: Tensor, Y: Tensor, method: str, cg_solver: Any
-) -> Tensor:
-    lam = h["log_l2"].exp()
-    if method == "solve":
-        return torch.linalg.solve(_ridge_gram(X, lam), X.transpose(-2, -1) @ Y)
-    lam_rows = lam.unsqueeze(-1) if lam.ndim > 0 else lam
-    rhs = X.transpose(-2, -1) @ Y
-    x, _ = cg_solver(lambda V: X.transpose(-2, -1) @ (X @ V) + lam_rows * V, rhs, init)
-    return x
-
-
-def _ridge_gram(X: Tensor, lam: Tensor) -> Tensor:
-    """``X^T X + diag(lambda)`` per problem: the Hessian of each column's ridge problem."""
-    p = X.shape[-1]
-    gram = X.transpose(-2, -1) @ X
-    if lam.ndim > 0:
-        return gram + torch.diag_embed(lam.expand(p))
-    return gram + lam * torch.eye(p, dtype=X.dtype, device=X.device)
-
-
-class _GramCholesky(LinearSolver):
-    """The exact backward of :class:`RidgeRegression`: ``(X^T X + lambda I) u = b`` for
-    every problem and column at once, by a batched Cholesky factorisation of the Gram
-    matrices, instead of CG on all the unknowns as one system (the operator is block
-    diagonal: a ``p x p`` block per problem and column). ``matvec`` serves one product,
-    the residual check of the info record. A Gram that is not positive definite (not
-    possible for ``lambda > 0`` in exact arithmetic) raises ``LinAlgError``."""
-
-    name = "cholesky"
-    symmetric = True
-
-    def __init__(self, X: Tensor, lam: Tensor) -> None:
-        super().__init__()
-        self.X, self.lam = X, lam
-        # a direct solve's relative residual is about eps x cond: above sqrt(eps) the
-        # Gram matrices are too ill-conditioned for an accurate hypergradient (warned)
-        self.tol = torch.finfo(X.dtype).eps ** 0.5
-
-    def _solve(
-        self, A: Callable[[list[Tensor]], list[Tensor]], b: list[Tensor], x0: Any
-    ) -> tuple[list[Tensor], LinearSolveInfo]:
-        (rhs,) = b
-        factor, flag = torch.linalg.cholesky_ex(_ridge_gram(self.X.detach(), self.lam.detach()))
-        u = torch.cholesky_solve(rhs, factor)
-        (Au,) = A([u])
-        norms = torch.stack(
-            [torch.linalg.vector_norm(rhs - Au), torch.linalg.vector_norm(rhs), flag.ne(0).any()]
-        )
-        if _is_batched(norms):  # under vmap: no host read
-            return [u], LinearSolveInfo(
-                self.name, 1, math.nan, False, False, "under vmap", checked=False
-            )
-        rn, bn, bad = norms.tolist()
-        if bad:
-            raise torch.linalg.LinAlgError(
-                "RidgeRegression: a Gram matrix X^T X + lambda I is not positive definite"
-            )
-        converged = rn <= self.tol * bn or rn == 0.0
-        message = (
-            "" if converged else "ill-conditioned Gram matrices (relative residual > sqrt(eps))"
-        )
-        info = LinearSolveInfo(self.name, 1, rn, converged, False, message, threshold=self.tol * bn)
-        return [u], info
 
 
 class RidgeRegression(nn.Module):

@@ -211,6 +211,18 @@ def _spy(monkeypatch, cls):
     return calls
 
 
+def _assert_vmap_runs_per_element(monkeypatch, cls, solver):
+    """vmap of an argmin layer with ``solver`` solves one element at a time (never the
+    stack) and equals the loop."""
+    calls = _spy(monkeypatch, cls)
+    A, b, h = _tasks()
+    layer = _argmin_layer(solver)
+    wv = torch.func.vmap(layer)(A, b, h)
+    assert calls == ["single"] * B
+    for i in range(B):
+        torch.testing.assert_close(wv[i], layer(A[i], b[i], h[i]), rtol=1e-12, atol=1e-13)
+
+
 def _records(monkeypatch):
     import bilevel.implicit.user_problem as user_problem
 
@@ -266,13 +278,7 @@ def test_an_optimizer_that_couples_parameters_runs_per_element(monkeypatch):
     assert not solver.supports_batch
     with pytest.raises(ValueError, match="one by one"):
         solver.solve_batch(lambda W: (W**2).sum(1), torch.zeros(2, 1, dtype=D))
-    calls = _spy(monkeypatch, solvers.GradientDescent)
-    A, b, h = _tasks()
-    layer = _argmin_layer(solver)
-    wv = torch.func.vmap(layer)(A, b, h)
-    assert calls == ["single"] * B
-    for i in range(B):
-        torch.testing.assert_close(wv[i], layer(A[i], b[i], h[i]), rtol=1e-12, atol=1e-13)
+    _assert_vmap_runs_per_element(monkeypatch, solvers.GradientDescent, solver)
 
 
 def test_newton_cg_with_a_given_linear_solver_runs_per_element(monkeypatch):
@@ -280,13 +286,7 @@ def test_newton_cg_with_a_given_linear_solver_runs_per_element(monkeypatch):
     assert not solver.supports_batch
     with pytest.raises(ValueError, match="linear_solver=None"):
         solver.solve_batch(lambda W: (W**2).sum(1), torch.zeros(2, 1, dtype=D))
-    calls = _spy(monkeypatch, solvers.NewtonCG)
-    A, b, h = _tasks()
-    layer = _argmin_layer(solver)
-    wv = torch.func.vmap(layer)(A, b, h)
-    assert calls == ["single"] * B
-    for i in range(B):
-        torch.testing.assert_close(wv[i], layer(A[i], b[i], h[i]), rtol=1e-12, atol=1e-13)
+    _assert_vmap_runs_per_element(monkeypatch, solvers.NewtonCG, solver)
 
 
 @pytest.mark.parametrize("hvp", ["reverse", "forward", "auto"])
@@ -419,13 +419,7 @@ def test_per_element_settings_run_per_element(monkeypatch):
     assert not solver.supports_batch
     for lr in (0.05, torch.tensor(0.05, dtype=D), {"params": 0.05}):
         assert solvers.gradient_descent(bilevel.optim.sgd(lr=lr)).supports_batch
-    calls = _spy(monkeypatch, solvers.GradientDescent)
-    A, b, h = _tasks()
-    layer = _argmin_layer(solver)
-    wv = torch.func.vmap(layer)(A, b, h)
-    assert calls == ["single"] * B
-    for i in range(B):
-        torch.testing.assert_close(wv[i], layer(A[i], b[i], h[i]), rtol=1e-12, atol=1e-13)
+    _assert_vmap_runs_per_element(monkeypatch, solvers.GradientDescent, solver)
 
 
 def test_projected_gradient_stack_of_one_projects_its_row():

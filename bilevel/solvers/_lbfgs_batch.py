@@ -20,11 +20,9 @@ import torch
 from torch import Tensor
 
 from bilevel.solvers._flat import _eps
+from bilevel.solvers._stack import _CONVERGED, _MAXITER, _NO_STEP, _NONFINITE, _RUNNING
 from bilevel.solvers.base import _NO_PATH, SolverInfo
 from bilevel.solvers.line_search import _rows, _Search, _WolfeOptions
-
-# why a problem stopped (0: still running)
-_RUNNING, _CONVERGED, _NONFINITE, _MAXITER, _NO_STEP = range(5)
 
 
 @dataclass(frozen=True)

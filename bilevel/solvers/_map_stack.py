@@ -26,11 +26,15 @@ from torch import Tensor
 
 from bilevel._tree import Tree
 from bilevel.solvers._flat import _Flat
-from bilevel.solvers._stack import _flat_rows, _rows_tree, _unravel_rows
+from bilevel.solvers._stack import (
+    _CONVERGED,
+    _MAXITER,
+    _NONFINITE,
+    _flat_rows,
+    _rows_tree,
+    _unravel_rows,
+)
 from bilevel.solvers.base import MapFn, Solver, SolverInfo, _apply_map, _check_tree
-
-# why a problem stopped (0: still running)
-_RUNNING, _CONVERGED, _NONFINITE, _MAXITER = range(4)
 
 RowMap = Callable[[Tensor], Tensor]  # (B, n) iterates -> (B, n) images
 

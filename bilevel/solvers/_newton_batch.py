@@ -21,11 +21,17 @@ from torch import Tensor
 
 from bilevel._tree import tree_flatten
 from bilevel.solvers._flat import _eps
-from bilevel.solvers._stack import _keep, _values_and_grads
+from bilevel.solvers._stack import (
+    _CONVERGED,
+    _MAXITER,
+    _NO_STEP,
+    _NONFINITE,
+    _RUNNING,
+    _keep,
+    _values_and_grads,
+)
 from bilevel.solvers.base import SolverInfo
 from bilevel.solvers.hvp import _auto_products
-
-_RUNNING, _CONVERGED, _NONFINITE, _MAXITER, _NO_STEP = range(5)
 
 
 @dataclass(frozen=True)

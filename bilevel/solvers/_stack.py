@@ -18,6 +18,9 @@ from bilevel._tree import Tree, tree_flatten, tree_unflatten
 from bilevel.solvers._flat import _Flat, _tree_value_and_grad
 from bilevel.solvers.base import _NO_PATH, SolverInfo, _check_tree
 
+# why a problem of a stack stopped (0: still running), shared by the stacked solvers
+_RUNNING, _CONVERGED, _NONFINITE, _MAXITER, _NO_STEP = range(5)
+
 
 def _stacked(init: Tree, name: str = "init") -> tuple[list[Tensor], Any, int]:
     """Leaves, spec and ``B`` of a tree whose leaves carry ``B >= 1`` problems in dim 0."""
