@@ -37,3 +37,34 @@ def test_jacrev_equals_a_loop_of_backward_passes(rows):
     if mi:
         assert bool(x.detach()[2].abs() < 1e-8) and looped[2].abs().max() < 1e-8  # at its bound
         assert bool(x.detach()[:2].min() > 0.1)  # the others are free
+
+
+def _batch_of_problems():
+    g = torch.Generator().manual_seed(3)
+    M = torch.randn(4, 3, 3, generator=g, dtype=DT)
+    Q = M @ M.mT + torch.eye(3, dtype=DT)
+    p = torch.randn(4, 3, generator=g, dtype=DT)
+    G, h = -torch.eye(3, dtype=DT), torch.zeros(3, dtype=DT)
+    return Q, p, G, h
+
+
+def test_vmap_and_jacfwd_are_refused_early_naming_what_works():
+    """qp is batched itself; under vmap it raises before any solve, naming the
+    leading-batch-dimension call, which gives each problem its own answer; jacfwd raises
+    naming reverse mode."""
+    Q, p, G, h = _batch_of_problems()
+    with pytest.raises(RuntimeError, match="leading batch dimension"):
+        torch.func.vmap(lambda Qi, pi: bilevel.qp(Qi, pi, G=G, h=h))(Q, p)
+    with pytest.raises(RuntimeError, match="jacrev"):  # its tangents are seen first
+        torch.func.jacfwd(lambda pi: bilevel.qp(Q[0], pi, G=G, h=h))(p[0])
+    batched = bilevel.qp(Q, p, G=G, h=h)  # the call the message names
+    for i in range(4):
+        torch.testing.assert_close(batched[i], bilevel.qp(Q[i], p[i], G=G, h=h), rtol=0, atol=1e-12)
+
+
+def test_forward_mode_is_refused_naming_reverse_mode():
+    Q, p, G, h = _batch_of_problems()
+    with pytest.raises(RuntimeError, match="jacrev"):
+        torch.func.jvp(
+            lambda pi: bilevel.qp(Q[0], pi, G=G, h=h), (p[0],), (torch.ones(3, dtype=DT),)
+        )

@@ -64,6 +64,7 @@ def qp(
         >>> x.sum().backward(); p.grad
         tensor([-1.,  0.], dtype=torch.float64)
     """
+    _refuse_transforms(Q, p, A, b, G, h)
     data = as_qp_data(Q, p, A, b, G, h)
     data = dataclasses.replace(data, Q=0.5 * (data.Q + data.Q.mT))
     if not isinstance(return_duals, bool):
@@ -89,6 +90,30 @@ def qp(
     if data.unbatched:
         out = tuple(t.squeeze(0) for t in out)
     return tuple(out) if return_duals else out[0]
+
+
+def _refuse_transforms(*inputs: Tensor | None) -> None:
+    """Refuse ``vmap`` and forward mode before any work, naming what to do instead: the
+    interior-point loop reads its convergence flag on the host (no per-element reads under
+    ``vmap``) and the KKT backward is reverse mode only."""
+    import torch.autograd.forward_ad as fwAD
+
+    from bilevel.linalg.base import _is_batched
+
+    tensors = [t for t in inputs if isinstance(t, Tensor)]
+    if any(_is_batched(t) for t in tensors):
+        raise RuntimeError(
+            "qp does not run under torch.func.vmap: it is batched itself, so pass the "
+            "problems stacked along a leading batch dimension "
+            "(Q (B, n, n), p (B, n), ...; shared inputs without it); each element keeps its "
+            "own convergence"
+        )
+    if any(fwAD.unpack_dual(t).tangent is not None for t in tensors):
+        raise RuntimeError(
+            "qp has no forward-mode derivative (torch.func.jvp, jacfwd, forward_ad): its KKT "
+            "backward is reverse mode; use backward(), torch.autograd.grad or "
+            "torch.func.jacrev instead"
+        )
 
 
 def _given(
