@@ -4,14 +4,13 @@ condition, its forward solve, its Gram matrices and the exact block backward
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from bilevel.linalg.base import LinearSolver, _is_batched
+from bilevel.linalg.base import LinearSolver, _is_batched, _peel, _to_host
 from bilevel.linalg.info import LinearSolveInfo
 
 
@@ -65,16 +64,14 @@ class _GramCholesky(LinearSolver):
         self, A: Callable[[list[Tensor]], list[Tensor]], b: list[Tensor], x0: Any
     ) -> tuple[list[Tensor], LinearSolveInfo]:
         (rhs,) = b
-        factor, flag = torch.linalg.cholesky_ex(_ridge_gram(self.X.detach(), self.lam.detach()))
+        factor, flag = torch.linalg.cholesky_ex(self._gram(A, rhs))
         u = torch.cholesky_solve(rhs, factor)
         (Au,) = A([u])
         norms = torch.stack(
             [torch.linalg.vector_norm(rhs - Au), torch.linalg.vector_norm(rhs), flag.ne(0).any()]
         )
-        if _is_batched(norms):  # under vmap: no host read
-            return [u], LinearSolveInfo(
-                self.name, 1, math.nan, False, False, "under vmap", checked=False
-            )
+        if _is_batched(norms):  # under vmap: each problem's check, reduced on the device
+            return [u], self._check_batched(norms)
         rn, bn, bad = norms.tolist()
         if bad:
             raise torch.linalg.LinAlgError(
@@ -86,3 +83,46 @@ class _GramCholesky(LinearSolver):
         )
         info = LinearSolveInfo(self.name, 1, rn, converged, False, message, threshold=self.tol * bn)
         return [u], info
+
+    def _gram(self, A: Callable[[list[Tensor]], list[Tensor]], rhs: Tensor) -> Tensor:
+        """The Gram matrices: from the forward's ``X`` and ``lambda``, except when those were
+        captured inside a ``torch.func`` transform (``vmap(grad(...))``): a captured wrapper
+        cannot be used at the backward's level, so the matrices are then formed from ``p``
+        products of the backward's own operator (column ``j``: ``A e_j``, the same for every
+        target column)."""
+        fz = torch._C._functorch
+        if not (fz.is_functorch_wrapped_tensor(self.X) or fz.is_functorch_wrapped_tensor(self.lam)):
+            return _ridge_gram(self.X.detach(), self.lam.detach())
+        p = rhs.shape[-2]
+        basis = torch.eye(p, dtype=rhs.dtype, device=rhs.device)
+        columns = [A([basis[j].unsqueeze(-1).expand_as(rhs)])[0][..., 0] for j in range(p)]
+        return torch.stack(columns, dim=-1)
+
+    def _check_batched(self, norms: Tensor) -> LinearSolveInfo:
+        """The record under ``vmap``: every problem's residual test and positive-
+        definiteness test, reduced across the batch on the device, then one host read (the
+        batch layout of the peeled values is unknown, so only reductions are read): the
+        largest residual and threshold, converged when every problem passed."""
+        rn, bn, bad = norms.unbind()
+        threshold = self.tol * bn
+        failed = (rn > threshold) & (rn != 0)
+        summary = torch.stack(
+            [
+                _peel(rn).max(),
+                _peel(threshold).max(),
+                _peel(failed | (bad != 0)).to(rn.dtype).max(),
+                _peel(bad).to(rn.dtype).max(),
+            ]
+        )
+        worst, worst_threshold, any_failed, any_bad = _to_host(summary)
+        if any_bad:
+            raise torch.linalg.LinAlgError(
+                "RidgeRegression: a Gram matrix X^T X + lambda I is not positive definite"
+            )
+        converged = not any_failed
+        message = "under torch.func.vmap: the largest residual and threshold of the batch" + (
+            "" if converged else "; ill-conditioned Gram matrices (relative residual > sqrt(eps))"
+        )
+        return LinearSolveInfo(
+            self.name, 1, worst, converged, False, message, threshold=worst_threshold
+        )

@@ -271,7 +271,9 @@ class RidgeRegression(nn.Module):
         return W.squeeze(-1) if vector else W
 
     def extra_repr(self) -> str:
-        shape = "per-feature" if self.log_l2.ndim else f"l2={math.exp(float(self.log_l2)):.3g}"
+        shape = (
+            "per-feature" if self.log_l2.ndim else f"l2={math.exp(float(self.log_l2.detach())):.3g}"
+        )
         return f"{shape}, method={self.method!r}"
 
 
