@@ -109,7 +109,11 @@ def check_preconditioner(spec: Any) -> Any:
 
     None, ``"jacobi"`` (defaults of :func:`jacobi`), a :class:`Jacobi`, a callable ``M^-1``
     (``v -> M^-1 v`` on trees shaped like ``b``), or a diagonal of ``A``: a tensor (or a tree
-    of tensors shaped like ``b``) of positive, finite entries.
+    of tensors shaped like ``b``) of positive, finite entries. In the implicit layers'
+    backward solves (``argmin``, ``root``, ...) ``b`` is the list of the unknowns' leaves in
+    ``tree_flatten`` order, so a callable receives and returns such a list (one tensor
+    unknown: a list of one tensor); a diagonal is then one tensor for one tensor unknown,
+    else that list.
     """
     if spec is None or isinstance(spec, Jacobi):
         return spec
