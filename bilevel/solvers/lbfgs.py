@@ -14,6 +14,7 @@ from bilevel._tree import Tree
 from bilevel.solvers._flat import _Flat
 from bilevel.solvers._host_search import _HOST_DTYPES
 from bilevel.solvers._lbfgs_batch import _lbfgs, _LBFGSSettings, _value_and_grad
+from bilevel.solvers._lbfgs_compiled import _Layout, compiled_lbfgs
 from bilevel.solvers._lbfgs_single import _Evaluate, _lbfgs_single
 from bilevel.solvers._stack import _flat_rows, _rows_tree, _unravel_rows
 from bilevel.solvers.base import (
@@ -42,6 +43,7 @@ class LBFGS(Solver):
         c1: float = 1e-4,
         c2: float = 0.9,
         max_evals_per_iter: int = 25,
+        compiled: bool = False,
     ) -> None:
         super().__init__()
         self.tol = _check_tol(tol)
@@ -56,6 +58,9 @@ class LBFGS(Solver):
             raise ValueError(f"line search constants need 0 < c1 < c2 < 1; got c1={c1}, c2={c2}")
         self.c1, self.c2 = float(c1), float(c2)
         self.max_evals_per_iter = _check_int(max_evals_per_iter, "max_evals_per_iter")
+        if not isinstance(compiled, bool):
+            raise TypeError(f"compiled must be True or False; got {compiled!r}")
+        self.compiled = compiled
 
     def _settings(self) -> dict[str, Any]:
         return {
@@ -63,15 +68,19 @@ class LBFGS(Solver):
             "maxiter": self.maxiter,
             "history_size": self.history_size,
             "line_search": self.line_search,
+            **({"compiled": True} if self.compiled else {}),
         }
+
+    def _options(self) -> _LBFGSSettings:
+        wolfe = _WolfeOptions(
+            self.line_search == "strong_wolfe", self.c1, self.c2, self.max_evals_per_iter
+        )
+        return _LBFGSSettings(self.tol, self.maxiter, self.history_size, wolfe)
 
     def _run(
         self, values: Callable[[Tensor], Tensor], X: Tensor, evaluate: _Evaluate | None = None
     ) -> tuple[Tensor, list[SolverInfo]]:
-        wolfe = _WolfeOptions(
-            self.line_search == "strong_wolfe", self.c1, self.c2, self.max_evals_per_iter
-        )
-        settings = _LBFGSSettings(self.tol, self.maxiter, self.history_size, wolfe)
+        settings = self._options()
         if X.shape[0] == 1 and X.dtype in _HOST_DTYPES:
             # a stack of one keeps its bookkeeping on the host (the same steps, fewer launches)
             if evaluate is None:
@@ -107,6 +116,20 @@ class LBFGS(Solver):
             if g is None:
                 raise ValueError(_NO_PATH)
             return f.detach().to(X.dtype).reshape(1), g.detach().reshape(1, -1)
+
+        if self.compiled and _compilable(x):
+            layout = _Layout(
+                tuple(tuple(s) for s in flat.shapes),
+                tuple(flat.dtypes),
+                None if shape is not None else flat.spec,
+            )
+            scalar = lambda w: _scalar(objective(w))  # noqa: E731
+            out = compiled_lbfgs(scalar, layout, x, self._options(), lambda: evaluate(x))
+            if out is not None:
+                (info,) = out.infos(self.method, self.tol, self.maxiter, self.line_search)
+                info.message += "; compiled (inductor)"
+                info.extra["compiled"] = True
+                return flat.output(out.X[0]), info
 
         X, infos = self._run(values, x, evaluate)
         return flat.output(X[0]), infos[0]
@@ -161,6 +184,13 @@ class LBFGS(Solver):
         return _rows_tree(flat, X), infos
 
 
+def _compilable(x: Tensor) -> bool:
+    """Whether the compiled loop can run here: a float32/float64 problem outside
+    ``torch.func`` transforms (under them the eager solver runs; under ``vmap`` the layers
+    call :meth:`LBFGS.solve_batch`, which is eager too)."""
+    return x.dtype in _HOST_DTYPES and torch._C._functorch.peek_interpreter_stack() is None
+
+
 def lbfgs(
     tol: float = 1e-8,
     maxiter: int = 500,
@@ -169,6 +199,7 @@ def lbfgs(
     c1: float = 1e-4,
     c2: float = 0.9,
     max_evals_per_iter: int = 25,
+    compiled: bool = False,
 ) -> LBFGS:
     """L-BFGS with a strong Wolfe line search, run to gradient norm <= ``tol``.
 
@@ -192,4 +223,4 @@ def lbfgs(
         >>> torch.allclose(w, torch.linalg.solve(A, b)), info.converged
         (True, True)
     """
-    return LBFGS(tol, maxiter, history_size, line_search, c1, c2, max_evals_per_iter)
+    return LBFGS(tol, maxiter, history_size, line_search, c1, c2, max_evals_per_iter, compiled)
