@@ -138,6 +138,7 @@ def test_quick_run_small_implicit_rows(quick):
         "bilevel cg",
         "bilevel dense",
         "bilevel lbfgs",
+        "bilevel lbfgs compiled",
     )
     expected = (
         {("ridge 10x3", n) for n in ridge_names}
