@@ -6,15 +6,18 @@ Eager, every iteration of a small problem costs about fifty small tensor operati
 fixed-shape tensors (the ``history_size`` slots of the curvature pairs always all present,
 the empty ones masked, as the stack's rows do), is traced once by ``torch.compile`` into a
 ``torch.while_loop``: one pass per objective evaluation, the value and gradient by
-``torch.func.grad_and_value`` of the objective, the line search and the history updates by
-the stack's own tensor functions (:class:`bilevel.solvers.line_search._Search`,
-:class:`bilevel.solvers._lbfgs_batch._History`). Inductor runs the loop in its wrapper and
-reads the loop's condition (is the problem still running?) on the host after every pass:
-that read is the convergence check, the only one; the results are read once at the end.
+``torch.func.grad_and_value`` of the objective, the line search by the stack's own
+:class:`bilevel.solvers.line_search._Search` and its step, pair, retry and stop rules, the
+curvature pairs in :class:`bilevel.solvers._inverse_history._Pairs` (``R^-1`` of the
+compact form as state: no triangular solves, no gathers). Inductor runs the loop in its
+(C++) wrapper and reads the loop's condition (is the problem still running?) on the host
+after every pass: that read is the convergence check, the only one; the results are read
+once at the end.
 
 One compiled function is kept per objective code (the code objects of the objective and of
 the functions its closure reaches, so that :func:`bilevel.argmin`'s wrapper of different
-inner losses gets one each) and problem size, dtype, device and settings; tensors the
+inner losses gets one each), the unknowns' layout, dtype, device and the settings but
+``tol`` and ``maxiter`` (tensor inputs: changing them does not recompile); tensors the
 objective reads go to dynamo's guards by shape and dtype, so a training loop whose loss is
 a new closure over new tensors of the same shapes reuses it. When compiling fails, or
 dynamo would need more than ``_MAX_GRAPHS`` graphs for one entry, a
@@ -79,9 +82,8 @@ class _Layout:
         if self.spec is None:
             return row.reshape(self.shapes[0])
         sizes = [math.prod(shape) for shape in self.shapes]
-        # copies: the traced gradient takes no inputs that alias each other
         leaves = [
-            part.reshape(shape).to(dtype, copy=True)
+            part.reshape(shape).to(dtype)
             for part, shape, dtype in zip(row.split(sizes), self.shapes, self.dtypes)
         ]
         return tree_unflatten(leaves, self.spec)
