@@ -92,17 +92,15 @@ class _Layout:
 def _loop(
     objective: Callable[[Any], Tensor],
     X: Tensor,
-    limits: Tensor,
+    limits: tuple[Tensor, Tensor],
     layout: _Layout,
     opts: _LBFGSSettings,
 ) -> tuple[Tensor, ...]:
     """The traced function: ``_lbfgs`` on the ``(1, n)`` stack ``X`` with every pass in
-    one ``torch.while_loop``; ``limits`` is ``[tol, maxiter]`` (tensors, so that changing
-    them reuses the compiled code); returns ``(X, f, gnorm, k, evals, status)``."""
-    # _status compares with tol and maxiter; 0-d tensors do what the numbers do (copies:
-    # the loop takes no inputs that alias each other)
-    tol, maxiter = limits[0].clone(), limits[1].clone()
-    opts = dataclasses.replace(opts, tol=tol, maxiter=maxiter)  # type: ignore[arg-type]
+    one ``torch.while_loop``; ``limits`` is ``(tol, maxiter)`` as 0-d tensors (of ``X``'s
+    dtype and long: they compare as the numbers do), so that changing them reuses the
+    compiled code; returns ``(X, f, gnorm, k, evals, status)``."""
+    opts = dataclasses.replace(opts, tol=limits[0], maxiter=limits[1])  # type: ignore[arg-type]
     m, eps = opts.history_size, _eps(X.dtype)
     grad_and_value = torch.func.grad_and_value(lambda row: objective(layout.point(row)))
 
@@ -197,8 +195,8 @@ def _compile(layout: _Layout, opts: _LBFGSSettings) -> Any:
     recompiles per code object, so each cache entry is counted on its own."""
     _dynamo()
 
-    def run(objective: Callable[[Any], Tensor], X: Tensor, limits: Tensor) -> tuple[Tensor, ...]:
-        return _loop(objective, X, limits, layout, opts)
+    def run(objective: Callable[[Any], Tensor], X: Tensor, tol: Tensor, maxiter: Tensor) -> Any:
+        return _loop(objective, X, (tol, maxiter), layout, opts)
 
     own = types.FunctionType(
         run.__code__.replace(), run.__globals__, run.__name__, None, run.__closure__
@@ -236,8 +234,9 @@ def compiled_lbfgs(
     try:
         if fn is None:
             fn = _CACHE[key] = _compile(layout, opts)
-        limits = torch.tensor([opts.tol, opts.maxiter], dtype=X.dtype, device=X.device)
-        out = fn(objective, X, limits)
+        tol = torch.tensor(opts.tol, dtype=X.dtype, device=X.device)
+        maxiter = torch.tensor(opts.maxiter, device=X.device)
+        out = fn(objective, X, tol, maxiter)
         graphs = len(torch._C._dynamo.eval_frame._debug_get_cache_entry_list(fn._own_code))
         if graphs > _MAX_GRAPHS:
             raise RuntimeError(
