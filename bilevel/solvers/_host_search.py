@@ -130,9 +130,16 @@ def _cubic_min_rows(t1: Any, f1: Any, d1: Any, t2: Any, f2: Any, d2: Any) -> Any
     return t2 - (t2 - t1) * (d2 + b - a) / (d2 - d1 + 2.0 * b)
 
 
+def _to_device(a: Any, device: torch.device) -> Tensor:
+    """A host array as a tensor on ``device``. On the CPU it shares the array's memory
+    (``torch.tensor`` copied it for 10-15 us): callers pass arrays that nothing changes
+    in place afterwards (results of numpy operations)."""
+    return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+
 def _device_mask(mask: Any, device: torch.device) -> Tensor:
-    """A host boolean array as a mask on ``device`` (a copy: the host array may change)."""
-    return torch.tensor(mask, dtype=torch.bool, device=device)
+    """A host boolean array as a mask on ``device``."""
+    return _to_device(mask, device)
 
 
 @dataclass(frozen=True)
@@ -212,6 +219,11 @@ class _HostSearches:
             ~finite | ~armijo | ((self.evals > 0) & (f > self.lo_f + self.f_tol))
         )
         accept_bracket = bracket & ~into_lo_t & curvature
+        if (accept_bracket == live).all():
+            # every live search takes its trial step (the usual case near convergence):
+            # what the rest would give, lo and hi and t unchanged, no search zooming
+            self.evals, self.zoom = evals, np.zeros_like(self.zoom)
+            return _HostOutcomes(live.copy(), live.copy(), t, f, g)
         into_t_lo = bracket & ~into_lo_t & ~accept_bracket & (s >= 0)
         extrapolate = bracket & ~into_lo_t & ~accept_bracket & ~into_t_lo
         # zoom: the point replaces hi (too long) or lo (acceptable for Armijo)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from bilevel.solvers._flat import _eps
-from bilevel.solvers._host_search import _HOST_DTYPES, _device_mask, _HostSearches
+from bilevel.solvers._host_search import _HOST_DTYPES, _device_mask, _HostSearches, _to_device
 
 # the compact form's shared functions are imported from here by the single call's path
 from bilevel.solvers._lbfgs_history import _compact_combine as _compact_combine
@@ -232,7 +232,7 @@ def _lbfgs(values: Callable[..., Tensor], X: Tensor, opts: _LBFGSSettings) -> _R
     evaluate.narrow(live.tolist(), X.device)
     d = _new_searches(live, g, rows, hist, search)
     while True:
-        t = torch.tensor(search.t, device=X.device)
+        t = _to_device(search.t, X.device)
         f_t, g_t = evaluate(X, t, d)
         rows.evals = rows.evals + live
         f_h, s_h = _read(f_t, _dot(g_t, d))  # host read: the searches branch on these
@@ -242,7 +242,7 @@ def _lbfgs(values: Callable[..., Tensor], X: Tensor, opts: _LBFGSSettings) -> _R
             continue
         # a found step: x += t d, with a curvature pair when s^T y is safely positive
         step = ended & out.accepted
-        t_step = torch.tensor(out.t, device=X.device).unsqueeze(1)
+        t_step = _to_device(out.t, X.device).unsqueeze(1)
         sy = torch.stack([t_step * d, out.g - g], 1)  # [s; y] per row
         # host read: the pairs' curvature (s^T y, y^T y) and the new gradient norms
         curv = (sy * sy[:, 1:]).sum(-1)

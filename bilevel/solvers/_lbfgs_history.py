@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from bilevel.solvers._host_search import _to_device
+
 
 class _History:
     """Curvature pairs per problem: ``m`` slots each, written in turn at the problem's own
@@ -55,7 +57,8 @@ class _History:
     def _sum_of_products(self, a: Tensor, b: Tensor, dim: int) -> Tensor:
         """``(a * b).sum(dim)``, the products in the work buffer (the same bits: the fresh
         temporary would be contiguous of the same shape)."""
-        shape = torch.broadcast_shapes(a.shape, b.shape)
+        # both have the same number of dimensions (torch.broadcast_shapes costs 30 us)
+        shape = [max(i, j) for i, j in zip(a.shape, b.shape)]
         products = self.work[: math.prod(shape)].view(shape)
         return torch.mul(a, b, out=products).sum(dim)
 
@@ -89,8 +92,8 @@ class _History:
         sy = self._pick(sy)
         pushed = np.flatnonzero(mask)
         every = len(pushed) == len(mask)
-        rows = torch.tensor(pushed, device=self.device)
-        pos = torch.tensor(self.pos[pushed], device=self.device)
+        rows = _to_device(pushed, self.device)
+        pos = _to_device(self.pos[pushed], self.device)
 
         def part(t: Tensor) -> Tensor:
             return t if every else t.index_select(0, rows)
@@ -145,21 +148,21 @@ class _History:
         if turned.any():  # a ring went round: time order differs from slot order
             j = np.arange(u)
             order_host = np.where(turned[:, None], (self.pos[:, None] + j) % u, j)
-            order = torch.tensor(order_host, device=g.device)
+            order = _to_device(order_host, g.device)
             ab = ab.gather(2, order[:, None].expand(B, 2, u))
             MM = MM.gather(2, order[:, None, :, None].expand(B, 2, u, u))
             MM = MM.gather(3, order[:, None, None, :].expand(B, 2, u, u))
         SY, YY = MM[:, 0], MM[:, 1]
         # gamma = s^T y / y^T y of the newest pair (time position count - 1), 1 without one
-        newest = torch.tensor(np.maximum(self.count - 1, 0), device=g.device)
+        newest = _to_device(np.maximum(self.count - 1, 0), g.device)
         last = torch.diagonal(MM, dim1=2, dim2=3).gather(2, newest.view(B, 1, 1).expand(B, 2, 1))
         gamma = last[:, 0, 0] / last[:, 1, 0]
         empty = np.arange(u) >= self.count[:, None]
         if (self.count == 0).any():
-            gamma = torch.where(torch.tensor(self.count > 0, device=g.device), gamma, 1)
+            gamma = torch.where(_to_device(self.count > 0, g.device), gamma, 1)
         # identity rows for the empty slots (+ 0 elsewhere turns a -0 into +0, as a single
         # call's + 0.0 does)
-        R = torch.triu(SY) + torch.diag_embed(torch.tensor(empty, dtype=dtype, device=g.device))
+        R = torch.triu(SY) + torch.diag_embed(_to_device(empty, g.device).to(dtype))
         p, q = _compact_solve(R, SY, YY, ab[:, 0], ab[:, 1], gamma)
         if turned.any():  # back to slot order
             q = torch.zeros_like(q).scatter(1, order, q)
