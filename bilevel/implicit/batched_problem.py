@@ -13,6 +13,7 @@ from bilevel.implicit._stacked_operator import stacked_hvp
 from bilevel.implicit.linear_problem import _LinearProblem
 from bilevel.implicit.problem import _Problem
 from bilevel.implicit.user_problem import _UserProblem
+from bilevel.linalg.base import LinearSolver
 
 
 def _vmap_over(fn: Callable[..., Any], in_dims: tuple[Any, ...]) -> Callable[..., Any]:
@@ -22,6 +23,46 @@ def _vmap_over(fn: Callable[..., Any], in_dims: tuple[Any, ...]) -> Callable[...
 def _level(tensors: Sequence[Tensor]) -> int:
     """The innermost functorch level of the first tensor (-1 for a plain tensor)."""
     return int(torch._C._functorch.maybe_get_level(tensors[0]))
+
+
+def _flattens(linear: _LinearProblem, rhs: Sequence[Tensor]) -> bool:
+    """Whether a stack's linear solves may run on one flat vector per problem: a bilevel
+    solver with no preconditioner and no warm start (both see the tree's leaves), and
+    several leaves of one dtype."""
+    solver = linear.linear_solver
+    return (
+        isinstance(solver, LinearSolver)
+        and getattr(solver, "preconditioner", None) is None
+        and linear.warm_start is None
+        and len(rhs) > 1
+        and len({t.dtype for t in rhs}) == 1
+    )
+
+
+def _run_flat(
+    linear: _LinearProblem,
+    matvec: Callable[[Any], Any],
+    rhs: Sequence[Tensor],
+    x0: Sequence[Tensor],
+) -> list[Tensor]:
+    """``linear.run`` on the leaves joined into one vector: under ``vmap`` each vector
+    operation of the solver is then one batched kernel, not one per leaf (iMAML's six
+    leaves, 25 tasks: the backward CG took 57 ms instead of 76 for 23 iterations). The
+    same iterations to rounding (the inner products sum the same terms)."""
+    sizes, shapes = [t.numel() for t in rhs], [t.shape for t in rhs]
+
+    def leaves(v: Tensor) -> list[Tensor]:
+        return [part.view(shape) for part, shape in zip(torch.split(v, sizes), shapes)]
+
+    def joined(tree: Any) -> Tensor:
+        return torch.cat([t.reshape(-1) for t in tree_flatten(tree)[0]])
+
+    def matvec_flat(v: Any) -> list[Tensor]:
+        (flat,) = tree_flatten(v)[0]
+        return [joined(matvec(leaves(flat)))]
+
+    (x,) = linear.run((matvec_flat, [joined(rhs)]), [joined(x0)])
+    return [leaf.clone() for leaf in leaves(x)]  # outputs of their own, not views of x
 
 
 class _BatchedProblem(_Problem):
@@ -114,7 +155,9 @@ class _BatchedProblem(_Problem):
                 # the vmappable products; the stacked graph serves this vmap's level only
                 return fast(v) if _level(tree_flatten(v)[0]) == level else plain(v)
 
-            return linear.run((matvec, rhs), x0)
+            if not _flattens(linear, rhs):
+                return linear.run((matvec, rhs), x0)
+            return _run_flat(linear, matvec, rhs, x0)
 
         return list(_vmap_over(one, (0, self.dims))(init, theta))
 
