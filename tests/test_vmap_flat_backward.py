@@ -98,9 +98,7 @@ def test_a_warm_start_or_a_users_solver_keeps_the_tree(monkeypatch):
     init = {"u": torch.zeros(2, dtype=D), "v": torch.zeros(2, 2, dtype=D)}
 
     def warm(A, b, h):
-        w = bilevel.argmin(
-            _loss, init, h, (A, b), solver=solvers.lbfgs(tol=1e-12), warm_start=ws
-        )
+        w = bilevel.argmin(_loss, init, h, (A, b), solver=solvers.lbfgs(tol=1e-12), warm_start=ws)
         return torch.cat([w["u"], w["v"].reshape(-1)])
 
     hv = h.clone().requires_grad_(True)
