@@ -4,7 +4,11 @@
 problem has its own trial step, bracket and evaluation count as ``(B,)`` tensors, so one
 batched evaluation advances every search and the decisions (strong Wolfe with approximate
 Wolfe conditions near the optimum, or Armijo backtracking) are ``torch.where`` masks, not
-host branches. :func:`_backtracking` is the one-problem Armijo search of Newton-CG.
+host branches: the form for a loop that must keep its decisions on the device. The eager
+solver makes the same decisions on the host
+(:class:`bilevel.solvers._host_search._HostSearches`, ``_HostSearch``), where a hundred
+numpy operations cost less than these few dozen kernels. :func:`_backtracking` is the
+one-problem Armijo search of Newton-CG.
 """
 
 from __future__ import annotations
