@@ -161,3 +161,38 @@ def test_a_stack_reads_the_host_a_few_times_per_pass_whatever_its_size():
 def test_a_stack_in_half_precision_is_refused_naming_the_fix(dtype):
     with pytest.raises(ValueError, match="float32 or float64"):
         solvers.lbfgs().solve_batch(lambda W: (W**2).sum(1), torch.ones(3, 2, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("history", [3, 7])
+def test_rows_holding_different_pair_counts_take_their_single_calls_steps_bit_for_bit(
+    dtype, history
+):
+    """Smooth rows and rows with a kink (failed searches, restarts, cleared rings) in one
+    stack, truncated: every row's iterate, counts and message are its single call's, bit
+    for bit; a row holding fewer pairs than the longest history must not be solved padded
+    (identity rows round otherwise in the triangular solves and slot sums)."""
+    B, n = 6, 5
+    g = torch.Generator().manual_seed(0)
+    C = torch.randn(B, n, generator=g, dtype=dtype) * torch.logspace(-1, 1, B, dtype=dtype)[:, None]
+    q = torch.rand(B, generator=g, dtype=dtype)
+    kink = torch.tensor([0, 1, 0, 1, 0, 0], dtype=dtype)
+
+    def one(w, c, q, k):
+        smooth = ((w - c) ** 2).sum() + q * ((w - c) ** 4).sum() + q * (w.sin() ** 2).sum()
+        return smooth + k * (w - c).abs().sum()
+
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    solver = solvers.lbfgs(tol=tol, maxiter=60, history_size=history)
+    W, infos = solver.solve_batch(
+        lambda W: torch.func.vmap(one)(W, C, q, kink), torch.zeros(B, n, dtype=dtype)
+    )
+    assert len({i.evaluations for i in infos}) > 3
+    for i in range(B):
+        w, info = solver(lambda w, i=i: one(w, C[i], q[i], kink[i]), torch.zeros(n, dtype=dtype))
+        assert torch.equal(W[i], w), i
+        assert (info.iterations, info.evaluations, info.message) == (
+            infos[i].iterations,
+            infos[i].evaluations,
+            infos[i].message,
+        )

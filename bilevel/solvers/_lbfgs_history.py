@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from bilevel.solvers._host_search import _to_device
+from bilevel.solvers.line_search import _rows
 
 
 class _History:
@@ -131,16 +132,16 @@ class _History:
         rows ``which`` (stack-sized host booleans) are wanted: the others may get anything.
 
         A problem holding ``c`` pairs that never went round its ring filled slots
-        ``0 .. c - 1`` in time order, and the slots past ``c`` hold zeros (a clear zeroes
-        them): so the products over the first ``used`` slots need no mask, and the empty
-        slots get identity rows in ``R`` (their coefficients come out zero, adding nothing).
-        Only a full ring whose oldest slot is not slot 0 is reordered (gathered) first.
+        ``0 .. c - 1`` in time order (a clear zeroes the slots past ``c``), so the products
+        over the first ``used`` slots need no mask and its compact form is the first ``c``
+        rows and columns; only a full ring whose oldest slot is not slot 0 is reordered
+        (gathered) first. Rows holding the same count are solved together.
         """
         mine = self._mine(which)
         if not mine.any() or self.count[mine].max() == 0:
             return -g
         rest, g = g, self._pick(g)
-        u, dtype, B = self.used(), g.dtype, len(self.count)
+        u, B = self.used(), len(self.count)
         Z = self.Z[:, :, :u]
         ab = self._sum_of_products(Z, g[:, None, None, :], -1)  # S^T g and Y^T g, slot order
         MM = self.M[:, :, :u, :u]
@@ -152,25 +153,25 @@ class _History:
             ab = ab.gather(2, order[:, None].expand(B, 2, u))
             MM = MM.gather(2, order[:, None, :, None].expand(B, 2, u, u))
             MM = MM.gather(3, order[:, None, None, :].expand(B, 2, u, u))
-        SY, YY = MM[:, 0], MM[:, 1]
-        # gamma = s^T y / y^T y of the newest pair (time position count - 1), 1 without one
-        newest = _to_device(np.maximum(self.count - 1, 0), g.device)
-        last = torch.diagonal(MM, dim1=2, dim2=3).gather(2, newest.view(B, 1, 1).expand(B, 2, 1))
-        gamma = last[:, 0, 0] / last[:, 1, 0]
-        empty = np.arange(u) >= self.count[:, None]
-        if (self.count == 0).any():
-            gamma = torch.where(_to_device(self.count > 0, g.device), gamma, 1)
-        # identity rows for the empty slots (+ 0 elsewhere turns a -0 into +0, as a single
-        # call's + 0.0 does)
-        R = torch.triu(SY) + torch.diag_embed(_to_device(empty, g.device).to(dtype))
-        p, q = _compact_solve(R, SY, YY, ab[:, 0], ab[:, 1], gamma)
-        if turned.any():  # back to slot order
-            q = torch.zeros_like(q).scatter(1, order, q)
-            p = torch.zeros_like(p).scatter(1, order, p)
-        # _compact_step's combinations, the products in the work buffer
-        Sq = self._sum_of_products(q.unsqueeze(2), Z[:, 0], 1)
-        Yp = self._sum_of_products(p.unsqueeze(2), Z[:, 1], 1)
-        d = _compact_combine(g, gamma, Sq, Yp)
+        d = -g
+        # the rows holding c pairs take the single call's algebra over exactly c slots (a
+        # system padded with identity rows would round otherwise in its triangular solves
+        # and slot sums); each count of the wanted rows is one pass over the held rows
+        for c in sorted(set(self.count[mine].tolist()) - {0}):
+            SY, YY = MM[:, 0, :c, :c], MM[:, 1, :c, :c]
+            last = MM[:, :, c - 1, c - 1]
+            gamma = last[:, 0] / last[:, 1]
+            # + 0.0 as a single call's (turns a -0 into +0)
+            p, q = _compact_solve(torch.triu(SY) + 0.0, SY, YY, ab[:, 0, :c], ab[:, 1, :c], gamma)
+            if c == u and turned.any():  # back to slot order
+                q = torch.zeros_like(q).scatter(1, order, q)
+                p = torch.zeros_like(p).scatter(1, order, p)
+            # _compact_step's combinations, the products in the work buffer
+            Sq = self._sum_of_products(q.unsqueeze(2), Z[:, 0, :c], 1)
+            Yp = self._sum_of_products(p.unsqueeze(2), Z[:, 1, :c], 1)
+            d_c = _compact_combine(g, gamma, Sq, Yp)
+            held = self.count == c
+            d = d_c if held.all() else _rows(_to_device(held, g.device), d_c, d)
         # rows not held: stopped problems, whose direction is not used
         return d if self.members is None else (-rest).index_copy(0, self.members, d)
 
