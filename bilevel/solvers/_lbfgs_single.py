@@ -2,10 +2,11 @@
 
 :func:`_lbfgs_single` is :func:`bilevel.solvers._lbfgs_batch._lbfgs` for ``B = 1``: the
 same tensor operations on the same ``(1, ...)`` tensors for every value that reaches the
-iterate (the evaluations, the curvature products of :func:`_pair_products`, the compact-form
-direction of :func:`_compact_solve` and :func:`_compact_step`, the steps), so a single call
+iterate (the evaluations, the curvature products of the stack's history (``S^T y`` and
+``Y^T y`` in one product), the compact-form direction of :func:`_compact_solve` and :func:`_compact_step`, the steps), so a single call
 takes bit for bit the steps the stack's core takes on a stack of one (a row of a larger
-stack agrees with it to rounding and in its counts: vmap equals a loop). What a stack must
+stack agrees with it bit for bit, its compact form solved over exactly its pair count:
+vmap equals a loop). What a stack must
 decide per row with masks (which pairs to keep, the ring's time order, which searches
 ended, why a problem stopped) one problem decides on the host, from numpy scalars of its
 dtype (IEEE arithmetic and comparisons round as in a tensor of that dtype): no masks, no

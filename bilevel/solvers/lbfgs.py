@@ -143,7 +143,8 @@ class LBFGS(Solver):
         ``values(W)`` returns the ``(B,)`` objective values of a tree ``W`` whose leaves
         carry the problems in dimension 0, each value depending on its own slice only (as
         ``torch.func.vmap`` of one objective does). Every problem keeps its own iterate,
-        curvature pairs, line search and stopping decision as rows of batched tensors: a
+        curvature pairs, line search and stopping decision (the iterates and pairs rows of
+        batched tensors, the decisions masks over host rows, three small reads a pass): a
         problem that converged or stopped is frozen while the others go on, and the loop
         ends when all are done; where ``values(W, rows)`` evaluates the problems ``rows``
         only (``W`` holds their rows; flagged ``values.selectable = True``, as the ``vmap``
