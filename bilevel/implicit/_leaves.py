@@ -12,6 +12,9 @@ from torch import Tensor
 
 from bilevel._tree import tree_flatten, tree_unflatten
 
+LEAF_SPEC = tree_flatten(0.0)[1]  # the structure of a single leaf (a tensor)
+_PAIR_SPEC = tree_flatten((0.0, None))[1]  # (hparams, data) with one tensor and no data
+
 
 def _zeros_like_leaves(leaves: Sequence[Tensor]) -> list[Tensor]:
     return [torch.zeros_like(x) for x in leaves]
@@ -43,12 +46,20 @@ class _Packer:
     """Splits a tree of hyperparameters and data into tensors (differentiable) and constants."""
 
     def __init__(self, tree: Any) -> None:
+        if type(tree) is tuple and tree[1] is None and isinstance(tree[0], Tensor):
+            # (a tensor, no data): the common case, without a tree walk
+            self.spec, self.tensor_idx = _PAIR_SPEC, [0]
+            self.constants: list[Any] = [None, None]
+            self.tensors: list[Tensor] = [tree[0]]
+            return
         leaves, self.spec = tree_flatten(tree)
         self.tensor_idx = [i for i, x in enumerate(leaves) if isinstance(x, Tensor)]
         self.constants = [None if isinstance(x, Tensor) else x for x in leaves]
-        self.tensors: list[Tensor] = [leaves[i] for i in self.tensor_idx]
+        self.tensors = [leaves[i] for i in self.tensor_idx]
 
     def unpack(self, tensors: Sequence[Tensor]) -> Any:
+        if self.spec is _PAIR_SPEC:
+            return tensors[0], None
         leaves = list(self.constants)
         for i, t in zip(self.tensor_idx, tensors):
             leaves[i] = t
@@ -63,4 +74,4 @@ def _scalar_loss(value: Any, where: str) -> Tensor:
             f"{where} must return a scalar (0-d tensor), got a tensor of shape {tuple(value.shape)}; "
             "reduce it, e.g. with .sum() or .mean()"
         )
-    return value.reshape(())
+    return value if value.dim() == 0 else value.reshape(())

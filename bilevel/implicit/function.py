@@ -48,6 +48,9 @@ class _Implicit(torch.autograd.Function):
 
     @staticmethod
     def forward(problem: _Problem, n_sol: int, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        if problem.given:  # the solution is given: the output is a copy of it
+            with torch.no_grad():
+                return tuple(t.clone() for t in tensors[:n_sol])
         init = [t.detach() for t in tensors[:n_sol]]
         theta = [t.detach() for t in tensors[n_sol:]]
         with torch.no_grad():

@@ -10,13 +10,15 @@ import torch
 from torch import Tensor
 
 from bilevel._tree import tree_flatten, tree_unflatten
-from bilevel.implicit._leaves import _check_like, _Packer
+from bilevel.implicit._leaves import LEAF_SPEC, _check_like, _Packer
 from bilevel.implicit.function import _Implicit
 from bilevel.implicit.problem import _Problem
 from bilevel.implicit.user_problem import LayerSpec, _UserProblem
 
 
 def _check_solution(value: Any, name: str) -> tuple[list[Tensor], Any]:
+    if isinstance(value, Tensor) and value.is_floating_point():
+        return [value], LEAF_SPEC  # the common case, without a tree walk
     leaves, spec = tree_flatten(value)
     if not leaves:
         raise ValueError(
@@ -73,8 +75,9 @@ def _check_linear_solver(linear_solver: Any, symmetric: bool | None, name: str) 
 
 def _call_implicit(problem: _Problem, init_leaves: list[Tensor], packer: _Packer, spec: Any) -> Any:
     tensors, packer.tensors = packer.tensors, []  # the graph keeps what backward needs; no more
-    out = _Implicit.apply(problem, len(init_leaves), *[x.detach() for x in init_leaves], *tensors)
-    return tree_unflatten(list(out), spec)
+    init = [x.detach() if x.requires_grad else x for x in init_leaves]
+    out = _Implicit.apply(problem, len(init_leaves), *init, *tensors)
+    return out[0] if spec == LEAF_SPEC else tree_unflatten(list(out), spec)
 
 
 def _with_data(fn: Callable[..., Any], data_given: bool) -> Callable[[Any, Any, Any], Any]:

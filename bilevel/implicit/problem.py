@@ -34,6 +34,7 @@ class _Problem:
     minimum: bool = False  # F is the gradient of a loss to minimise (argmin): curvature matters
     strict: bool = False  # raise instead of warning when a solve is not what the theorem assumes
     warm_start: Any = None  # a WarmStart for the backward / jvp linear solves, or None
+    given: bool = False  # the solution is given and nothing checks it: solve copies init
 
     def residual(self, sol: Sequence[Tensor], theta: Sequence[Tensor]) -> list[Tensor]:
         raise NotImplementedError  # pragma: no cover - abstract: every subclass defines it

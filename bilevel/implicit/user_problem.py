@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from bilevel._tree import tree_unflatten
-from bilevel.implicit._leaves import _check_like, _Packer
+from bilevel.implicit._exact import dense_plan, exact_vjp
+from bilevel.implicit._leaves import LEAF_SPEC, _check_like, _Packer
 from bilevel.implicit._products import _ForwardModeSwitch, _jvp, _Products
 from bilevel.implicit.diagnostics import ImplicitDiagnostics, _record
 from bilevel.implicit.problem import _Problem
@@ -86,6 +87,7 @@ class _UserProblem(_Problem):
         self.minimum = layer.objective is not None
         self.warm_start = layer.warm_start
         self.compiled = layer.compiled
+        self.given = self.solver is None and self.stationarity_tol is None and self.kind != "opaque"
         self.n_sol = len(sol_like)
         self.n_theta = len(packer.tensors)
         # the inner loss's graph at the given solution, built by check_objective
@@ -106,6 +108,8 @@ class _UserProblem(_Problem):
         h, d = self.packer.unpack(theta)
         obj = self.objective
         spec = self.sol_spec
+        if spec == LEAF_SPEC:
+            return lambda s: obj(s[0], h, d)
         return lambda s: obj(tree_unflatten(list(s), spec), h, d)
 
     def matvec(
@@ -256,13 +260,16 @@ class _UserProblem(_Problem):
             )
             return [torch.zeros_like(vi) if o is None else o for vi, o in zip(v, out)]
 
-        operator = _Products(
-            lambda v: vjp(v), lambda V: vjp(V, batched=True), definite=self.minimum
-        )
-        from bilevel.implicit.linear_problem import _LinearProblem
+        plan = None if self.warm_start is not None else dense_plan(self.linear_solver, n)
+        u = None if plan is None else exact_vjp(self, vjp, sol, g, plan)
+        if u is None:
+            operator = _Products(
+                lambda v: vjp(v), lambda V: vjp(V, batched=True), definite=self.minimum
+            )
+            from bilevel.implicit.linear_problem import _LinearProblem
 
-        lin = _LinearProblem(self, transpose=True)
-        u = lin.run((operator, list(g)), [torch.zeros_like(x) for x in sol])
+            lin = _LinearProblem(self, transpose=True)
+            u = lin.run((operator, list(g)), [torch.zeros_like(x) for x in sol])
         sel = [th[i] for i in which]
         # the forward's graph stays usable for another backward (retain_graph=True upstream)
         out = torch.autograd.grad(
@@ -288,7 +295,9 @@ class _UserProblem(_Problem):
                 self._check_residual(sol, theta)
             return sol
         if self.solver is None and self.stationarity_tol is None:
-            return self.run(None, init)  # the solution given and nothing to check it against
+            # the solution given and nothing to check it against: the Function's output is
+            # a copy (init's shapes were checked by the public function)
+            return [x.detach().clone() for x in init]
         return self.run(self.target(theta), init)
 
     def run(self, target: Any, init: Sequence[Tensor]) -> list[Tensor]:
