@@ -24,7 +24,6 @@ from torch import Tensor
 
 from bilevel.implicit.diagnostics import _record
 from bilevel.linalg.auto import Auto
-from bilevel.linalg.base import _to_host
 from bilevel.linalg.dense import Dense, _basis_leaves, _rows
 from bilevel.linalg.info import LinearSolveInfo
 
@@ -73,8 +72,12 @@ def exact_vjp(
         return None  # dense would form the matrix another way
     if damping != 0:
         out = [torch.add(o, e, alpha=damping) for o, e in zip(out, basis)]
-    rows = out[0].reshape(n, -1) if len(out) == 1 else _rows(out, n)
-    M = rows.transpose(0, 1)  # type: ignore[union-attr]
+    rows: Any
+    if len(out) == 1:
+        rows = out[0] if out[0].dim() == 2 else out[0].reshape(n, -1)
+    else:
+        rows = _rows(out, n)
+    M = rows.transpose(0, 1)
     flat_b = _flat(b)
     LU, pivots, _ = torch.linalg.lu_factor_ex(M)
     flat_x = torch.linalg.lu_solve(LU, pivots, flat_b.unsqueeze(-1)).squeeze(-1)
@@ -84,7 +87,7 @@ def exact_vjp(
     parts = [rnorm.reshape(1), LU.diagonal().abs()]
     if problem.minimum:
         parts.insert(1, torch.linalg.cholesky_ex(M).info.reshape(1))
-    vals = _to_host(torch.cat(parts))
+    vals = torch.cat(parts).tolist()  # the one host read (a fresh vector, no graph)
     if problem.minimum:
         if vals[1] != 0:
             return None  # not positive definite: the general path finds the eigenvalues, warns

@@ -48,9 +48,8 @@ class _Implicit(torch.autograd.Function):
 
     @staticmethod
     def forward(problem: _Problem, n_sol: int, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
-        if problem.given:  # the solution is given: the output is a copy of it
-            with torch.no_grad():
-                return tuple(t.clone() for t in tensors[:n_sol])
+        if problem.given and not torch.is_grad_enabled():  # (apply disables grad mode)
+            return tuple(t.clone() for t in tensors[:n_sol])  # the solution given: a copy
         init = [t.detach() for t in tensors[:n_sol]]
         theta = [t.detach() for t in tensors[n_sol:]]
         with torch.no_grad():

@@ -77,7 +77,7 @@ def _call_implicit(problem: _Problem, init_leaves: list[Tensor], packer: _Packer
     tensors, packer.tensors = packer.tensors, []  # the graph keeps what backward needs; no more
     init = [x.detach() if x.requires_grad else x for x in init_leaves]
     out = _Implicit.apply(problem, len(init_leaves), *init, *tensors)
-    return out[0] if spec == LEAF_SPEC else tree_unflatten(list(out), spec)
+    return out[0] if spec is LEAF_SPEC else tree_unflatten(list(out), spec)
 
 
 def _with_data(fn: Callable[..., Any], data_given: bool) -> Callable[[Any, Any, Any], Any]:

@@ -14,7 +14,7 @@ from torch import Tensor
 from bilevel._tree import tree_unflatten
 from bilevel.implicit._exact import dense_plan, exact_vjp
 from bilevel.implicit._leaves import LEAF_SPEC, _check_like, _Packer
-from bilevel.implicit._products import _ForwardModeSwitch, _jvp, _Products
+from bilevel.implicit._products import _ForwardModeSwitch, _jvp, _plain_grad, _Products
 from bilevel.implicit.diagnostics import ImplicitDiagnostics, _record
 from bilevel.implicit.problem import _Problem
 from bilevel.implicit.warm_start import is_wrapped
@@ -108,7 +108,7 @@ class _UserProblem(_Problem):
         h, d = self.packer.unpack(theta)
         obj = self.objective
         spec = self.sol_spec
-        if spec == LEAF_SPEC:
+        if spec is LEAF_SPEC:
             return lambda s: obj(s[0], h, d)
         return lambda s: obj(tree_unflatten(list(s), spec), h, d)
 
@@ -240,8 +240,8 @@ class _UserProblem(_Problem):
             s, th, loss, _ = graph
             with torch.enable_grad():
                 # the forward's graph may serve several backward passes (retain_graph)
-                F = torch.autograd.grad(
-                    loss, s, create_graph=True, retain_graph=True, allow_unused=True
+                F = _plain_grad(
+                    [loss], s, [torch.ones_like(loss)], create_graph=True, retain_graph=True
                 )
         else:
             chosen = set(which)
@@ -255,9 +255,7 @@ class _UserProblem(_Problem):
             return None  # F constant in some leaf: the general path handles it
 
         def vjp(v: Sequence[Tensor], batched: bool = False) -> list[Tensor]:
-            out = torch.autograd.grad(
-                F, s, list(v), retain_graph=True, allow_unused=True, is_grads_batched=batched
-            )
+            out = _plain_grad(F, s, v, retain_graph=True, batched=batched)
             return [torch.zeros_like(vi) if o is None else o for vi, o in zip(v, out)]
 
         plan = None if self.warm_start is not None else dense_plan(self.linear_solver, n)
@@ -272,9 +270,7 @@ class _UserProblem(_Problem):
             u = lin.run((operator, list(g)), [torch.zeros_like(x) for x in sol])
         sel = [th[i] for i in which]
         # the forward's graph stays usable for another backward (retain_graph=True upstream)
-        out = torch.autograd.grad(
-            F, sel, u, retain_graph=self._graph is not None, allow_unused=True
-        )
+        out = _plain_grad(F, sel, u, retain_graph=self._graph is not None)
         return [torch.zeros_like(t) if o is None else o for t, o in zip(sel, out)]
 
     def target(self, theta: Sequence[Tensor]) -> Any:
