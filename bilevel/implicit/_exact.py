@@ -4,13 +4,15 @@ On small problems a hypergradient's time is per-call work, not arithmetic: with 
 solution given (``argmin(..., solver=None)``) at 3-30 unknowns, the general route through
 :func:`bilevel.linalg.auto` (its input checks, tree conversions, the operator wrapper, the
 matrix formed through ``matmat``) dispatched about 126 tensor operations per
-hypergradient, against 38 for autograd through the closed form. This path runs the same
-operations as ``dense(method="solve")`` does on the same matrix (one batched backward for
-the matrix, LU factorisation and solve, the residual, the Cholesky test of a minimum's
-Hessian, one host read), so its solution is bitwise the general path's, and returns None
-whenever that path would do anything but return the solution: a singular, not positive
-definite or non-finite matrix (where it warns, raises or falls back), a Tensor damping, a
-solver subclass. The general path then runs from the start and decides.
+hypergradient, against 38 for autograd through the closed form. For an argmin (whose
+Hessian should be positive definite) this path runs what ``dense(method="solve")`` runs on
+the same matrix when all is well: one batched backward for the matrix, then the Cholesky
+factorisation that tests and solves it, the residual and one host read
+(:func:`bilevel.linalg.dense.solve_by_cholesky`), so its solution is bitwise the general
+path's. It returns None whenever that path would do anything else: a matrix that is not
+positive definite, is singular or not finite (where it warns, raises or falls back), mixed
+dtypes, a Tensor damping, a solver subclass. The general path then runs from the start
+and decides.
 """
 
 from __future__ import annotations
@@ -23,27 +25,27 @@ import torch
 from torch import Tensor
 
 from bilevel.implicit.diagnostics import _record
-from bilevel.linalg.auto import Auto
-from bilevel.linalg.dense import Dense, _basis_leaves, _rows
+from bilevel.linalg.auto import Auto, dense_note
+from bilevel.linalg.dense import CHOLESKY, Dense, _basis_leaves, _rows, solve_by_cholesky
 from bilevel.linalg.info import LinearSolveInfo
 
 
 def dense_plan(linear_solver: Any, n: int) -> tuple[float, float | None, str] | None:
-    """``(damping, rcond, note)`` when ``linear_solver`` solves ``n`` unknowns exactly as
+    """``(damping, rcond, message)`` when ``linear_solver`` solves ``n`` unknowns as
     ``dense(method="solve")`` with a number as damping (``auto`` up to ``max_dense``, or
-    ``dense`` itself; not subclasses, which may solve otherwise), else None."""
+    ``dense`` itself; not subclasses, which may solve otherwise), else None. ``message`` is
+    the info record's after a Cholesky solve."""
     kind = type(linear_solver)
     if kind is Auto:
         if n > linear_solver.max_dense or isinstance(linear_solver.damping, Tensor):
             return None
-        note = f"auto: dense LU for n={n} <= {linear_solver.max_dense}"
-        return float(linear_solver.damping), None, note
+        return float(linear_solver.damping), None, dense_note(CHOLESKY, n, linear_solver.max_dense)
     if kind is Dense:
         if linear_solver.method != "solve" or not linear_solver.vectorize:
             return None
         if isinstance(linear_solver.damping, Tensor):
             return None
-        return float(linear_solver.damping), linear_solver.rcond, ""
+        return float(linear_solver.damping), linear_solver.rcond, CHOLESKY
     return None
 
 
@@ -54,16 +56,15 @@ def exact_vjp(
     g: Sequence[Tensor],
     plan: tuple[float, float | None, str],
 ) -> list[Tensor] | None:
-    """``u`` with ``(dF/dsol)^T u = -g`` (leaves shaped like ``sol``) as the dense solve
-    computes it, its info record filed, or None (see the module docstring).
-
-    ``vjp(V, batched)`` is ``(dF/dsol)^T V`` on the backward's graph of ``F``.
+    """``u`` with ``(dF/dsol)^T u = -g`` (leaves shaped like ``sol``) as the dense solve of
+    a positive definite Hessian computes it, its info record filed, or None (see the module
+    docstring). ``vjp(V, batched)`` is ``(dF/dsol)^T V`` on the backward's graph of ``F``.
     """
-    damping, rcond, note = plan
+    damping, rcond, message = plan
     b = [-x for x in g]
     dtype = b[0].dtype
-    if any(x.dtype != dtype for x in (*b, *sol)):
-        return None  # mixed dtypes: the general path promotes them leaf by leaf
+    if not problem.minimum or any(x.dtype != dtype for x in (*b, *sol)):
+        return None  # dense's LU route (no definiteness promised); mixed dtypes promote
     n = sum(x.numel() for x in b)
     basis = _basis(n, b)
     try:
@@ -78,27 +79,11 @@ def exact_vjp(
     else:
         rows = _rows(out, n)
     M = rows.transpose(0, 1)
-    flat_b = _flat(b)
-    LU, pivots, _ = torch.linalg.lu_factor_ex(M)
-    flat_x = torch.linalg.lu_solve(LU, pivots, flat_b.unsqueeze(-1)).squeeze(-1)
-    rnorm = torch.linalg.vector_norm(torch.addmv(flat_b, M, flat_x, alpha=-1))
-    # read at once: the residual, the Cholesky flag of a minimum's Hessian (cat promotes
-    # it), the LU pivots (an exactly zero one is also what lu_factor_ex's flag reports)
-    parts = [rnorm.reshape(1), LU.diagonal().abs()]
-    if problem.minimum:
-        parts.insert(1, torch.linalg.cholesky_ex(M).info.reshape(1))
-    vals = torch.cat(parts).tolist()  # the one host read (a fresh vector, no graph)
-    if problem.minimum:
-        if vals[1] != 0:
-            return None  # not positive definite: the general path finds the eigenvalues, warns
-        vals = vals[:1] + vals[2:]
-    rn, pivots_abs = vals[0], vals[1:]
-    if not math.isfinite(rn) or any(math.isnan(v) for v in pivots_abs):
-        return None
-    ratio = min(pivots_abs) / max(max(pivots_abs), torch.finfo(dtype).tiny)
-    if not ratio > (rcond if rcond is not None else n * torch.finfo(dtype).eps):
-        return None  # singular: dense raises, auto falls back to its iterative solver
-    info = LinearSolveInfo("dense", n, rn, True, False, note, threshold=math.nan)
+    solved = solve_by_cholesky(M, _flat(b), rcond if rcond is not None else n * _eps(dtype))
+    if solved is None:
+        return None  # not positive definite, singular or not finite: the general path
+    flat_x, rn = solved
+    info = LinearSolveInfo("dense", n, rn, True, False, message, threshold=math.nan)
     problem.linear_solver.last_info = info
     _record(problem.diagnostics, "vjp", info)
     if len(b) == 1:
@@ -109,6 +94,10 @@ def exact_vjp(
         u.append(flat_x[start : start + k].reshape(leaf.shape))
         start += k
     return u
+
+
+def _eps(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps
 
 
 def _flat(b: Sequence[Tensor]) -> Tensor:

@@ -149,16 +149,17 @@ def dense_settings(linear_solver: Any, n: int) -> tuple[float | None, float, str
     """``(rcond, damping, note)`` when ``linear_solver`` solves ``n`` unknowns by a dense
     LU (``dense()``, or ``auto`` at most ``max_dense``) with a number as its damping,
     else None."""
-    from bilevel.linalg.auto import Auto
-    from bilevel.linalg.dense import Dense
+    from bilevel.linalg.auto import Auto, dense_note
+    from bilevel.linalg.dense import CHOLESKY, Dense
 
     damping = getattr(linear_solver, "damping", 0.0)
     if isinstance(damping, Tensor):
         return None
     if isinstance(linear_solver, Auto) and n <= linear_solver.max_dense:
-        return None, float(damping), f"auto: dense LU for n={n} <= {linear_solver.max_dense}"
+        # the compiled function solves by Cholesky, as the eager path does for a minimum
+        return None, float(damping), dense_note(CHOLESKY, n, linear_solver.max_dense)
     if isinstance(linear_solver, Dense) and linear_solver.method == "solve":
-        return linear_solver.rcond, float(damping), ""
+        return linear_solver.rcond, float(damping), CHOLESKY
     return None
 
 

@@ -71,7 +71,7 @@ def last_backward_info() -> Any:
         >>> w = argmin(lambda w, h: ((w - h) ** 2).sum(), torch.ones(2, dtype=torch.float64), h)
         >>> w.sum().backward()
         >>> last_backward_info().method, last_backward_info().message  # the default: auto
-        ('dense', 'auto: dense LU for n=2 <= 64')
+        ('dense', 'auto: dense Cholesky for n=2 <= 64')
     """
     with _GLOBAL_LOCK:
         return _LAST["backward"]

@@ -9,7 +9,7 @@ import torch
 
 from bilevel.linalg._vec import Vec
 from bilevel.linalg.base import LinearSolver, _check_positive_int
-from bilevel.linalg.dense import Dense
+from bilevel.linalg.dense import CHOLESKY, Dense
 from bilevel.linalg.info import LinearSolveInfo
 
 
@@ -51,13 +51,21 @@ class Auto(LinearSolver):
                     f"auto: {info.method} after dense LU found the operator singular ({err})",
                 )
                 return x, info
-            info.message = _joined(info.message, f"auto: dense LU for n={n} <= {self.max_dense}")
+            info.message = dense_note(info.message, n, self.max_dense)
             return x, info
         x, info = self.iterative._solve(A, b, x0)
         info.message = _joined(
             info.message, f"auto: {info.method} for n={n} > max_dense={self.max_dense}"
         )
         return x, info
+
+
+def dense_note(message: str, n: int, max_dense: int) -> str:
+    """The message of ``auto``'s dense solve: which factorisation solved (Cholesky for a
+    positive definite operator that promised it, else LU) and why dense."""
+    if message == CHOLESKY:
+        return f"auto: dense Cholesky for n={n} <= {max_dense}"
+    return _joined(message, f"auto: dense LU for n={n} <= {max_dense}")
 
 
 def _joined(message: str, note: str) -> str:
@@ -69,7 +77,8 @@ def auto(iterative: LinearSolver | None = None, max_dense: int = 64) -> Auto:
 
     With ``n <= max_dense`` unknowns the operator is formed by applying it to the ``n``
     basis vectors at once (its own ``matmat`` when it has one, as the implicit layers'
-    plain backward does, else ``torch.func.vmap``) and solved by LU: one batched product and
+    plain backward does, else ``torch.func.vmap``) and solved by LU (by Cholesky when
+    the operator promises to be positive definite, as an argmin's Hessian does, and is): one batched product and
     a factorisation instead of up to ``n`` sequential products with their Python and
     synchronisation overhead, which dominate small problems. A singular matrix falls
     back to ``iterative``. Larger problems go to ``iterative`` (default :func:`cg`,

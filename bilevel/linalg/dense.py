@@ -66,6 +66,27 @@ def _unravel(flat: Tensor, b: Vec) -> Vec:
     return out
 
 
+CHOLESKY = "Cholesky (positive definite)"  # the message of a solve by Cholesky
+
+
+def solve_by_cholesky(M: Tensor, flat_b: Tensor, rcond: float) -> tuple[Tensor, float] | None:
+    """``(x, ||b - M x||)`` by a Cholesky factorisation of ``M``, which should be symmetric
+    positive definite, or None when it is not, is singular to working precision
+    (``diag(L)^2``, the pivots of ``L D L^T``, at most ``rcond`` times the largest) or the
+    residual is not finite: then the LU route decides (it raises, warns or solves). The
+    factorisation that tests definiteness also solves, so no LU is needed; one host read.
+    """
+    L, flag = torch.linalg.cholesky_ex(M)
+    flat_x = torch.cholesky_solve(flat_b.unsqueeze(-1), L).squeeze(-1)
+    rnorm = torch.linalg.vector_norm(torch.addmv(flat_b, M, flat_x, alpha=-1))
+    vals = torch.cat([rnorm.reshape(1), flag.reshape(1), L.diagonal()]).tolist()
+    rn, diag = vals[0], vals[2:]
+    if vals[1] != 0 or not math.isfinite(rn) or not all(math.isfinite(v) for v in diag):
+        return None
+    ratio = (min(diag) / max(max(diag), torch.finfo(M.dtype).tiny)) ** 2
+    return (flat_x, rn) if ratio > rcond else None
+
+
 def _rows(out: Vec | None, n: int) -> Tensor | None:
     """``[A e_1, ..., A e_n]`` as rows from batched leaves, or None."""
     if out is None:
@@ -111,6 +132,16 @@ class Dense(LinearSolver):
         n = flat_b.numel()
         eps = torch.finfo(M.dtype).eps
         rcond = self.rcond if self.rcond is not None else n * eps
+        # an operator that should be symmetric positive definite (the Hessian at a minimum)
+        # is solved by the Cholesky factorisation that tests it; when that fails, LU decides
+        definite = bool(getattr(A, "definite", False))
+        if definite and self.method == "solve" and not (_is_batched(M) or _is_batched(flat_b)):
+            solved = solve_by_cholesky(M, flat_b, rcond)
+            if solved is not None:
+                info = LinearSolveInfo(
+                    self.name, n, solved[1], True, False, CHOLESKY, threshold=math.nan
+                )
+                return _unravel(solved[0], b), info
         if self.method == "solve":
             LU, pivots, lu_info = torch.linalg.lu_factor_ex(M)
             if _is_batched(M) or _is_batched(flat_b):
@@ -129,9 +160,7 @@ class Dense(LinearSolver):
             flat_x = Vh.transpose(-2, -1) @ (s_inv * (U.transpose(-2, -1) @ flat_b))
             extra = torch.stack([keep.sum().to(M.dtype), s.max(), s.min()])
         rnorm = torch.linalg.vector_norm(torch.addmv(flat_b, M, flat_x, alpha=-1))
-        # an operator that should be symmetric positive definite (the Hessian at a minimum)
-        # is tested by a Cholesky factorisation, read with the rest (no extra host read)
-        definite = bool(getattr(A, "definite", False))
+        # a definite operator's Cholesky test is read with the rest (no extra host read)
         if definite:
             extra = torch.cat([torch.linalg.cholesky_ex(M).info.to(M.dtype).reshape(1), extra])
         # leaves of mixed dtypes were promoted by the ravel: give each its own back
@@ -206,8 +235,10 @@ def dense(
     stacks of vectors with a leading dimension, else with ``torch.func.vmap``; column
     by column if ``vectorize=False`` or the matvec cannot be vmapped). A matvec with
     ``definite = True`` promises a symmetric positive definite operator (a Hessian at
-    a minimum): it is then tested by a Cholesky factorisation, and when that fails the
-    info record carries the extreme eigenvalues (``min_curvature``, ``max_curvature``). Cost ``O(n)`` matvecs, ``O(n^2)`` memory and
+    a minimum): it is then tested by a Cholesky factorisation, which also solves it
+    (``info.message`` ``"Cholesky (positive definite)"``; no LU); when the test fails the
+    LU route runs and the info record carries the extreme eigenvalues
+    (``min_curvature``, ``max_curvature``). Cost ``O(n)`` matvecs, ``O(n^2)`` memory and
     ``O(n^3)`` time: the tutorial's approach, for small problems and for checking
     the iterative solvers.
 
