@@ -9,7 +9,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd.graph import _engine_run_backward
+
+try:  # private, present in the torch versions tested; without it, the public function runs
+    from torch.autograd.graph import _engine_run_backward
+except ImportError:  # pragma: no cover - older torch
+    _engine_run_backward = None  # type: ignore[assignment]
 
 from bilevel._tree import tree_flatten, tree_unflatten
 from bilevel.forward_ad import is_forward_ad_gap, jvp_by_double_vjp, warn_fallback
@@ -74,7 +78,7 @@ def _plain_grad(
     is called without the public function's argument handling (measured about 50 us per
     call with cold caches, a tenth of a 3-unknown hypergradient's budget). Tensor
     subclasses and ``__torch_function__`` modes take the public function."""
-    if torch._C._has_torch_function((*outputs, *inputs, *grads)):
+    if _engine_run_backward is None or torch._C._has_torch_function((*outputs, *inputs, *grads)):
         return torch.autograd.grad(
             outputs,
             inputs,
