@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bilevel._compile_guard import MAX_GRAPHS, check_graph_count, failure_reason
 from bilevel._tree import tree_unflatten
 from bilevel.linalg.base import _to_host
 from bilevel.linalg.info import LinearSolveInfo
@@ -124,7 +125,7 @@ def _dynamo() -> Any:
     return torch._dynamo
 
 
-_MAX_GRAPHS = 4  # graphs per loss and structure before falling back (dynamo's limit: 8)
+_MAX_GRAPHS = MAX_GRAPHS  # graphs per loss and structure before falling back
 
 
 def _compile(st: _Structure) -> Any:
@@ -214,15 +215,9 @@ def compiled_vjp(
         if fn is None:
             fn = _CACHE[key] = _compile(st)
         grads, summary = fn(spec.inner_loss, list(packer.constants), *map(_plain, (sol, theta, g)))
-        graphs = len(torch._C._dynamo.eval_frame._debug_get_cache_entry_list(fn._own_code))
-        if graphs > _MAX_GRAPHS:
-            raise RuntimeError(
-                f"recompiled {graphs - 1} times (guards failed: shapes, dtypes or Python "
-                "numbers the inner loss reads changed between calls)"
-            )
+        check_graph_count(fn, _MAX_GRAPHS, "the inner loss")
     except Exception as err:  # compile errors come as many types (dynamo, inductor, gcc)
-        text = str(err).strip()
-        reason = f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+        reason = failure_reason(err)
         _CACHE[key] = reason
         warnings.warn(
             f"{problem.name}(compiled=True): the backward of this inner loss is not compiled "

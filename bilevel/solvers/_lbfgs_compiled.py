@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bilevel._compile_guard import MAX_GRAPHS, check_graph_count, failure_reason
 from bilevel._tree import tree_unflatten
 from bilevel.solvers._flat import _eps
 from bilevel.solvers._inverse_history import _Pairs
@@ -46,7 +47,7 @@ from bilevel.solvers._stack import _NO_STEP, _RUNNING
 from bilevel.solvers.line_search import _rows, _Search
 
 _SEARCH_FIELDS = tuple(_Search.__dataclass_fields__)
-_MAX_GRAPHS = 4  # graphs per cache entry before falling back (dynamo's own limit: 8)
+_MAX_GRAPHS = MAX_GRAPHS  # graphs per cache entry before falling back
 _CACHE: dict[Any, Any] = {}  # key -> compiled function, or the reason it fell back
 COMPILES = {"count": 0}  # compiled functions built (tests count them)
 # inductor's C++ wrapper: the loop runs in C++ (measured 1.7 -> 0.7 ms for 10 passes at 3
@@ -237,17 +238,11 @@ def compiled_lbfgs(
         tol = torch.tensor(opts.tol, dtype=X.dtype, device=X.device)
         maxiter = torch.tensor(opts.maxiter, device=X.device)
         out = fn(objective, X, tol, maxiter)
-        graphs = len(torch._C._dynamo.eval_frame._debug_get_cache_entry_list(fn._own_code))
-        if graphs > _MAX_GRAPHS:
-            raise RuntimeError(
-                f"recompiled {graphs - 1} times (guards failed: shapes, dtypes or Python "
-                "numbers the objective reads changed between calls)"
-            )
+        check_graph_count(fn, _MAX_GRAPHS, "the objective")
     except Exception as err:  # compile errors come as many types (dynamo, inductor, gcc)
         from bilevel.implicit.compiled import CompileFallbackWarning
 
-        text = str(err).strip()
-        reason = f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+        reason = failure_reason(err)
         _CACHE[key] = reason
         warnings.warn(
             f"lbfgs(compiled=True): this objective is not compiled from now on ({reason}); it "
