@@ -45,8 +45,9 @@ def argmin(
         data: anything (e.g. a batch ``(x, y)``); its tensors are differentiable too.
         solver: ``solver(objective, init) -> (solution, info)`` minimizing ``objective(w)``,
             e.g. :func:`bilevel.solvers.lbfgs`; run without gradient tracking.
-        linear_solver: the backward's linear solver (default :func:`bilevel.linalg.auto`: dense
-            LU up to 64 unknowns, else :func:`bilevel.linalg.cg`);
+        linear_solver: the backward's linear solver (default :func:`bilevel.linalg.auto`: up to 64
+            unknowns the Hessian formed and solved by the Cholesky factorisation that also
+            tests it, LU when it is not positive definite, else :func:`bilevel.linalg.cg`);
             the operator is the Hessian ``d^2 inner_loss / dw^2`` by Hessian-vector products.
         stationarity_tol: if given, the gradient norm at the solution is checked against it
             (a ``RuntimeWarning`` naming the norm, or ``RuntimeError`` when ``strict``). Without
