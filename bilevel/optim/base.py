@@ -388,14 +388,7 @@ class Optimizer:
         return f"{self.name}({inner})"
 
 
-__all__ = [
-    "HParams",
-    "HyperParameter",
-    "Optimizer",
-    "Params",
-    "Resolved",
-    "State",
-    "StepAt",
-    "hmap",
-    "resolve",
-]
+# fmt: off
+__all__ = ["HParams", "HyperParameter", "Optimizer", "Params", "Resolved", "State", "StepAt",
+           "hmap", "resolve"]
+# fmt: on
