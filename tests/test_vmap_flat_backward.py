@@ -108,3 +108,29 @@ def test_a_warm_start_or_a_users_solver_keeps_the_tree(monkeypatch):
     (gc,) = torch.autograd.grad((torch.func.vmap(layer)(A, b, hv) ** 2).sum(), hv)
     assert joined
     torch.testing.assert_close(gv, gc, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["cg", "cg_truncated", "minres"])
+def test_the_joined_products_take_the_stack_directly(name, monkeypatch):
+    """The joined backward's Hessian products split and join the stack outside ``vmap``,
+    without the autograd Function's dispatch: the meta-gradient is bit for bit the
+    Function's."""
+    import bilevel.implicit._stacked_operator as stacked
+
+    A, b, h = _tasks()
+    layer = _layer(LINEAR[name]())
+
+    def outer(h):
+        return (torch.func.vmap(layer)(A, b, h) ** 2).sum()
+
+    calls = []
+    apply = stacked._StackedProduct.apply
+    monkeypatch.setattr(stacked._StackedProduct, "apply", lambda *a: calls.append(1) or apply(*a))
+    direct = torch.func.grad(outer)(h)
+    assert not calls
+    unbatch = stacked._unbatch
+    monkeypatch.setattr(stacked, "_unbatch", lambda leaves: None)
+    through_function = torch.func.grad(outer)(h)
+    assert calls
+    assert torch.equal(direct, through_function)
+    monkeypatch.setattr(stacked, "_unbatch", unbatch)

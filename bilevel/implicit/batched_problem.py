@@ -44,6 +44,7 @@ def _run_flat(
     matvec: Callable[[Any], Any],
     rhs: Sequence[Tensor],
     x0: Sequence[Tensor],
+    flat_product: Callable[[Tensor], Tensor | None] | None = None,
 ) -> list[Tensor]:
     """``linear.run`` on the leaves joined into one vector: under ``vmap`` each vector
     operation of the solver is then one batched kernel, not one per leaf (iMAML's six
@@ -59,7 +60,9 @@ def _run_flat(
 
     def matvec_flat(v: Any) -> list[Tensor]:
         (flat,) = tree_flatten(v)[0]
-        return [joined(matvec(leaves(flat)))]
+        # a product that takes the joined vector splits and joins it on the whole stack
+        out = flat_product(flat) if flat_product is not None else None
+        return [out if out is not None else joined(matvec(leaves(flat)))]
 
     (x,) = linear.run((matvec_flat, [joined(rhs)]), [joined(x0)])
     return [leaf.clone() for leaf in leaves(x)]  # outputs of their own, not views of x
@@ -157,7 +160,11 @@ class _BatchedProblem(_Problem):
 
             if not _flattens(linear, rhs):
                 return linear.run((matvec, rhs), x0)
-            return _run_flat(linear, matvec, rhs, x0)
+
+            def flat_product(v: Tensor) -> Tensor | None:
+                return fast.flat(v) if _level([v]) == level else None  # type: ignore[attr-defined]
+
+            return _run_flat(linear, matvec, rhs, x0, flat_product)
 
         return list(_vmap_over(one, (0, self.dims))(init, theta))
 
