@@ -15,6 +15,13 @@ try:  # private, present in the torch versions tested; without it, the public fu
 except ImportError:  # pragma: no cover - older torch
     _engine_run_backward = None  # type: ignore[assignment]
 
+from torch._C._functorch import (
+    _add_batch_dim,
+    _remove_batch_dim,
+    _vmap_decrement_nesting,
+    _vmap_increment_nesting,
+)
+
 from bilevel._tree import tree_flatten, tree_unflatten
 from bilevel.forward_ad import is_forward_ad_gap, jvp_by_double_vjp, warn_fallback
 
@@ -97,15 +104,18 @@ def _plain_grad(
 
     if not batched:
         return run(grads)
-    # what autograd.grad(is_grads_batched=True) does through torch._vmap_internals._vmap,
-    # without its tree walks and per-call wrapper (the cotangents share dimension 0)
-    level = torch._C._vmapmode_increment_nesting()
+    # the cotangents batched by functorch's vmap (what torch.func.vmap does, without its
+    # tree walks and wrappers), not by autograd.grad(is_grads_batched=True)'s legacy
+    # batching: that one runs each mat-vec of the graph as a bmm of the matrix expanded
+    # per cotangent (measured 1.4x the time at 30 unknowns, 18x at 300), where functorch's
+    # rules run one matrix product
+    size = grads[0].shape[0]
+    level = _vmap_increment_nesting(size, "error")
     try:
-        out = run([torch._add_batch_dim(x, 0, level) for x in grads])
-        size = grads[0].shape[0]
-        return tuple(None if o is None else torch._remove_batch_dim(o, level, size, 0) for o in out)
+        out = run([_add_batch_dim(x, 0, level) for x in grads])
+        return tuple(None if o is None else _remove_batch_dim(o, level, size, 0) for o in out)
     finally:
-        torch._C._vmapmode_decrement_nesting()
+        _vmap_decrement_nesting()
 
 
 def _dense(tree: Any) -> Any:

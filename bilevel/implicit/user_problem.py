@@ -14,6 +14,7 @@ from torch import Tensor
 from bilevel._tree import tree_unflatten
 from bilevel.implicit._exact import dense_plan, exact_vjp
 from bilevel.implicit._leaves import LEAF_SPEC, _check_like, _Packer
+from bilevel.implicit._plain_cg import cg_vjp, plain_cg
 from bilevel.implicit._products import _ForwardModeSwitch, _jvp, _plain_grad, _Products
 from bilevel.implicit.diagnostics import ImplicitDiagnostics, _record
 from bilevel.implicit.problem import _Problem
@@ -260,6 +261,8 @@ class _UserProblem(_Problem):
 
         plan = None if self.warm_start is not None else dense_plan(self.linear_solver, n)
         u = None if plan is None else exact_vjp(self, vjp, sol, g, plan)
+        if u is None and self.warm_start is None and plain_cg(self.linear_solver, sol):
+            u = cg_vjp(self, vjp, g)
         if u is None:
             operator = _Products(
                 lambda v: vjp(v), lambda V: vjp(V, batched=True), definite=self.minimum

@@ -12,7 +12,11 @@ Vec = list[Tensor]
 
 def _dot(a: Vec, b: Vec) -> Tensor:
     """Real inner product of two leaf lists (a 0-d tensor on their device)."""
-    dots = [torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b)]
+    # (1-d leaves, the common case, need no reshape: a dispatched op per vector saved)
+    dots = [
+        torch.dot(x, y) if x.dim() == 1 == y.dim() else torch.dot(x.reshape(-1), y.reshape(-1))
+        for x, y in zip(a, b)
+    ]
     if len(dots) == 1:
         return dots[0]
     if all(d.dtype == dots[0].dtype for d in dots):

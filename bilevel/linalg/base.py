@@ -308,9 +308,16 @@ class _Iterative(LinearSolver):
         if _is_batched(gathered):
             return self._finish_batched(parts, maxiter)
         vals = _to_host(gathered)
-        it, rn, th, neg = int(vals[0]), vals[1], vals[2], bool(vals[3])
+        info = self._info(int(vals[0]), vals[1], vals[2], bool(vals[3]), vals[4], vals[5], maxiter)
+        return info, vals[6:]
+
+    def _info(
+        self, it: int, rn: float, th: float, neg: bool, lo: float, hi: float, maxiter: int
+    ) -> LinearSolveInfo:
+        """The record of a solve from its values on the host (``lo``, ``hi``: the extreme
+        curvature met, +-inf when no direction was met)."""
         # +-inf: no direction was met (b = 0, or converged at x0)
-        c_lo, c_hi = (v if math.isfinite(v) else math.nan for v in vals[4:6])
+        c_lo, c_hi = (v if math.isfinite(v) else math.nan for v in (lo, hi))
         converged = (rn <= th) and not neg and math.isfinite(rn)
         if converged:
             message = ""
@@ -327,7 +334,7 @@ class _Iterative(LinearSolver):
                 f"reached maxiter={maxiter}; raise maxiter, loosen tol/atol, or add damping "
                 "to improve the conditioning"
             )
-        info = LinearSolveInfo(
+        return LinearSolveInfo(
             self.name,
             it,
             rn,
@@ -338,7 +345,6 @@ class _Iterative(LinearSolver):
             min_curvature=c_lo,
             max_curvature=c_hi,
         )
-        return info, vals[6:]
 
     def _finish_batched(
         self, parts: list[Tensor], maxiter: int

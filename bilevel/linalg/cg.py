@@ -44,17 +44,26 @@ class CG(_Preconditioned):
         inplace = not _tracked([*b, *x])
         if inplace:
             r = [ri.clone() if ri is bi else ri for ri, bi in zip(r, b)]
-        bnorm = _norm(b)
-        threshold = self._threshold(bnorm)
         # with a preconditioner: z = M^-1 r builds the directions and rz = r^T z the step,
         # and the stopping rule still reads the true residual norm ||r|| (same accuracy)
         z = r if M is None else M(r)
-        rs = _dot(r, r)
-        rz = rs if M is None else _dot(r, z)
         # p is updated in place: a buffer of its own (z may be r, or a user's M^-1 output)
         p = [t.clone() for t in z] if inplace and not isinstance(M, Diagonal) else z
         # a diagonal M^-1 writes z into one buffer per solve
         z_out = [torch.empty_like(t) for t in r] if inplace and isinstance(M, Diagonal) else None
+        first = None
+        if inplace and period == 1 and b[0].device.type == "cpu":
+            first = A(p)
+            if not _tracked(first):
+                # decided before any of the masked loop's 0-d state exists (on a 3-unknown
+                # solve its set-up and record cost as much as the products)
+                start = _HostStart(x, r, p, z_out, first, M, cold=x0 is None)
+                return self._solve_on_host(start, A, b, maxiter, described)
+            inplace, z_out = False, None  # an operator with a graph: nothing updated yet
+        bnorm = _norm(b)
+        threshold = self._threshold(bnorm)
+        rs = _dot(r, r)
+        rz = rs if M is None else _dot(r, z)
         # the Rayleigh quotients' denominator p^T M p (M: the preconditioner's matrix, the
         # inverse of z = M^-1 r; I without one) by the recurrence of p' = z' + beta p, where
         # r'^T p = 0 gives p'^T M p' = r'^T z' + beta^2 p^T M p: no vector pass for it. With
@@ -68,13 +77,6 @@ class CG(_Preconditioned):
         zero = torch.zeros_like(rs)
         lo = torch.full_like(bnorm, math.inf)  # extreme Rayleigh quotients of the directions
         hi = torch.full_like(bnorm, -math.inf)
-        first = None
-        if inplace and period == 1 and b[0].device.type == "cpu":
-            first = A(p)
-            if not _tracked(first):
-                start = _HostStart(x, r, p, z_out, first, M)
-                return self._solve_on_host(A, start, threshold, maxiter, described)
-            inplace, z_out = False, None  # an operator with a graph: nothing updated yet
 
         # The loop is a few fused vector ops and as few 0-d ops as masking allows (on
         # small and mid-sized problems the 0-d ops cost as much as the product). Per
@@ -130,9 +132,9 @@ class CG(_Preconditioned):
 
     def _solve_on_host(
         self,
-        A: Callable[[Vec], Vec],
         start: _HostStart,
-        threshold: Tensor,
+        A: Callable[[Vec], Vec],
+        b: Vec,
         maxiter: int,
         described: str,
     ) -> tuple[Vec, LinearSolveInfo]:
@@ -142,11 +144,21 @@ class CG(_Preconditioned):
         (on small problems those cost as much as the product). The same iterates as the
         masked loop to rounding, and the same stopping decisions."""
         x, r, p, z_out, M = start.x, start.r, start.p, start.z_out, start.M
-        rs = float(_dot(r, r))
+        exact = b[0].dtype == torch.float64  # Python floats hold its values exactly
+        bb = _dot(b, b)
+        if exact:
+            bnorm = math.sqrt(float(bb))
+            th = self.tol * bnorm  # torch.clamp(tol ||b||, min=atol), NaN kept
+            th = self.atol if th < self.atol else th
+            t2 = th * th
+        else:
+            threshold = self._threshold(bb.sqrt())
+            t2 = float(threshold * threshold)
+        # from zero, r is a copy of b: its norm is b's
+        rs = float(bb) if exact and start.cold else float(_dot(r, r))
         z = r if M is None else (M(r) if z_out is None else M.into(r, z_out))
         rz = rs if M is None else float(_dot(r, z))
         pp = rz
-        t2 = float(threshold * threshold)
         lo, hi = math.inf, -math.inf
         iterations, negative = 0, False
         Ap: Vec | None = start.Ap
@@ -182,18 +194,22 @@ class CG(_Preconditioned):
             Ap = None
             # a NaN from the operator stops the loop instead of running to maxiter
             done = not rs > t2
-        like = threshold
-        info, _ = self._finish(
-            iterations=torch.tensor(iterations, device=like.device),
-            rnorm=torch.tensor(math.sqrt(rs) if rs >= 0 else math.nan, dtype=like.dtype),
-            threshold=threshold,
-            negative_curvature=torch.tensor(negative, device=like.device),
-            maxiter=maxiter,
-            curvature=(
-                torch.tensor(lo, dtype=like.dtype, device=like.device),
-                torch.tensor(hi, dtype=like.dtype, device=like.device),
-            ),
-        )
+        rn = math.sqrt(rs) if rs >= 0 else math.nan
+        if exact:
+            info = self._info(iterations, rn, th, negative, lo, hi, maxiter)
+        else:  # the record's values rounded to the working precision, as the masked loop's
+            like = threshold
+            info, _ = self._finish(
+                iterations=torch.tensor(iterations, device=like.device),
+                rnorm=torch.tensor(rn, dtype=like.dtype),
+                threshold=threshold,
+                negative_curvature=torch.tensor(negative, device=like.device),
+                maxiter=maxiter,
+                curvature=(
+                    torch.tensor(lo, dtype=like.dtype, device=like.device),
+                    torch.tensor(hi, dtype=like.dtype, device=like.device),
+                ),
+            )
         info.preconditioner = described
         return x, info
 
@@ -201,7 +217,7 @@ class CG(_Preconditioned):
 @dataclasses.dataclass(frozen=True)
 class _HostStart:
     """Where the CPU loop starts: its own buffers (x, r, p; z_out for a diagonal M^-1), the
-    first product, and the preconditioner."""
+    first product, the preconditioner, and whether it starts from zero."""
 
     x: Vec
     r: Vec
@@ -209,6 +225,7 @@ class _HostStart:
     z_out: Vec | None
     Ap: Vec
     M: Any
+    cold: bool  # started from zero: r is a copy of b
 
 
 def cg(
