@@ -20,9 +20,6 @@ from bilevel.implicit.diagnostics import ImplicitDiagnostics, _record
 from bilevel.implicit.problem import _Problem
 from bilevel.implicit.warm_start import is_wrapped
 
-_BATCHED_BACKWARD_MAX = 64  # unknowns up to which dense matrices come from one batched backward
-
-
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
     """What one implicit layer is, apart from its tensors: built once per public call.
@@ -225,12 +222,6 @@ class _UserProblem(_Problem):
             if fast is not None:
                 return fast
         n = sum(x.numel() for x in sol)
-        forms_matrix = getattr(self.linear_solver, "forms_matrix", None)
-        if n > _BATCHED_BACKWARD_MAX and callable(forms_matrix) and forms_matrix(n):
-            # a batched backward through a large graph runs matrix-vector products as
-            # batched products of an expanded matrix (measured 10-20x slower than the
-            # general path's vmapped products at 300 unknowns)
-            return None
         graph = self._graph
         if graph is not None and not all(graph[3][i] for i in which):
             graph = None  # (cannot happen: backward asks for a subset of what required grad)
