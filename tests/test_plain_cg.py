@@ -1,0 +1,215 @@
+"""The plain backward's inlined cg (bilevel/implicit/_plain_cg.py), cg's CPU loop decided
+before the masked loop's state, the Hessian's batched backward by functorch's batching, and
+dense's plain path beyond 64 unknowns: each equal to the general path (1e-12, float64), to
+the closed form, with the same iterations, records and warnings."""
+
+import warnings
+
+import pytest
+import torch
+
+import bilevel
+import bilevel.implicit.user_problem as user_problem
+from bilevel import linalg
+from bilevel.implicit._products import _plain_grad
+from bilevel.linalg.cg import CG
+from bilevel.linalg.dense import Dense
+from bilevel.solvers import NotMinimumWarning
+
+D = torch.float64
+
+
+def _ridge(n, p, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X, y = torch.randn(n, p, generator=g, dtype=D), torch.randn(n, generator=g, dtype=D)
+    Xv, yv = torch.randn(n, p, generator=g, dtype=D), torch.randn(n, generator=g, dtype=D)
+
+    def inner(w, h):
+        return 0.5 * (X @ w - y).pow(2).mean() + 0.5 * h.exp() * (w * w).sum()
+
+    def outer(w):
+        return 0.5 * (Xv @ w - yv).pow(2).mean()
+
+    def w_star(h):
+        A = X.T @ X / n + h.exp() * torch.eye(p, dtype=D)
+        return torch.linalg.solve(A, X.T @ y / n)
+
+    return inner, outer, w_star
+
+
+class _OwnCG(CG):  # a subclass: never inlined, so the general plain path runs
+    def __init__(self, tol=1e-10, maxiter=None, damping=0.0):
+        super().__init__(tol, 0.0, maxiter, damping, None)
+
+
+class _OwnDense(Dense):
+    pass
+
+
+class _Calls:
+    """Counts the plain backward's engine calls and the inlined cg's solves."""
+
+    def __init__(self, monkeypatch):
+        self.grads = 0
+        self.inlined = 0
+        real_grad, real_cg = user_problem._plain_grad, user_problem.cg_vjp
+
+        def grad(*args, **kwargs):
+            self.grads += 1
+            return real_grad(*args, **kwargs)
+
+        def cg(*args, **kwargs):
+            self.inlined += 1
+            return real_cg(*args, **kwargs)
+
+        monkeypatch.setattr(user_problem, "_plain_grad", grad)
+        monkeypatch.setattr(user_problem, "cg_vjp", cg)
+
+
+def _hypergrad(inner, outer, w0, h, solver, create_graph=False):
+    w = bilevel.argmin(inner, w0, h, linear_solver=solver)
+    (g,) = torch.autograd.grad(outer(w), h, create_graph=create_graph)
+    return g.detach()
+
+
+def _cg_options(damping):
+    return dict(tol=1e-12, damping=damping)
+
+
+@pytest.mark.parametrize("p", [1, 3, 30])
+@pytest.mark.parametrize("damping", [0.0, 0.25])
+def test_inlined_cg_equals_the_general_path_and_the_closed_form(monkeypatch, p, damping):
+    inner, outer, w_star = _ridge(max(12, 3 * p), p)
+    h = torch.tensor(-1.0, dtype=D, requires_grad=True)
+    w0 = w_star(h.detach())
+    calls = _Calls(monkeypatch)
+    fast_solver = linalg.cg(**_cg_options(damping))
+    fast = _hypergrad(inner, outer, w0, h, fast_solver)
+    assert calls.inlined == 1
+    general_solver = _OwnCG(**_cg_options(damping))
+    general = _hypergrad(inner, outer, w0, h, general_solver)
+    assert calls.inlined == 1  # the subclass took the general path
+    # the same loop on the same products: the same iterates and stopping decision
+    assert fast_solver.last_info.iterations == general_solver.last_info.iterations
+    assert fast_solver.last_info.converged and general_solver.last_info.converged
+    torch.testing.assert_close(fast, general, rtol=1e-12, atol=0)
+    twice = _hypergrad(inner, outer, w0, h, linalg.cg(**_cg_options(damping)), create_graph=True)
+    torch.testing.assert_close(fast, twice, rtol=1e-10, atol=0)
+    if damping == 0.0:
+        closed = torch.autograd.grad(outer(w_star(h)), h)[0]
+        torch.testing.assert_close(fast, closed, rtol=1e-9, atol=0)
+
+
+def test_three_unknowns_stop_after_at_most_three_products(monkeypatch):
+    inner, outer, w_star = _ridge(10, 3)
+    h = torch.tensor(-2.0, dtype=D, requires_grad=True)
+    calls = _Calls(monkeypatch)
+    solver = linalg.cg(tol=1e-12)
+    _hypergrad(inner, outer, w_star(h.detach()), h, solver)
+    # one call builds F's graph, one gives the hypergradient: the rest are cg's products
+    assert calls.grads - 2 <= 3
+    assert calls.grads - 2 == solver.last_info.iterations
+    assert solver.last_info.converged
+
+
+def test_a_truncated_inlined_cg_truncates_and_warns(monkeypatch):
+    inner, outer, w_star = _ridge(60, 30)
+    h = torch.tensor(-3.0, dtype=D, requires_grad=True)
+    w0 = w_star(h.detach())
+    calls = _Calls(monkeypatch)
+    results = []
+    for make in (linalg.cg, _OwnCG):
+        solver = make(tol=1e-12, maxiter=2)
+        with pytest.warns(RuntimeWarning, match="did not converge"):
+            results.append(_hypergrad(inner, outer, w0, h, solver))
+        assert solver.last_info.iterations == 2 and not solver.last_info.converged
+        assert "maxiter=2" in solver.last_info.message
+    assert calls.inlined == 1
+    torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=0)
+    exact = _hypergrad(inner, outer, w0, h, linalg.dense())
+    assert not torch.allclose(results[0], exact, rtol=1e-6)  # truncated: not the solution
+
+
+def test_inlined_cg_at_a_maximum_warns_as_the_general_path(monkeypatch):
+    def inner(w, h):
+        return -(w * w).sum() * h.exp() + (w * 0).sum()
+
+    h = torch.tensor(0.0, dtype=D, requires_grad=True)
+    w0 = torch.zeros(2, dtype=D)
+    calls = _Calls(monkeypatch)
+    for make in (linalg.cg, _OwnCG):
+        solver = make()
+        w = bilevel.argmin(inner, w0, h, linear_solver=solver)
+        with pytest.warns(RuntimeWarning, match="did not converge"):
+            with pytest.warns(NotMinimumWarning, match="not a minimum"):
+                torch.autograd.grad((w * torch.tensor([1.0, 2.0], dtype=D)).sum(), h)
+        assert solver.last_info.negative_curvature
+    assert calls.inlined == 1
+
+
+def test_dense_beyond_64_unknowns_takes_the_plain_path(monkeypatch):
+    inner, outer, w_star = _ridge(160, 80)
+    h = torch.tensor(-1.0, dtype=D, requires_grad=True)
+    w0 = w_star(h.detach())
+    taken = []
+    real = user_problem.exact_vjp
+    monkeypatch.setattr(
+        user_problem,
+        "exact_vjp",
+        lambda *a: taken.append(1) or real(*a),  # type: ignore[func-returns-value]
+    )
+    fast = _hypergrad(inner, outer, w0, h, linalg.dense())
+    assert taken == [1]
+    general = _hypergrad(inner, outer, w0, h, _OwnDense())
+    torch.testing.assert_close(fast, general, rtol=1e-12, atol=0)
+    closed = torch.autograd.grad(outer(w_star(h)), h)[0]
+    torch.testing.assert_close(fast, closed, rtol=1e-10, atol=0)
+
+
+def test_batched_plain_grad_equals_autograd_grads_batched_one():
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(5, 4, generator=g, dtype=D)
+    a = torch.randn(4, generator=g, dtype=D, requires_grad=True)
+    b = torch.randn(2, 3, generator=g, dtype=D, requires_grad=True)
+    unused = torch.randn(3, dtype=D, requires_grad=True)
+    with torch.enable_grad():
+        loss = (A @ a).pow(2).sum() + (b.sin() * b).sum() + (A @ a).sum() * b.sum()
+        F = torch.autograd.grad(loss, [a, b], create_graph=True)
+    V = [torch.randn(7, *f.shape, generator=g, dtype=D) for f in F]
+    ours = _plain_grad(F, [a, b, unused], V, retain_graph=True, batched=True)
+    theirs = torch.autograd.grad(
+        F, [a, b, unused], V, retain_graph=True, allow_unused=True, is_grads_batched=True
+    )
+    assert ours[2] is None and theirs[2] is None
+    for x, y in zip(ours[:2], theirs[:2]):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)
+    # and each row is the product of its own cotangent
+    for i in range(7):
+        row = torch.autograd.grad(F, [a, b], [v[i] for v in V], retain_graph=True)
+        for x, y in zip(ours[:2], row):
+            torch.testing.assert_close(x[i], y, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cg_cpu_loop_equals_the_masked_loop(dtype):
+    g = torch.Generator().manual_seed(1)
+    B = torch.randn(20, 8, generator=g, dtype=torch.float64)
+    A = (B.T @ B / 20 + 0.1 * torch.eye(8, dtype=torch.float64)).to(dtype)
+    b = torch.randn(8, generator=g, dtype=torch.float64).to(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x1, info1 = linalg.cg(tol=1e-6, atol=1e-7)(lambda v: A @ v, b)  # CPU loop
+        x2, info2 = linalg.cg(tol=1e-6, atol=1e-7, check_every=2)(lambda v: A @ v, b)  # masked
+    # the masked loop may run one masked (no-op) iteration past convergence
+    assert info1.iterations == info2.iterations
+    assert info1.converged and info2.converged
+    assert info1.threshold == info2.threshold
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(x1, x2, rtol=rtol, atol=0)
+    assert info1.residual_norm == pytest.approx(info2.residual_norm, rel=rtol)
+    assert info1.min_curvature == pytest.approx(info2.min_curvature, rel=rtol)
+    assert info1.max_curvature == pytest.approx(info2.max_curvature, rel=rtol)
+    # a truncated solve: the same record of not converging
+    _, t1 = linalg.cg(tol=1e-14, maxiter=3)(lambda v: A @ v, b)
+    _, t2 = linalg.cg(tol=1e-14, maxiter=3, check_every=3)(lambda v: A @ v, b)
+    assert (t1.iterations, t1.converged, t1.message) == (t2.iterations, t2.converged, t2.message)
