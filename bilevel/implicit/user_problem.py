@@ -20,6 +20,7 @@ from bilevel.implicit.diagnostics import ImplicitDiagnostics, _record
 from bilevel.implicit.problem import _Problem
 from bilevel.implicit.warm_start import is_wrapped
 
+
 @dataclasses.dataclass(frozen=True)
 class LayerSpec:
     """What one implicit layer is, apart from its tensors: built once per public call.
