@@ -77,7 +77,10 @@ def solve_by_cholesky(M: Tensor, flat_b: Tensor, rcond: float) -> tuple[Tensor, 
     factorisation that tests definiteness also solves, so no LU is needed; one host read.
     """
     L, flag = torch.linalg.cholesky_ex(M)
-    flat_x = torch.cholesky_solve(flat_b.unsqueeze(-1), L).squeeze(-1)
+    # two triangular solves: the same substitutions as cholesky_solve, without its copies
+    # of the right-hand side (measured 10% of a 3-30 unknown solve's time, cold caches)
+    y = torch.linalg.solve_triangular(L, flat_b.unsqueeze(-1), upper=False)
+    flat_x = torch.linalg.solve_triangular(L.mT, y, upper=True).squeeze(-1)
     rnorm = torch.linalg.vector_norm(torch.addmv(flat_b, M, flat_x, alpha=-1))
     vals = torch.cat([rnorm.reshape(1), flag.reshape(1), L.diagonal()]).tolist()
     rn, diag = vals[0], vals[2:]
