@@ -6,10 +6,12 @@ solution given (``argmin(..., solver=None)``) at 3-30 unknowns, the general rout
 matrix formed through ``matmat``) dispatched about 126 tensor operations per
 hypergradient, against 38 for autograd through the closed form. For an argmin (whose
 Hessian should be positive definite) this path runs what ``dense(method="solve")`` runs on
-the same matrix when all is well: one batched backward for the matrix, then the Cholesky
-factorisation that tests and solves it, the residual and one host read
-(:func:`bilevel.linalg.dense.solve_by_cholesky`), so its solution is bitwise the general
-path's. It returns None whenever that path would do anything else: a matrix that is not
+the same matrix when all is well: one batched backward for the matrix (its cotangents
+batched by functorch's rules, which run each matrix-vector product of the loss's double
+backward as one matrix product, so ``dense`` takes this path at any size; ``auto`` up to
+its ``max_dense``), then the Cholesky factorisation that tests and solves it, the
+residual and one host read (:func:`bilevel.linalg.dense.solve_by_cholesky`), so its
+solution is bitwise the general path's. It returns None whenever that path would do anything else: a matrix that is not
 positive definite, is singular or not finite (where it warns, raises or falls back), mixed
 dtypes, a Tensor damping, a solver subclass. The general path then runs from the start
 and decides.

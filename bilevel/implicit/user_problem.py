@@ -207,7 +207,9 @@ class _UserProblem(_Problem):
     ) -> list[Tensor] | None:
         """The backward pass on one graph of ``F``: built once, then each product of the
         linear solve is one backward through it (``dense``/``auto`` form the matrix with
-        one batched backward), and the hypergradient is one more.
+        one batched backward and solve it inlined, :mod:`bilevel.implicit._exact`; plain
+        ``cg`` runs its CPU loop on these products directly,
+        :mod:`bilevel.implicit._plain_cg`), and the hypergradient is one more.
 
         About half the cost of the general path on small problems, whose time is per-call
         set-up (``torch.func`` transforms, a nested autograd Function). Only for a plain
