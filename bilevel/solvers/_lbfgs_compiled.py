@@ -43,12 +43,14 @@ from bilevel._tree import tree_unflatten
 from bilevel.solvers._flat import _eps
 from bilevel.solvers._inverse_history import _Pairs
 from bilevel.solvers._lbfgs_batch import _LBFGSSettings, _Result, _status
+from bilevel.solvers._packed_state import _Packing
 from bilevel.solvers._stack import _NO_STEP, _RUNNING
 from bilevel.solvers.line_search import _rows, _Search
 
 _SEARCH_FIELDS = tuple(_Search.__dataclass_fields__)
 _MAX_GRAPHS = MAX_GRAPHS  # graphs per cache entry before falling back
 _CACHE: dict[Any, Any] = {}  # key -> compiled function, or the reason it fell back
+_LIMITS: dict[Any, tuple[Tensor, Tensor]] = {}  # (tol, maxiter, dtype, device) -> inputs
 COMPILES = {"count": 0}  # compiled functions built (tests count them)
 # inductor's C++ wrapper: the loop runs in C++ (measured 1.7 -> 0.7 ms for 10 passes at 3
 # unknowns against its Python wrapper; the first compile takes about twice as long)
@@ -118,13 +120,14 @@ def _loop(
     restarted = torch.zeros(1, dtype=torch.bool, device=X.device)
     state = (X, f, g, gnorm, k, k + 1, restarted, status, d, *pairs)
     fields = tuple(getattr(search, name) for name in _SEARCH_FIELDS)
-    carry = tuple(t.clone() for t in state + fields)
+    packing = _Packing.of(state + fields, X.dtype)
     first = 9 + len(pairs)  # where the search's fields start
 
-    def running(*carry: Tensor) -> Tensor:
-        return (carry[7] == _RUNNING).reshape(())
+    def running(floats: Tensor, ints: Tensor) -> Tensor:
+        return (packing.unpack(floats, ints)[7] == _RUNNING).reshape(())
 
-    def one_pass(*carry: Tensor) -> tuple[Tensor, ...]:
+    def one_pass(floats: Tensor, ints: Tensor) -> tuple[Tensor, Tensor]:
+        carry = packing.unpack(floats, ints)
         X, f, g, gnorm, k, evals, restarted, status, d = carry[:9]
         pairs = _Pairs(*carry[9:first])
         search = _Search(*carry[first:])
@@ -158,10 +161,10 @@ def _loop(
         fresh = _Search.start(t0, f, (g * d).sum(-1), g, 100 * eps * f.abs())
         search = search.where(again, fresh)
         fields = tuple(getattr(search, name) for name in _SEARCH_FIELDS)
-        return (X, f, g, gnorm, k, evals, restarted, status, d, *pairs, *fields)
+        return packing.pack((X, f, g, gnorm, k, evals, restarted, status, d, *pairs, *fields))
 
-    out = torch.while_loop(running, one_pass, carry)
-    X, f, _, gnorm, k, evals, _, status = out[:8]
+    out = packing.unpack(*torch.while_loop(running, one_pass, packing.pack(state + fields)))
+    X, f, _, gnorm, k, evals, _, status = (t.clone() for t in out[:8])
     return X, f, gnorm, k, evals, status
 
 
@@ -208,6 +211,22 @@ def _compile(layout: _Layout, opts: _LBFGSSettings) -> Any:
     return fn
 
 
+def _limits(opts: _LBFGSSettings, X: Tensor) -> tuple[Tensor, Tensor]:
+    """``(tol, maxiter)`` as the loop's 0-d inputs, made once per value (the loop only reads
+    them)."""
+    # inference tensors carry other dispatch keys: dynamo would guard them apart
+    key = (opts.tol, opts.maxiter, X.dtype, X.device, torch.is_inference_mode_enabled())
+    limits = _LIMITS.get(key)
+    if limits is None:
+        if len(_LIMITS) >= 64:  # a caller sweeping tol: keep the table small
+            _LIMITS.clear()
+        limits = _LIMITS[key] = (
+            torch.tensor(opts.tol, dtype=X.dtype, device=X.device),
+            torch.tensor(opts.maxiter, device=X.device),
+        )
+    return limits
+
+
 def compiled_lbfgs(
     objective: Callable[[Any], Tensor],
     layout: _Layout,
@@ -220,13 +239,7 @@ def compiled_lbfgs(
     eager evaluation at ``X``, run before compiling an entry: its errors (no gradient path,
     a non-scalar value) are the eager solver's, raised as they are."""
     # tol and maxiter are inputs, not part of the key
-    key = (
-        _codes(objective),
-        layout,
-        X.dtype,
-        X.device,
-        dataclasses.replace(opts, tol=0, maxiter=1),
-    )
+    key = (_codes(objective), layout, X.dtype, X.device, opts.history_size, opts.wolfe)
     fn = _CACHE.get(key)
     if isinstance(fn, str):
         return None
@@ -235,9 +248,7 @@ def compiled_lbfgs(
     try:
         if fn is None:
             fn = _CACHE[key] = _compile(layout, opts)
-        tol = torch.tensor(opts.tol, dtype=X.dtype, device=X.device)
-        maxiter = torch.tensor(opts.maxiter, device=X.device)
-        out = fn(objective, X, tol, maxiter)
+        out = fn(objective, X, *_limits(opts, X))
         check_graph_count(fn, _MAX_GRAPHS, "the objective")
     except Exception as err:  # compile errors come as many types (dynamo, inductor, gcc)
         from bilevel.implicit.compiled import CompileFallbackWarning

@@ -9,8 +9,9 @@ the train set's size). The floor is autograd through the closed form
 ``torch.linalg.solve(X^T X / n + lambda I, X^T y / n)`` (forward included); then bilevel's
 ``argmin`` with the solution given (``solver=None``; ``auto``, ``cg`` and ``dense`` backward, and
 ``compiled=True`` with ``auto`` up to 64 unknowns, its compile time printed), with
-``solvers.lbfgs`` from zero (forward solve included; and ``lbfgs(compiled=True)``, the whole
-solver loop compiled, its compile time printed), and JAXopt's counterparts (jitted).
+``solvers.lbfgs`` from zero (forward solve included, the default ``auto`` backward; and
+``lbfgs(compiled=True)``, the whole solver loop compiled, its compile time printed), and
+JAXopt's counterparts (jitted).
 Ratios are to the closed form.
 
 Digits: multinomial logistic regression on scikit-learn's digits (64 pixels / 16, 10
@@ -329,12 +330,16 @@ def small_impls(problem: Small, *, closed_form: bool, dense: bool, lbfgs: bool) 
     if dense:
         impls.append(Impl("bilevel dense", bilevel_impl(problem, linalg.dense())))
     if lbfgs:
+        # ridge (closed_form): the user's default backward, auto; digits: cg at JAXopt's
+        # tolerance (the pair compares the two libraries at the same tolerances)
+        backward = None if closed_form else linalg.cg(tol=TOL)
+        said = "auto()" if closed_form else f"cg(tol={TOL:g})"
         solver = solvers.lbfgs(tol=SOLVE_TOL, maxiter=LBFGS_MAXITER, history_size=LBFGS_HISTORY)
         impls.append(
             Impl(
                 "bilevel lbfgs",
-                bilevel_impl(problem, linalg.cg(tol=TOL), solver),
-                note=f"lbfgs(tol={SOLVE_TOL:g}) from 0 + cg(tol={TOL:g})",
+                bilevel_impl(problem, backward, solver),
+                note=f"lbfgs(tol={SOLVE_TOL:g}) from 0 + {said}",
             )
         )
     if lbfgs and closed_form:
@@ -345,14 +350,14 @@ def small_impls(problem: Small, *, closed_form: bool, dense: bool, lbfgs: bool) 
 
 
 def lbfgs_compiled_impl(problem: Small) -> Impl:
-    """``solvers.lbfgs(compiled=True)`` from 0 + cg: the row of ``bilevel lbfgs`` with the
-    solver's loop compiled (the first call compiles, untimed)."""
-    from bilevel import linalg, solvers
+    """``solvers.lbfgs(compiled=True)`` from 0 + the default backward (``auto``): the row of
+    ``bilevel lbfgs`` with the solver's loop compiled (the first call compiles, untimed)."""
+    from bilevel import solvers
 
     solver = solvers.lbfgs(
         tol=SOLVE_TOL, maxiter=LBFGS_MAXITER, history_size=LBFGS_HISTORY, compiled=True
     )
-    run = bilevel_impl(problem, linalg.cg(tol=TOL), solver)
+    run = bilevel_impl(problem, None, solver)
     start = time.perf_counter()
     run()
     seconds = time.perf_counter() - start
@@ -361,7 +366,7 @@ def lbfgs_compiled_impl(problem: Small) -> Impl:
     return Impl(
         "bilevel lbfgs compiled",
         run,
-        note=f"lbfgs(compiled=True) from 0 + cg(tol={TOL:g}); {ran}, "
+        note=f"lbfgs(compiled=True) from 0 + auto(); {ran}, "
         f"compile {seconds:.1f} s (untimed); {info.iterations if info else '?'} it.",
     )
 
