@@ -9,7 +9,9 @@ the empty ones masked, as the stack's rows do), is traced once by ``torch.compil
 ``torch.func.grad_and_value`` of the objective, the line search by the stack's own
 :class:`bilevel.solvers.line_search._Search` and its step, pair, retry and stop rules, the
 curvature pairs in :class:`bilevel.solvers._inverse_history._Pairs` (``R^-1`` of the
-compact form as state: no triangular solves, no gathers). Inductor runs the loop in its
+compact form as state: no triangular solves, no gathers), the carried state packed into
+two flat buffers (:mod:`bilevel.solvers._packed_state`), a large matrix-vector product in
+the objective sent to the BLAS (:func:`_mv`). Inductor runs the loop in its
 (C++) wrapper and reads the loop's condition (is the problem still running?) on the host
 after every pass: that read is the convergence check, the only one; the results are read
 once at the end.
