@@ -81,3 +81,35 @@ def stock_csv(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return make
+
+
+RidgeProblem = tuple[
+    Callable[..., torch.Tensor], Callable[..., torch.Tensor], Callable[..., torch.Tensor]
+]
+
+
+@pytest.fixture
+def ridge() -> Callable[..., RidgeProblem]:
+    """``ridge(n, p, seed=0) -> (inner, outer, w_star)``: float64 ridge regression with
+    ``lambda = exp(h)``, its validation loss and its closed-form solution ``w_star(h)``
+    (Gaussian train and validation sets of ``n`` rows and ``p`` features)."""
+
+    def make(n: int, p: int, seed: int = 0) -> RidgeProblem:
+        D = torch.float64
+        g = torch.Generator().manual_seed(seed)
+        X, y = torch.randn(n, p, generator=g, dtype=D), torch.randn(n, generator=g, dtype=D)
+        Xv, yv = torch.randn(n, p, generator=g, dtype=D), torch.randn(n, generator=g, dtype=D)
+
+        def inner(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+            return 0.5 * (X @ w - y).pow(2).mean() + 0.5 * h.exp() * (w * w).sum()
+
+        def outer(w: torch.Tensor) -> torch.Tensor:
+            return 0.5 * (Xv @ w - yv).pow(2).mean()
+
+        def w_star(h: torch.Tensor) -> torch.Tensor:
+            A = X.T @ X / n + h.exp() * torch.eye(p, dtype=D)
+            return torch.linalg.solve(A, X.T @ y / n)
+
+        return inner, outer, w_star
+
+    return make

@@ -20,24 +20,6 @@ from bilevel.solvers import NotMinimumError, NotMinimumWarning
 D = torch.float64
 
 
-def _ridge(n=12, p=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    X, y = torch.randn(n, p, generator=g, dtype=D), torch.randn(n, generator=g, dtype=D)
-    Xv, yv = torch.randn(n, p, generator=g, dtype=D), torch.randn(n, generator=g, dtype=D)
-
-    def inner(w, h):
-        return 0.5 * (X @ w - y).pow(2).mean() + 0.5 * h.exp() * (w * w).sum()
-
-    def outer(w):
-        return 0.5 * (Xv @ w - yv).pow(2).mean()
-
-    def w_star(h):
-        A = X.T @ X / n + h.exp() * torch.eye(p, dtype=D)
-        return torch.linalg.solve(A, X.T @ y / n)
-
-    return inner, outer, w_star
-
-
 class _Counting:
     """Wraps user_problem.exact_vjp: how often the inlined solve returned a solution."""
 
@@ -64,8 +46,8 @@ def _grad(make, h, create_graph=False):
 
 @pytest.mark.parametrize("p", [1, 3, 30])
 @pytest.mark.parametrize("solver", ["auto", "dense", "dense damped"])
-def test_the_inlined_solve_equals_the_general_paths(monkeypatch, p, solver):
-    inner, outer, w_star = _ridge(n=max(12, 2 * p), p=p)
+def test_the_inlined_solve_equals_the_general_paths(monkeypatch, p, solver, ridge):
+    inner, outer, w_star = ridge(max(12, 2 * p), p)
     lin = {
         "auto": lambda: None,
         "dense": linalg.dense,
@@ -98,8 +80,8 @@ def test_the_inlined_solve_equals_the_general_paths(monkeypatch, p, solver):
     torch.testing.assert_close(fast, closed, rtol=1e-10, atol=0)
 
 
-def test_the_inlined_solve_files_the_dense_record():
-    inner, outer, w_star = _ridge()
+def test_the_inlined_solve_files_the_dense_record(ridge):
+    inner, outer, w_star = ridge(12, 3)
     h = torch.tensor(-1.0, dtype=D, requires_grad=True)
     diag = bilevel.ImplicitDiagnostics()
     w = bilevel.argmin(inner, w_star(h.detach()), h, diagnostics=diag)

@@ -19,24 +19,6 @@ from bilevel.solvers import NotMinimumWarning
 D = torch.float64
 
 
-def _ridge(n, p, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    X, y = torch.randn(n, p, generator=g, dtype=D), torch.randn(n, generator=g, dtype=D)
-    Xv, yv = torch.randn(n, p, generator=g, dtype=D), torch.randn(n, generator=g, dtype=D)
-
-    def inner(w, h):
-        return 0.5 * (X @ w - y).pow(2).mean() + 0.5 * h.exp() * (w * w).sum()
-
-    def outer(w):
-        return 0.5 * (Xv @ w - yv).pow(2).mean()
-
-    def w_star(h):
-        A = X.T @ X / n + h.exp() * torch.eye(p, dtype=D)
-        return torch.linalg.solve(A, X.T @ y / n)
-
-    return inner, outer, w_star
-
-
 class _OwnCG(CG):  # a subclass: never inlined, so the general plain path runs
     def __init__(self, tol=1e-10, maxiter=None, damping=0.0):
         super().__init__(tol, 0.0, maxiter, damping, None)
@@ -78,8 +60,8 @@ def _cg_options(damping):
 
 @pytest.mark.parametrize("p", [1, 3, 30])
 @pytest.mark.parametrize("damping", [0.0, 0.25])
-def test_inlined_cg_equals_the_general_path_and_the_closed_form(monkeypatch, p, damping):
-    inner, outer, w_star = _ridge(max(12, 3 * p), p)
+def test_inlined_cg_equals_the_general_path_and_the_closed_form(monkeypatch, p, damping, ridge):
+    inner, outer, w_star = ridge(max(12, 3 * p), p)
     h = torch.tensor(-1.0, dtype=D, requires_grad=True)
     w0 = w_star(h.detach())
     calls = _Calls(monkeypatch)
@@ -100,8 +82,8 @@ def test_inlined_cg_equals_the_general_path_and_the_closed_form(monkeypatch, p, 
         torch.testing.assert_close(fast, closed, rtol=1e-9, atol=0)
 
 
-def test_three_unknowns_stop_after_at_most_three_products(monkeypatch):
-    inner, outer, w_star = _ridge(10, 3)
+def test_three_unknowns_stop_after_at_most_three_products(monkeypatch, ridge):
+    inner, outer, w_star = ridge(10, 3)
     h = torch.tensor(-2.0, dtype=D, requires_grad=True)
     calls = _Calls(monkeypatch)
     solver = linalg.cg(tol=1e-12)
@@ -112,8 +94,8 @@ def test_three_unknowns_stop_after_at_most_three_products(monkeypatch):
     assert solver.last_info.converged
 
 
-def test_a_truncated_inlined_cg_truncates_and_warns(monkeypatch):
-    inner, outer, w_star = _ridge(60, 30)
+def test_a_truncated_inlined_cg_truncates_and_warns(monkeypatch, ridge):
+    inner, outer, w_star = ridge(60, 30)
     h = torch.tensor(-3.0, dtype=D, requires_grad=True)
     w0 = w_star(h.detach())
     calls = _Calls(monkeypatch)
@@ -147,8 +129,8 @@ def test_inlined_cg_at_a_maximum_warns_as_the_general_path(monkeypatch):
     assert calls.inlined == 1
 
 
-def test_dense_beyond_64_unknowns_takes_the_plain_path(monkeypatch):
-    inner, outer, w_star = _ridge(160, 80)
+def test_dense_beyond_64_unknowns_takes_the_plain_path(monkeypatch, ridge):
+    inner, outer, w_star = ridge(160, 80)
     h = torch.tensor(-1.0, dtype=D, requires_grad=True)
     w0 = w_star(h.detach())
     taken = []
