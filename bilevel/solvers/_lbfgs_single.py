@@ -17,6 +17,7 @@ gradient norm) and one per search (its slope at 0).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +42,14 @@ from bilevel.solvers._lbfgs_batch import (
 
 # (1, n) point -> its (1,) value and (1, n) gradient
 _Evaluate = Callable[[Tensor], tuple[Tensor, Tensor]]
+
+
+@functools.cache
+def _rotation(first: int, m: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The time order of a full ring whose oldest slot is ``first`` (slot indices, oldest
+    first) and its inverse (each slot's place in time), made once per rotation."""
+    index = torch.arange(m, device=device).roll(-first)
+    return index, torch.argsort(index)
 
 
 class _Ring:
@@ -81,19 +90,18 @@ class _Ring:
         Z = self.Z[:, :, :c]
         ab = (Z * g[:, None, None, :]).sum(-1)  # S^T g and Y^T g
         MM = self.M[:, :, :c, :c]
-        wrapped = self.order != list(range(c))
-        if wrapped:  # the ring went round: time order differs from slot order
-            index = torch.tensor(self.order, device=g.device)
-            ab, MM = ab[:, :, index], MM[:, :, index][:, :, :, index]
+        wrapped = self.order[0] != 0  # the ring went round: time order is a rotation
+        if wrapped:  # of the slots (all m filled), no longer slot order
+            index, inverse = _rotation(self.order[0], c, g.device)
+            ab, MM = ab[:, :, index], MM[:, :, index[:, None], index]
         SY, YY = MM[:, 0], MM[:, 1]
         last = MM[:, :, -1, -1]
         gamma = last[:, 0] / last[:, 1]
         # + 0.0: the stack adds its (here empty) identity rows, which turns a -0 into +0
         R = torch.triu(SY) + 0.0
         p, q = _compact_solve(R, SY, YY, ab[:, 0], ab[:, 1], gamma)
-        if wrapped:  # back to slot order
-            p = torch.zeros_like(p).index_copy(1, index, p)
-            q = torch.zeros_like(q).index_copy(1, index, q)
+        if wrapped:  # back to slot order (a permutation: copies, the same bits)
+            p, q = p[:, inverse], q[:, inverse]
         # the combinations over slots as the stack makes them, one per matrix (a sum over
         # slots of both at once can take another order for small n)
         return _compact_step(g, gamma, Z[:, 0], Z[:, 1], q, p)
