@@ -14,9 +14,9 @@ def _loss(w):
 
 def test_lean_grad_is_autograd_grad_bit_for_bit(monkeypatch):
     calls = []
-    real = _lean_grad._engine_run_backward
+    real = _lean_grad.engine_run_backward
     monkeypatch.setattr(
-        _lean_grad, "_engine_run_backward", lambda *a, **k: calls.append(1) or real(*a, **k)
+        _lean_grad, "engine_run_backward", lambda *a, **k: calls.append(1) or real(*a, **k)
     )
     for dtype in (torch.float64, torch.float32):
         w = torch.linspace(-2, 3, 7, dtype=dtype).requires_grad_(True)
@@ -31,7 +31,7 @@ def test_lean_grad_leaves_modes_and_subclasses_to_autograd_grad(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the lean path ran")
 
-    monkeypatch.setattr(_lean_grad, "_engine_run_backward", refuse)
+    monkeypatch.setattr(_lean_grad, "engine_run_backward", refuse)
     seen = []
 
     class Mode(TorchFunctionMode):

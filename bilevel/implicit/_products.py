@@ -9,12 +9,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-
-try:  # private, present in the torch versions tested; without it, the public function runs
-    from torch.autograd.graph import _engine_run_backward
-except ImportError:  # pragma: no cover - older torch
-    _engine_run_backward = None  # type: ignore[assignment]
-
 from torch._C._functorch import (
     _add_batch_dim,
     _remove_batch_dim,
@@ -22,6 +16,7 @@ from torch._C._functorch import (
     _vmap_increment_nesting,
 )
 
+from bilevel._engine import engine_run_backward
 from bilevel._tree import tree_flatten, tree_unflatten
 from bilevel.forward_ad import is_forward_ad_gap, jvp_by_double_vjp, warn_fallback
 
@@ -85,7 +80,7 @@ def _plain_grad(
     is called without the public function's argument handling (measured about 50 us per
     call with cold caches, a tenth of a 3-unknown hypergradient's budget). Tensor
     subclasses and ``__torch_function__`` modes take the public function."""
-    if _engine_run_backward is None or torch._C._has_torch_function((*outputs, *inputs, *grads)):
+    if engine_run_backward is None or torch._C._has_torch_function((*outputs, *inputs, *grads)):
         return torch.autograd.grad(
             outputs,
             inputs,
@@ -98,7 +93,7 @@ def _plain_grad(
     outs, ins = tuple(outputs), tuple(inputs)
 
     def run(gs: Sequence[Tensor]) -> tuple[Tensor | None, ...]:
-        return _engine_run_backward(
+        return engine_run_backward(
             outs, tuple(gs), retain_graph, create_graph, ins, True, accumulate_grad=False
         )
 

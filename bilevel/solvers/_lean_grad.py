@@ -15,25 +15,18 @@ private entry is missing (another torch version), it is ``torch.autograd.grad``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import torch
 from torch import Tensor
 from torch.overrides import has_torch_function
 
-_engine_run_backward: Callable[..., Any] | None
-try:
-    from torch.autograd.graph import _engine_run_backward
-except ImportError:  # pragma: no cover - a torch without the private entry
-    _engine_run_backward = None
+from bilevel._engine import engine_run_backward
 
 
 def lean_grad(f: Tensor, x: Tensor) -> Tensor | None:
     """``torch.autograd.grad(f, x, allow_unused=True)[0]`` (None where ``f`` does not
     depend on ``x``); ``f`` must require grad."""
     if (
-        _engine_run_backward is not None
+        engine_run_backward is not None
         and type(f) is Tensor
         and type(x) is Tensor
         and f.dim() == 0
@@ -43,7 +36,7 @@ def lean_grad(f: Tensor, x: Tensor) -> Tensor | None:
         and not has_torch_function((f, x))
         and torch._C._functorch.peek_interpreter_stack() is None
     ):
-        (g,) = _engine_run_backward(
+        (g,) = engine_run_backward(
             (f,), (torch.ones_like(f),), False, False, (x,), True, accumulate_grad=False
         )
         return g
