@@ -44,3 +44,30 @@ def test_rows_of_a_stack_with_many_pairs_get_their_single_directions_bit_for_bit
     d = hist.direction(g, np.ones(B, dtype=bool))
     for i in range(B):
         assert torch.equal(d[i : i + 1], rings[i].direction(g[i : i + 1])), i
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_few_rows_pushing_or_wanted_are_made_apart_bit_for_bit(dtype):
+    """Pushes by few rows, directions wanted for few rows and counts held by few rows are
+    made on those rows only (full rings that went round among them): each wanted row must
+    still be its own ring's direction."""
+    gen = torch.Generator().manual_seed(4)
+    B, m, n = 10, 6, 30
+    counts = [9, 2, 3, 3, 7, 1, 4, 8, 2, 5]  # late pushes come from few rows
+    hist = _History(B, m, n, torch.zeros(1, dtype=dtype))
+    rings = [_Ring(m, n, torch.zeros(1, dtype=dtype)) for _ in range(B)]
+    pairs = [_pairs(c, n, gen, dtype) for c in counts]
+    for k in range(max(counts)):
+        mask = np.array([k < c for c in counts])
+        sy = torch.stack(
+            [pairs[i][k] if k < counts[i] else torch.zeros(2, n, dtype=dtype) for i in range(B)]
+        )
+        hist.push(mask, sy, hist.used())
+        for i in np.flatnonzero(mask):
+            rings[i].push(pairs[i][k])
+    g = torch.randn(B, n, generator=gen, dtype=torch.float64).to(dtype)
+    for wanted in ([0, 4, 7], [1, 2, 3, 6, 8, 9], list(range(B))):
+        which = np.isin(np.arange(B), wanted)
+        d = hist.direction(g, which)
+        for i in wanted:
+            assert torch.equal(d[i : i + 1], rings[i].direction(g[i : i + 1])), (wanted, i)

@@ -101,12 +101,19 @@ class _History:
 
         self.Z[rows, :, pos] = part(sy)
         # filled slots are always 0 .. count - 1 (a clear restarts at 0), so the new slot is
-        # below used + 1; every held row's products are made, the pushed rows written
+        # below used + 1; the products of every held row are made and the pushed rows'
+        # written, or, where few rows push, those rows' only (a row's bits do not depend on
+        # the rest; the products are memory-bound)
         u = min(self.m, used + 1)
+        few = 2 * len(pushed) <= len(mask)
         Z = self.Z[:, :, :u]
         s, y = sy[:, 0], sy[:, 1]
-        Zy = part(self._sum_of_products(Z, y[:, None, None, :], -1))  # S^T y, Y^T y: column pos
-        sY = part(self._sum_of_products(Z[:, 1], s.unsqueeze(1), -1))  # s^T Y: row pos of S^T Y
+        if few:
+            Z, s, y = Z.index_select(0, rows), part(s), part(y)
+        Zy = self._sum_of_products(Z, y[:, None, None, :], -1)  # S^T y, Y^T y: column pos
+        sY = self._sum_of_products(Z[:, 1], s.unsqueeze(1), -1)  # s^T Y: row pos of S^T Y
+        if not few:
+            Zy, sY = part(Zy), part(sY)
         self.M[rows, :, pos, :u] = torch.stack([sY, Zy[:, 1]], 1)
         self.M[rows, :, :u, pos] = Zy
         self.pos[pushed] = (self.pos[pushed] + 1) % self.m
@@ -142,38 +149,85 @@ class _History:
             return -g
         rest, g = g, self._pick(g)
         u, B = self.used(), len(self.count)
-        Z = self.Z[:, :, :u]
+        Z, MM = self.Z[:, :, :u], self.M[:, :, :u, :u]
+        need = np.flatnonzero(mine & (self.count > 0))
+        if 2 * len(need) <= B:
+            # few rows start a search in this pass: only theirs are made (the products
+            # over every held row are memory-bound; a row's bits do not depend on the rest)
+            c = int(self.count[need].max())
+            index = _to_device(need, g.device)
+            part = self._directions(
+                g.index_select(0, index),
+                Z[:, :, :c].index_select(0, index),
+                MM[:, :, :c, :c].index_select(0, index),
+                self.count[need],
+                self.pos[need],
+                np.ones(len(need), dtype=bool),
+            )
+            d = (-g).index_copy(0, index, part)
+        else:
+            d = self._directions(g, Z, MM, self.count, self.pos, mine)
+        # rows not held: stopped problems, whose direction is not used
+        return d if self.members is None else (-rest).index_copy(0, self.members, d)
+
+    def _directions(
+        self, g: Tensor, Z: Tensor, MM: Tensor, count: Any, pos: Any, mine: Any
+    ) -> Tensor:
+        """:meth:`direction` on rows ``g`` with their slots ``Z`` and products ``MM`` (the
+        first ``u`` slots), pair counts ``count`` and write positions ``pos`` (host)."""
+        B, u = len(count), Z.shape[2]
         ab = self._sum_of_products(Z, g[:, None, None, :], -1)  # S^T g and Y^T g, slot order
-        MM = self.M[:, :, :u, :u]
-        turned = (self.count == self.m) & (self.pos != 0) & mine
+        turned = (count == self.m) & (pos != 0) & mine
+        order = None
         if turned.any():  # a ring went round: time order differs from slot order
             j = np.arange(u)
-            order_host = np.where(turned[:, None], (self.pos[:, None] + j) % u, j)
-            order = _to_device(order_host, g.device)
+            order = _to_device(np.where(turned[:, None], (pos[:, None] + j) % u, j), g.device)
             ab = ab.gather(2, order[:, None].expand(B, 2, u))
             MM = MM.gather(2, order[:, None, :, None].expand(B, 2, u, u))
             MM = MM.gather(3, order[:, None, None, :].expand(B, 2, u, u))
         d = -g
         # the rows holding c pairs take the single call's algebra over exactly c slots (a
-        # system padded with identity rows would round otherwise in its triangular solves
-        # and slot sums); each count of the wanted rows is one pass over the held rows
-        for c in sorted(set(self.count[mine].tolist()) - {0}):
-            SY, YY = MM[:, 0, :c, :c], MM[:, 1, :c, :c]
-            last = MM[:, :, c - 1, c - 1]
-            gamma = last[:, 0] / last[:, 1]
-            # + 0.0 as a single call's (turns a -0 into +0)
-            p, q = _compact_solve(torch.triu(SY) + 0.0, SY, YY, ab[:, 0, :c], ab[:, 1, :c], gamma)
-            if c == u and turned.any():  # back to slot order
-                q = torch.zeros_like(q).scatter(1, order, q)
-                p = torch.zeros_like(p).scatter(1, order, p)
-            # _compact_step's combinations, the products in the work buffer
-            Sq = self._sum_of_products(q.unsqueeze(2), Z[:, 0, :c], 1)
-            Yp = self._sum_of_products(p.unsqueeze(2), Z[:, 1, :c], 1)
-            d_c = _compact_combine(g, gamma, Sq, Yp)
-            held = self.count == c
+        # system padded with identity rows would round otherwise in its triangular solves,
+        # and a sum over slots padded with zeros in its order: the sum over slots adds in
+        # blocks from 8 slots on); a count held by few rows is solved on those rows only
+        # (their copy costs less than the memory-bound combinations over every row)
+        for c in sorted(set(count[mine].tolist()) - {0}):
+            held = count == c
+            picked = np.flatnonzero(held)
+            back = order if c == u else None  # only full rings are reordered
+            if 2 * len(picked) <= B:
+                index = _to_device(picked, g.device)
+                d_c = self._count_direction(
+                    c,
+                    g.index_select(0, index),
+                    Z[:, :, :c].index_select(0, index),
+                    MM[:, :, :c, :c].index_select(0, index),
+                    ab[:, :, :c].index_select(0, index),
+                    None if back is None else back.index_select(0, index),
+                )
+                d = d.index_copy(0, index, d_c)
+                continue
+            d_c = self._count_direction(c, g, Z, MM, ab, back)
             d = d_c if held.all() else _rows(_to_device(held, g.device), d_c, d)
-        # rows not held: stopped problems, whose direction is not used
-        return d if self.members is None else (-rest).index_copy(0, self.members, d)
+        return d
+
+    def _count_direction(
+        self, c: int, g: Tensor, Z: Tensor, MM: Tensor, ab: Tensor, order: Tensor | None
+    ) -> Tensor:
+        """``-H g`` of rows holding ``c`` pairs from their products in time order (``order``:
+        the slot of each time, where a ring went round; ``None``: slot order)."""
+        SY, YY = MM[:, 0, :c, :c], MM[:, 1, :c, :c]
+        last = MM[:, :, c - 1, c - 1]
+        gamma = last[:, 0] / last[:, 1]
+        # + 0.0 as a single call's (turns a -0 into +0)
+        p, q = _compact_solve(torch.triu(SY) + 0.0, SY, YY, ab[:, 0, :c], ab[:, 1, :c], gamma)
+        if order is not None:  # back to slot order
+            q = torch.zeros_like(q).scatter(1, order, q)
+            p = torch.zeros_like(p).scatter(1, order, p)
+        # _compact_step's combinations, the products in the work buffer
+        Sq = self._sum_of_products(q.unsqueeze(2), Z[:, 0, :c], 1)
+        Yp = self._sum_of_products(p.unsqueeze(2), Z[:, 1, :c], 1)
+        return _compact_combine(g, gamma, Sq, Yp)
 
 
 def _compact_solve(
