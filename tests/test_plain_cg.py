@@ -3,12 +3,14 @@ before the masked loop's state, the Hessian's batched backward by functorch's ba
 dense's plain path beyond 64 unknowns: each equal to the general path (1e-12, float64), to
 the closed form, with the same iterations, records and warnings."""
 
+import math
 import warnings
 
 import pytest
 import torch
 
 import bilevel
+import bilevel.implicit._transposed as transposed
 import bilevel.implicit.user_problem as user_problem
 from bilevel import linalg
 from bilevel.implicit._products import _plain_grad
@@ -29,7 +31,8 @@ class _OwnDense(Dense):
 
 
 class _Calls:
-    """Counts the plain backward's engine calls and the inlined cg's solves."""
+    """Counts the plain backward's engine calls (its products' too: the recorded one and the
+    backward passes through it) and the inlined cg's solves."""
 
     def __init__(self, monkeypatch):
         self.grads = 0
@@ -45,6 +48,7 @@ class _Calls:
             return real_cg(*args, **kwargs)
 
         monkeypatch.setattr(user_problem, "_plain_grad", grad)
+        monkeypatch.setattr(transposed, "_plain_grad", grad)
         monkeypatch.setattr(user_problem, "cg_vjp", cg)
 
 
@@ -195,3 +199,94 @@ def test_cg_cpu_loop_equals_the_masked_loop(dtype):
     _, t1 = linalg.cg(tol=1e-14, maxiter=3)(lambda v: A @ v, b)
     _, t2 = linalg.cg(tol=1e-14, maxiter=3, check_every=3)(lambda v: A @ v, b)
     assert (t1.iterations, t1.converged, t1.message) == (t2.iterations, t2.converged, t2.message)
+
+
+class _Softplus(torch.autograd.Function):
+    """softplus whose derivative, sigmoid, is differentiable once more but not twice (its
+    own backward is once_differentiable): a double backward works, a third order does not."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.nn.functional.softplus(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * _Sigmoid.apply(x)
+
+
+class _Sigmoid(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        s = torch.sigmoid(x)
+        ctx.save_for_backward(s)
+        return s
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (s,) = ctx.saved_tensors
+        return g * s * (1 - s)
+
+
+def _logistic(softplus):
+    """Binary logistic regression (100 x 70: above the route's MAX_DOUBLE; L2 weight
+    exp(h)) with its minimiser by Newton."""
+    n, p = 100, 70
+    g = torch.Generator().manual_seed(3)
+    X, Xv = torch.randn(n, p, generator=g, dtype=D), torch.randn(n, p, generator=g, dtype=D)
+    y, yv = (torch.rand(n, generator=g, dtype=D) < 0.5).to(D), (torch.rand(n, generator=g) < 0.5)
+
+    def inner(w, h):
+        z = X @ w
+        return (softplus(z) - y * z).mean() + 0.5 * h.exp() * (w * w).sum()
+
+    def outer(w):
+        return torch.nn.functional.binary_cross_entropy_with_logits(Xv @ w, yv.to(D))
+
+    h = torch.tensor(-2.0, dtype=D, requires_grad=True)
+    lam, w = math.exp(-2.0), torch.zeros(p, dtype=D)
+    for _ in range(30):  # Newton with the gradient and Hessian written out
+        s = torch.sigmoid(X @ w)
+        grad = X.T @ (s - y) / n + lam * w
+        H = X.T @ (X * (s * (1 - s))[:, None]) / n + lam * torch.eye(p, dtype=D)
+        w = w - torch.linalg.solve(H, grad)
+    return inner, outer, w, h
+
+
+@pytest.mark.parametrize("third_order", [True, False])
+def test_products_by_the_recorded_products_backward_equal_the_double_backward(
+    monkeypatch, third_order
+):
+    """The Hessian products as the backward of one recorded product (a non-quadratic loss):
+    the hypergradient and iterations of the double backward products, to 1e-12; where the
+    loss has no third-order formula, the double backward after the first product."""
+    softplus = torch.nn.functional.softplus if third_order else _Softplus.apply
+    inner, outer, w_star, h = _logistic(softplus)
+    routes = []
+    real = transposed.transposed_products
+
+    def spy(F, s, b, vjp):
+        product = real(F, s, b, vjp)
+        routes.append(product)
+        return product
+
+    monkeypatch.setattr(transposed, "transposed_products", spy)
+    monkeypatch.setattr(transposed, "_VERDICTS", {})
+    monkeypatch.setattr(transposed, "FASTER", math.inf)  # the check judges values alone
+    new_solver = linalg.cg(tol=1e-12)
+    new = _hypergrad(inner, outer, w_star, h, new_solver)
+    assert isinstance(routes[0], transposed._Transposed)
+    assert routes[0].tried and routes[0].ok is third_order  # else the double backward took over
+    assert transposed.MAX_DOUBLE < 70
+    # a second call takes the verdict: no checked product (no second route without it)
+    again = _hypergrad(inner, outer, w_star, h, linalg.cg(tol=1e-12))
+    assert len(routes) == 2 and (routes[1] is not routes[0])
+    assert isinstance(routes[1], transposed._Transposed) is third_order
+    torch.testing.assert_close(again, new, rtol=1e-12, atol=0)
+    monkeypatch.setattr(transposed, "transposed_products", lambda F, s, b, vjp: vjp)
+    old_solver = linalg.cg(tol=1e-12)
+    old = _hypergrad(inner, outer, w_star, h, old_solver)
+    assert new_solver.last_info.iterations == old_solver.last_info.iterations > 3
+    torch.testing.assert_close(new, old, rtol=1e-12, atol=0)

@@ -38,20 +38,30 @@ def cg_vjp(
     problem: Any,
     vjp: Callable[[Sequence[Tensor]], list[Tensor]],
     g: Sequence[Tensor],
+    hessian: tuple[Sequence[Tensor | None], Sequence[Tensor]] | None = None,
 ) -> list[Tensor]:
     """``u`` with ``(dF/dsol)^T u = -g`` by ``problem.linear_solver`` (a :func:`plain_cg`
     solver), its record filed and warned about as the general path does. ``vjp(v)`` is
-    ``(dF/dsol)^T v`` on the backward's graph of ``F`` (symmetric: an argmin's Hessian)."""
+    ``(dF/dsol)^T v`` on the backward's graph of ``F`` (symmetric: an argmin's Hessian).
+    ``hessian``: ``(F, sol leaves)`` when ``F`` is an argmin's gradient: above
+    ``MAX_DOUBLE`` unknowns the products are then the backward of one recorded product
+    (:mod:`bilevel.implicit._transposed`)."""
+    from bilevel.implicit._transposed import MAX_DOUBLE, transposed_products
     from bilevel.implicit.linear_problem import _LinearProblem
 
     solver: CG = problem.linear_solver
     damping = float(solver.damping)
     b = [-x for x in g]
-    product = vjp
+    n = sum(x.numel() for x in b)
+    if hessian is None or n <= MAX_DOUBLE:
+        product = vjp
+    else:
+        product = transposed_products(hessian[0], hessian[1], b, vjp)
+    undamped = product
     if damping != 0:
 
         def product(v: Sequence[Tensor]) -> list[Tensor]:
-            return [torch.add(o, vi, alpha=damping) for o, vi in zip(vjp(v), v)]
+            return [torch.add(o, vi, alpha=damping) for o, vi in zip(undamped(v), v)]
 
     x, info = solver._solve(product, b, None)
     solver.last_info = info
