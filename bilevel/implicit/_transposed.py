@@ -29,7 +29,6 @@ products from there on, the old route's values.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -41,15 +40,11 @@ from bilevel.implicit._products import _plain_grad
 # Up to this many unknowns the double backward stays: a solve that small runs few products
 # (cg ends in about n steps), too few to pay back the recording and the checked product.
 MAX_DOUBLE = 64
-# The recorded route is kept only when its checked product took at most this fraction of the
-# double backward's time: where the two cost about the same (a quadratic loss, whose double
-# backward re-runs nothing: measured 7% slower with the route on ridge, 1000 x 300) the
-# double backward stays, so a noisy timing cannot flip the choice there.
-FASTER = 0.85
-# The verdicts (route checked and faster, or not) by the structure of F's graph: the node
-# types of its backward formulas and the unknowns' shapes and dtypes. One call per loss pays
-# the check (three products more); later calls of the same structure take the verdict, with no check and no
-# timing, so they compute the same values every time.
+# The verdicts (route checked, or not) by the structure of F's graph: the node types of its
+# backward formulas and the unknowns' shapes and dtypes. One call per loss structure pays the
+# check (one product more); later calls take the verdict with no check. Every call computes
+# the same values either way (the checked product returns the route's value), so a run
+# resumed in a fresh process reproduces the uninterrupted one bitwise.
 _VERDICTS: dict[tuple[Any, ...], bool] = {}
 _MAX_VERDICTS = 256
 
@@ -65,9 +60,9 @@ def transposed_products(
     graph can be built, agrees with ``vjp`` (the double backward) and is faster, else
     ``vjp``. The first call with ``v`` equal to ``b`` (cg's first direction from zero)
     returns the recorded product."""
-    key = _structure(F, s)
+    key, pays = _structure(F, s)
     verdict = _VERDICTS.get(key)
-    if verdict is False:
+    if verdict is False or not pays:
         return vjp
     try:
         with torch.enable_grad():
@@ -83,10 +78,17 @@ def transposed_products(
     return _Transposed(tuple(u for u in U if u is not None), vl, b, vjp, key, verdict is True)
 
 
-def _structure(F: Sequence[Tensor | None], s: Sequence[Tensor]) -> tuple[Any, ...]:
-    """The node types of F's graph (depth first) and the unknowns' shapes and dtypes."""
+def _structure(F: Sequence[Tensor | None], s: Sequence[Tensor]) -> tuple[tuple[Any, ...], bool]:
+    """The node types of F's graph (depth first) with the unknowns' shapes and dtypes, and
+    whether the route pays: the graph holds a backward kernel's node (``*BackwardBackward*``:
+    log-softmax, nll, softplus, sigmoid, tanh...) or a custom Function's, whose double
+    backward re-runs solution-only work. A graph of products, sums and powers (a quadratic:
+    ridge) has a double backward as lean as the route (measured 1000 x 300: the route a few
+    per cent slower), so it keeps the double backward. A rule on the structure, not a timing:
+    the same loss takes the same route in every process."""
     types: list[type] = []
     seen: set[int] = set()
+    pays = False
     stack = [None if f is None else f.grad_fn for f in F]
     while stack:
         fn = stack.pop()
@@ -94,8 +96,12 @@ def _structure(F: Sequence[Tensor | None], s: Sequence[Tensor]) -> tuple[Any, ..
             continue
         seen.add(id(fn))  # (every node stays alive during the walk: ids are not reused)
         types.append(type(fn))
+        pays = pays or "BackwardBackward" in type(fn).__name__ or isinstance(fn, _CUSTOM)
         stack.extend(nxt for nxt, _ in fn.next_functions)
-    return tuple(types), tuple((tuple(x.shape), x.dtype) for x in s)
+    return (tuple(types), tuple((tuple(x.shape), x.dtype) for x in s)), pays
+
+
+_CUSTOM = torch.autograd.function.BackwardCFunction
 
 
 def _remember(key: tuple[Any, ...], verdict: bool) -> None:
@@ -139,31 +145,17 @@ class _Transposed:
         self.tried = True
         # the first product of a direction other than b runs both ways: a loss whose
         # third-order formula is missing, or silently drops a term (a custom Function whose
-        # backward is not differentiable as written), takes the double backward from here on,
-        # as does one where the route is not clearly faster
-        # (each way twice, the faster of each counted: the first run of a graph's nodes in a
-        # call is slower than the next, whichever runs first)
-        ref, t_ref = _timed(self.vjp, v)
+        # backward is not differentiable as written), takes the double backward from here on
+        ref = self.vjp(v)
+        got: list[Tensor] | None = None
         try:
-            got, t_got = _timed(self._backward, v)
+            got = self._backward(v)
             self.ok = _close(got, ref)
-            if self.ok:
-                t_ref = min(t_ref, _timed(self.vjp, v)[1])
-                t_got = min(t_got, _timed(self._backward, v)[1])
-                self.ok = t_got <= FASTER * t_ref
         except RuntimeError:
             self.ok = False  # a genuine error would raise again in the double backward
         _remember(self.key, self.ok)
-        return ref
-
-
-def _timed(
-    fn: Callable[[Sequence[Tensor]], list[Tensor]], v: Sequence[Tensor]
-) -> tuple[list[Tensor], float]:
-    """``fn(v)`` and its seconds (CPU tensors: the result is ready when it returns)."""
-    start = time.perf_counter()
-    out = fn(v)
-    return out, time.perf_counter() - start
+        # the route's value when it passed: what a later call, with no check, computes
+        return got if self.ok and got is not None else ref
 
 
 def _close(got: Sequence[Tensor], ref: Sequence[Tensor]) -> bool:
