@@ -56,9 +56,9 @@ def transposed_products(
     vjp: Callable[[Sequence[Tensor]], list[Tensor]],
 ) -> Callable[[Sequence[Tensor]], list[Tensor]]:
     """``v -> H v`` for the symmetric ``H = dF/ds`` (``F`` the gradient of the inner loss at the
-    leaves ``s``, with its graph): by the backward of the recorded product ``H b`` where that
-    graph can be built, agrees with ``vjp`` (the double backward) and is faster, else
-    ``vjp``. The first call with ``v`` equal to ``b`` (cg's first direction from zero)
+    leaves ``s``, with its graph): by the backward of the recorded product ``H b`` where the
+    graph's structure says it pays (:func:`_structure`), it can be built and it agrees with
+    ``vjp`` (the double backward), else ``vjp``. The first call with ``v`` equal to ``b`` (cg's first direction from zero)
     returns the recorded product."""
     key, pays = _structure(F, s)
     verdict = _VERDICTS.get(key)
@@ -125,7 +125,7 @@ class _Transposed:
         self.U, self.vl, self.b, self.vjp, self.key = U, vl, list(b), vjp, key
         self.first: list[Tensor] | None = [u.detach() for u in U]
         self.tried = checked  # whether the route has been checked (here or in a past call)
-        self.ok = True  # whether it agreed with the double backward and was faster
+        self.ok = True  # whether it agreed with the double backward
 
     def _backward(self, v: Sequence[Tensor]) -> list[Tensor]:
         with torch.enable_grad():
