@@ -40,6 +40,20 @@ def device_under_test() -> torch.device:
 
 def pytest_configure(config: pytest.Config) -> None:
     device_under_test()  # a missing or misspelt device stops the run before any test
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        # one of several pytest-xdist workers: share the cores instead of each taking all of
+        # them (two workers of two OpenMP threads on two cores ran the notebook 4x slower);
+        # the environment variable reaches the subprocesses (notebook kernel, CLI runs)
+        threads = max(1, (os.cpu_count() or 1) // int(workers))
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto`` (pyproject's default): one worker per core, at most 4 (each worker holds
+    its own torch, about 1 GiB; more workers gained nothing on the suite's long files)."""
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -12,13 +12,16 @@ import torch
 from experiments import bench
 from experiments.__main__ import main as cli_main
 from experiments.bench import core as bench_core
+from experiments.bench import implicit_small
 from experiments.bench import unroll as bench_unroll
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     path = tmp_path_factory.mktemp("bench") / "bench.json"
-    code = bench.main(["all", "--quick", "--json", str(path)])
+    # --no-compile: the two torch.compile rows would take most of this run (inductor's
+    # compiles); test_quick_compiled_rows_agree (slow) measures them alone
+    code = bench.main(["all", "--quick", "--no-compile", "--json", str(path)])
     return code, json.loads(path.read_text())
 
 
@@ -131,15 +134,7 @@ def test_quick_run_small_implicit_rows(quick):
     _, data = quick
     rows = _rows(data, "implicit-small")
     names = {(r["data"], r["implementation"]) for r in rows}
-    ridge_names = (
-        "closed form",
-        "bilevel auto",
-        "bilevel compiled",
-        "bilevel cg",
-        "bilevel dense",
-        "bilevel lbfgs",
-        "bilevel lbfgs compiled",
-    )
+    ridge_names = ("closed form", "bilevel auto", "bilevel cg", "bilevel dense", "bilevel lbfgs")
     expected = (
         {("ridge 10x3", n) for n in ridge_names}
         | {("digits", "bilevel cg"), ("digits", "bilevel auto")}
@@ -161,6 +156,32 @@ def test_quick_run_small_implicit_rows(quick):
     assert all(r["ratio_to_closed_form"] > 0 for r in tutorial)
     ridge = [r for r in rows if r["data"] == "ridge 10x3"]
     assert all(r["ratio_to_closed_form"] > 0 for r in ridge)
+    assert any("compiled: left out (--no-compile)" in n for n in data["notes"])
+
+
+@pytest.mark.slow
+def test_quick_compiled_rows_agree():
+    # the rows --no-compile leaves out, measured the bench's way on its 3-unknown ridge
+    problem = implicit_small.ridge(10, 3, 0)
+    impls = implicit_small.small_impls(problem, closed_form=True, dense=False, lbfgs=True)
+    compiled = {"bilevel compiled", "bilevel lbfgs compiled"}
+    assert compiled <= {i.name for i in impls}
+    results = bench_core.measure(
+        impls,
+        reference=problem.exact,
+        rtol=implicit_small.RTOL,
+        repeats=1,
+        warmup=0,
+        device=torch.device("cpu"),
+    )
+    for name in compiled:
+        assert results[name].failed is None and results[name].agree is True, name
+        assert "compile" in results[name].note and results[name].median > 0
+    assert "NOT compiled" not in results["bilevel lbfgs compiled"].note
+    without = implicit_small.small_impls(
+        problem, closed_form=True, dense=False, lbfgs=True, compiled=False
+    )
+    assert {i.name for i in without} == {i.name for i in impls} - compiled
 
 
 def test_quick_run_maml_rows(quick):

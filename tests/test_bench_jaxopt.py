@@ -40,13 +40,10 @@ def test_missing_jaxopt_is_reported(no_jaxopt, tmp_path, monkeypatch, capsys):
     assert not bench_core.peer("jaxopt").available
     assert "import of jaxopt halted" in bench_core.peer("jaxopt").note
     # the small problems alone (the logistic configurations are covered below), without the
-    # two compiled rows: test_bench.py's quick run checks them, and compiling them again here
-    # cost 30-40 s of the suite
+    # two compiled rows (test_bench.py's test_quick_compiled_rows_agree checks them)
     monkeypatch.setattr(implicit, "run_implicit", _small_only)
-    monkeypatch.setattr(implicit_small, "COMPILED_MAX", 0)
-    monkeypatch.setattr(implicit_small, "lbfgs_compiled_impl", _eager_lbfgs_row)
     path = tmp_path / "b.json"
-    code = bench.main(["implicit", "--quick", "--json", str(path)])
+    code = bench.main(["implicit", "--quick", "--no-compile", "--json", str(path)])
     out = capsys.readouterr().out
     data = json.loads(path.read_text())
     assert code == 0
@@ -63,15 +60,6 @@ def test_missing_jaxopt_is_reported(no_jaxopt, tmp_path, monkeypatch, capsys):
 
 def _small_only(s, report):
     report.tables.append(implicit_small.run_small(s, report))
-
-
-def _eager_lbfgs_row(problem):
-    """The ``bilevel lbfgs compiled`` row's place, filled by the eager solver (no compile)."""
-    from bilevel import solvers
-
-    solver = solvers.lbfgs(tol=implicit_small.SOLVE_TOL, maxiter=implicit_small.LBFGS_MAXITER)
-    run = implicit_small.bilevel_impl(problem, None, solver)
-    return implicit_small.Impl("bilevel lbfgs compiled", run, note="eager (test)")
 
 
 def test_jaxopt_logistic_agrees_and_a_wrong_one_is_flagged():
@@ -115,7 +103,9 @@ def test_ridge_exact_is_the_closed_form_gradient(size):
     g = implicit_small.closed_form_impl(problem)()
     assert bench_core.rel_error(g.reshape(-1), problem.exact.reshape(-1)) < 1e-12
     if HAVE_JAXOPT:
-        for impl in implicit_small.jaxopt_impls(problem, lbfgs=size == (10, 3)):
+        # cg only: LBFGS jitted takes ~15 s to compile, and the quick bench (test_bench.py)
+        # checks its row against the same exact answer
+        for impl in implicit_small.jaxopt_impls(problem, lbfgs=False):
             assert bench_core.rel_error(impl.fn().reshape(-1), problem.exact.reshape(-1)) < 1e-9
 
 

@@ -59,7 +59,7 @@ def _compare(layer):
 
 INNER = {
     "gradient_descent": lambda full: solvers.gradient_descent(
-        bilevel.optim.sgd(lr=0.002), tol=1e-10, maxiter=20000 if full else 7, check_every=1
+        bilevel.optim.sgd(lr=0.005), tol=1e-10, maxiter=20000 if full else 7, check_every=1
     ),
     "lbfgs": lambda full: solvers.lbfgs(tol=1e-11, maxiter=200 if full else 3),
     "newton_cg": lambda full: solvers.newton_cg(tol=1e-11, maxiter=50 if full else 1),

@@ -306,15 +306,18 @@ def bilevel_impl(
     return run
 
 
-def small_impls(problem: Small, *, closed_form: bool, dense: bool, lbfgs: bool) -> list[Impl]:
-    """The implementations of one small problem (``lbfgs``: also solve from zero)."""
+def small_impls(
+    problem: Small, *, closed_form: bool, dense: bool, lbfgs: bool, compiled: bool = True
+) -> list[Impl]:
+    """The implementations of one small problem (``lbfgs``: also solve from zero;
+    ``compiled``: also the rows that run ``torch.compile``)."""
     from bilevel import linalg, solvers
 
     impls = [Impl(CLOSED_FORM, closed_form_impl(problem))] if closed_form else []
     impls.append(
         Impl("bilevel auto", bilevel_impl(problem, None), note="default linear_solver: auto()")
     )
-    if problem.unknowns <= COMPILED_MAX:
+    if compiled and problem.unknowns <= COMPILED_MAX:
         run = bilevel_impl(problem, None, compiled=True)
         start = time.perf_counter()
         run()  # dynamo and inductor compile here, untimed
@@ -342,7 +345,7 @@ def small_impls(problem: Small, *, closed_form: bool, dense: bool, lbfgs: bool) 
                 note=f"lbfgs(tol={SOLVE_TOL:g}) from 0 + {said}",
             )
         )
-    if lbfgs and closed_form:
+    if compiled and lbfgs and closed_form:
         impls.append(lbfgs_compiled_impl(problem))
     if jaxopt_peer.peer().available:
         impls.extend(jaxopt_impls(problem, lbfgs))
@@ -508,12 +511,15 @@ def run_small(s: Settings, report: Report) -> str:
     sizes = RIDGE_SIZES[:1] if s.quick else RIDGE_SIZES
     j = jaxopt_peer.peer()
     ridge_rows: list[dict[str, str]] = []
+    if not s.compile:
+        report.notes.append(
+            "implicit-small: bilevel compiled, bilevel lbfgs compiled: left out (--no-compile)"
+        )
     for n, p in sizes:
         problem = ridge(n, p, s.seed)
         log(s, f"[implicit] small: {problem.name}")
-        results = s.measure(
-            small_impls(problem, closed_form=True, dense=True, lbfgs=True), problem.exact, RTOL
-        )  # type: ignore[arg-type]
+        impls = small_impls(problem, closed_form=True, dense=True, lbfgs=True, compiled=s.compile)
+        results = s.measure(impls, problem.exact, RTOL)  # type: ignore[arg-type]
         config = {"data": problem.name, "unknowns": p}
         rows = report.add_rows("implicit-small", config, results, CLOSED_FORM)
         floor = results[CLOSED_FORM].median

@@ -50,6 +50,7 @@ def environment(s: Settings) -> dict[str, Any]:
         "repeats": s.repeats,
         "warmup": s.warmup,
         "quick": s.quick,
+        "compile": s.compile,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 

@@ -36,6 +36,7 @@ class Settings:
     dense_max_bytes: float
     rss: bool
     verbose: bool
+    compile: bool = True
     json_path: Path | None = None
 
     def dtypes_for(self, default: Sequence[str]) -> list[torch.dtype]:
@@ -214,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-rss", action="store_true", help="skip the fresh-process peak-RSS measurements (CPU)"
     )
     parser.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="leave out the rows that run torch.compile (bilevel compiled, bilevel lbfgs "
+        "compiled): their compiles are most of a --quick run's time; the notes say so",
+    )
+    parser.add_argument(
         "--seed", type=_nonneg, default=0, help="data and initialization seed (default: 0)"
     )
     parser.add_argument(
@@ -262,6 +269,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         dense_max_bytes=args.dense_max_gb * 2**30,
         rss=not args.no_rss,
         verbose=args.verbose,
+        compile=not args.no_compile,
         json_path=args.json_path,
     )
 
