@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import bilevel
+import bilevel.implicit._plain_cg as plain_cg_module
 import bilevel.implicit._transposed as transposed
 import bilevel.implicit.user_problem as user_problem
 from bilevel import linalg
@@ -86,16 +87,55 @@ def test_inlined_cg_equals_the_general_path_and_the_closed_form(monkeypatch, p, 
         torch.testing.assert_close(fast, closed, rtol=1e-9, atol=0)
 
 
+@pytest.mark.parametrize("damping", [0.0, 0.25])
+def test_auto_above_its_dense_limit_runs_the_inlined_cg_of_its_iterative(
+    monkeypatch, damping, ridge
+):
+    # 80 unknowns > max_dense = 64: auto's cg, on the plain path as cg itself (the transposed
+    # products too); the record is auto's, with its note, the values cg's and the general path's
+    inner, outer, w_star = ridge(200, 80)
+    h = torch.tensor(-1.0, dtype=D, requires_grad=True)
+    w0 = w_star(h.detach())
+    calls = _Calls(monkeypatch)
+    chosen = linalg.auto(linalg.cg(**_cg_options(damping)))
+    fast = _hypergrad(inner, outer, w0, h, chosen)
+    assert calls.inlined == 1
+    info = chosen.last_info
+    assert info.method == "cg" and info.converged
+    assert "auto: cg for n=80 > max_dense=64" in info.message
+    plain = linalg.cg(**_cg_options(damping))
+    torch.testing.assert_close(fast, _hypergrad(inner, outer, w0, h, plain), rtol=0, atol=0)
+    assert plain.last_info.iterations == info.iterations
+    general = _OwnCG(**_cg_options(damping))
+    torch.testing.assert_close(
+        fast, _hypergrad(inner, outer, w0, h, linalg.auto(general)), rtol=1e-10, atol=0
+    )
+    assert calls.inlined == 2  # the cg subclass inside auto took the general path
+    if damping == 0.0:
+        closed = torch.autograd.grad(outer(w_star(h)), h)[0]
+        torch.testing.assert_close(fast, closed, rtol=1e-9, atol=0)
+    # a preconditioned or sparsely checked cg inside auto: the general path, as for cg itself
+    _hypergrad(inner, outer, w0, h, linalg.auto(linalg.cg(tol=1e-12, check_every=5)))
+    assert calls.inlined == 2
+
+
 def test_three_unknowns_stop_after_at_most_three_products(monkeypatch, ridge):
     inner, outer, w_star = ridge(10, 3)
     h = torch.tensor(-2.0, dtype=D, requires_grad=True)
     calls = _Calls(monkeypatch)
     solver = linalg.cg(tol=1e-12)
-    _hypergrad(inner, outer, w_star(h.detach()), h, solver)
-    # one call builds F's graph, one gives the hypergradient: the rest are cg's products
-    assert calls.grads - 2 <= 3
-    assert calls.grads - 2 == solver.last_info.iterations
-    assert solver.last_info.converged
+    fast = _hypergrad(inner, outer, w_star(h.detach()), h, solver)
+    # one call builds F's graph, one batched backward forms the 3 x 3 matrix whose products
+    # cg takes, one gives the hypergradient
+    assert calls.grads == 3
+    assert solver.last_info.iterations <= 3 and solver.last_info.converged
+    # where the batched backward fails, one backward per product: the same iterations
+    monkeypatch.setattr(plain_cg_module, "operator_matrix", lambda *args: None)
+    calls.grads = 0
+    each = linalg.cg(tol=1e-12)
+    slow = _hypergrad(inner, outer, w_star(h.detach()), h, each)
+    assert calls.grads - 2 == each.last_info.iterations == solver.last_info.iterations
+    torch.testing.assert_close(fast, slow, rtol=1e-13, atol=0)
 
 
 def test_a_truncated_inlined_cg_truncates_and_warns(monkeypatch, ridge):

@@ -68,19 +68,9 @@ def exact_vjp(
     if not problem.minimum or any(x.dtype != dtype for x in (*b, *sol)):
         return None  # dense's LU route (no definiteness promised); mixed dtypes promote
     n = sum(x.numel() for x in b)
-    basis = _basis(n, b)
-    try:
-        out = vjp(basis, True)
-    except (RuntimeError, NotImplementedError, ValueError):
+    M = operator_matrix(vjp, b, damping)
+    if M is None:
         return None  # dense would form the matrix another way
-    if damping != 0:
-        out = [torch.add(o, e, alpha=damping) for o, e in zip(out, basis)]
-    rows: Any
-    if len(out) == 1:
-        rows = out[0] if out[0].dim() == 2 else out[0].reshape(n, -1)
-    else:
-        rows = _rows(out, n)
-    M = rows.transpose(0, 1)
     solved = solve_by_cholesky(M, _flat(b), rcond if rcond is not None else n * _eps(dtype))
     if solved is None:
         return None  # not positive definite, singular or not finite: the general path
@@ -96,6 +86,28 @@ def exact_vjp(
         u.append(flat_x[start : start + k].reshape(leaf.shape))
         start += k
     return u
+
+
+def operator_matrix(
+    vjp: Callable[[Sequence[Tensor], bool], list[Tensor]], b: Sequence[Tensor], damping: float
+) -> Tensor | None:
+    """The ``n x n`` matrix of ``v -> vjp(v) + damping * v`` in the flat coordinates of the
+    leaves ``b``, from one batched backward over the basis vectors; None when that backward
+    fails (an op with no batching rule)."""
+    n = sum(x.numel() for x in b)
+    basis = _basis(n, b)
+    try:
+        out = vjp(basis, True)
+    except (RuntimeError, NotImplementedError, ValueError):
+        return None
+    if damping != 0:
+        out = [torch.add(o, e, alpha=damping) for o, e in zip(out, basis)]
+    rows: Any
+    if len(out) == 1:
+        rows = out[0] if out[0].dim() == 2 else out[0].reshape(n, -1)
+    else:
+        rows = _rows(out, n)
+    return rows.transpose(0, 1)
 
 
 def _eps(dtype: torch.dtype) -> float:

@@ -54,9 +54,7 @@ class Auto(LinearSolver):
             info.message = dense_note(info.message, n, self.max_dense)
             return x, info
         x, info = self.iterative._solve(A, b, x0)
-        info.message = _joined(
-            info.message, f"auto: {info.method} for n={n} > max_dense={self.max_dense}"
-        )
+        info.message = iterative_note(info.message, n, self.max_dense, info.method)
         return x, info
 
 
@@ -66,6 +64,11 @@ def dense_note(message: str, n: int, max_dense: int) -> str:
     if message == CHOLESKY:
         return f"auto: dense Cholesky for n={n} <= {max_dense}"
     return _joined(message, f"auto: dense LU for n={n} <= {max_dense}")
+
+
+def iterative_note(message: str, n: int, max_dense: int, method: str) -> str:
+    """The message of ``auto``'s iterative solve: which solver ran and why."""
+    return _joined(message, f"auto: {method} for n={n} > max_dense={max_dense}")
 
 
 def _joined(message: str, note: str) -> str:
