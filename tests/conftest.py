@@ -50,6 +50,17 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(threads)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Leave out the ``slow`` tests unless ``-m`` chooses (``-m slow``: only they, as CI runs
+    them) or the tests are named one by one (``path::test``: they run as named)."""
+    if config.option.markexpr or any("::" in str(arg) for arg in config.args):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow") is not None]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if item.get_closest_marker("slow") is None]
+
+
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """``-n auto`` (pyproject's default): one worker per core, at most 4 (each worker holds
     its own torch, about 1 GiB; more workers gained nothing on the suite's long files)."""
