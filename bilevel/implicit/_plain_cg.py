@@ -11,7 +11,8 @@ the operator wrapper damps them), so it computes the same iterates and stops aft
 same iteration; the record and its warnings (not converged, negative curvature) are the
 general path's. Up to 64 unknowns the products are matrix-vector products with the
 matrix one batched backward forms (the values of the backward passes to rounding, for a
-quarter of their cost at 30 unknowns). Anything else returns None and takes the general
+quarter of their cost at 30 unknowns), unless ``maxiter`` allows fewer products than
+forming it costs. Anything else returns None and takes the general
 path.
 """
 
@@ -26,6 +27,10 @@ from torch import Tensor
 from bilevel.implicit._exact import operator_matrix
 from bilevel.linalg.auto import Auto, iterative_note
 from bilevel.linalg.cg import CG
+
+# The batched backward that forms the matrix costs about 6 products at 30 unknowns: a cg
+# truncated to fewer than min(n, this) iterations keeps one backward per product.
+_MATRIX_MIN_ITERATIONS = 8
 
 
 def plain_cg(linear_solver: Any, sol: Sequence[Tensor]) -> CG | None:
@@ -70,7 +75,8 @@ def cg_vjp(
     b = [-x for x in g]
     n = sum(x.numel() for x in b)
     M = None
-    if n <= MAX_DOUBLE and all(x.dtype == b[0].dtype for x in b):
+    few = solver.maxiter is not None and solver.maxiter < min(n, _MATRIX_MIN_ITERATIONS)
+    if n <= MAX_DOUBLE and not few and all(x.dtype == b[0].dtype for x in b):
         M = operator_matrix(vjp, b, 0.0)
     if M is not None:
         product = _matrix_products(M, b)
