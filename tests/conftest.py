@@ -7,8 +7,10 @@ but missing is an error, not a skip, so a GPU run cannot pass by running nothing
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import os
+import warnings
 from collections.abc import Callable
 from datetime import date, timedelta
 from pathlib import Path
@@ -38,8 +40,25 @@ def device_under_test() -> torch.device:
     return dev
 
 
+def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
+    if not pluginmanager.has_plugin("xdist"):
+        # pyproject's addopts name pytest-xdist's options: without it (an environment that
+        # did not install the test extra) the suite runs serially and says so
+        # (_addoption: a short lowercase option is reserved to plugins; xdist adds it so)
+        group = parser.getgroup("xdist", "pytest-xdist (not installed)")
+        group._addoption("-n", "--numprocesses", default=None, help=argparse.SUPPRESS)
+        group._addoption("--dist", default="no", help=argparse.SUPPRESS)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     device_under_test()  # a missing or misspelt device stops the run before any test
+    if not config.pluginmanager.has_plugin("xdist") and config.getoption("numprocesses"):
+        warnings.warn(
+            "pytest-xdist is not installed, so the suite runs serially (about twice as long "
+            'on two cores): pip install -e ".[test]" installs it',
+            pytest.PytestConfigWarning,
+            stacklevel=1,
+        )
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers:
         # one of several pytest-xdist workers: share the cores instead of each taking all of
@@ -61,6 +80,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = [item for item in items if item.get_closest_marker("slow") is None]
 
 
+@pytest.hookimpl(optionalhook=True)  # xdist's hook: unknown without it
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """``-n auto`` (pyproject's default): one worker per core, at most 4 (each worker holds
     its own torch, about 1 GiB; more workers gained nothing on the suite's long files)."""
