@@ -3,6 +3,10 @@
 ``BILEVEL_TEST_DEVICE`` names it (default ``cpu``): ``BILEVEL_TEST_DEVICE=cuda python -m
 pytest -m device`` runs the device-exercising tests on the GPU. A device that is asked for
 but missing is an error, not a skip, so a GPU run cannot pass by running nothing.
+
+Also the suite's running: ``slow`` tests left out unless chosen, pytest-xdist's workers
+(pyproject's ``-n auto``) capped and given their share of the cores, and a serial run with a
+warning where pytest-xdist is missing (tests/test_pytest_setup.py).
 """
 
 from __future__ import annotations
