@@ -28,7 +28,15 @@ from torch import Tensor
 
 from bilevel.implicit.diagnostics import _record
 from bilevel.linalg.auto import Auto, dense_note
-from bilevel.linalg.dense import CHOLESKY, Dense, _basis_leaves, _rows, solve_by_cholesky
+from bilevel.linalg.dense import (
+    CHOLESKY,
+    Dense,
+    _basis_leaves,
+    _ravel,
+    _rows,
+    _unravel,
+    solve_by_cholesky,
+)
 from bilevel.linalg.info import LinearSolveInfo
 
 
@@ -71,21 +79,14 @@ def exact_vjp(
     M = operator_matrix(vjp, b, damping)
     if M is None:
         return None  # dense would form the matrix another way
-    solved = solve_by_cholesky(M, _flat(b), rcond if rcond is not None else n * _eps(dtype))
+    solved = solve_by_cholesky(M, _ravel(b), rcond if rcond is not None else n * _eps(dtype))
     if solved is None:
         return None  # not positive definite, singular or not finite: the general path
     flat_x, rn = solved
     info = LinearSolveInfo("dense", n, rn, True, False, message, threshold=math.nan)
     problem.linear_solver.last_info = info
     _record(problem.diagnostics, "vjp", info)
-    if len(b) == 1:
-        return [flat_x if b[0].dim() == 1 else flat_x.reshape(b[0].shape)]
-    u, start = [], 0
-    for leaf in b:
-        k = leaf.numel()
-        u.append(flat_x[start : start + k].reshape(leaf.shape))
-        start += k
-    return u
+    return _unravel(flat_x, b)
 
 
 def operator_matrix(
@@ -112,12 +113,6 @@ def operator_matrix(
 
 def _eps(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps
-
-
-def _flat(b: Sequence[Tensor]) -> Tensor:
-    if len(b) == 1:
-        return b[0] if b[0].dim() == 1 else b[0].reshape(-1)
-    return torch.cat([x.reshape(-1) for x in b])
 
 
 _BASES: dict[Any, list[Tensor]] = {}  # the basis vectors per structure, dtype and device

@@ -27,6 +27,7 @@ from torch import Tensor
 from bilevel.implicit._exact import operator_matrix
 from bilevel.linalg.auto import Auto, iterative_note
 from bilevel.linalg.cg import CG
+from bilevel.linalg.dense import _ravel, _unravel
 
 # The batched backward that forms the matrix costs about 6 products at 30 unknowns: a cg
 # truncated to fewer than min(n, this) iterations keeps one backward per product.
@@ -104,11 +105,5 @@ def _matrix_products(M: Tensor, b: Sequence[Tensor]) -> Callable[[Sequence[Tenso
     """``v -> M v`` on leaves shaped like ``b``'s (``M`` in their flat coordinates)."""
     if len(b) == 1 and b[0].dim() == 1:
         return lambda v: [M @ v[0]]
-    shapes = [x.shape for x in b]
-    sizes = [x.numel() for x in b]
-
-    def product(v: Sequence[Tensor]) -> list[Tensor]:
-        flat = M @ torch.cat([x.reshape(-1) for x in v])
-        return [part.reshape(shape) for part, shape in zip(flat.split(sizes), shapes)]
-
-    return product
+    leaves = list(b)
+    return lambda v: _unravel(M @ _ravel(list(v)), leaves)

@@ -255,13 +255,10 @@ class _UserProblem(_Problem):
 
         plan = None if self.warm_start is not None else dense_plan(self.linear_solver, n)
         u = None if plan is None else exact_vjp(self, vjp, sol, g, plan)
-        cg = (
-            None
-            if u is not None or self.warm_start is not None
-            else plain_cg(self.linear_solver, sol)
-        )
-        if cg is not None:
-            u = cg_vjp(self, cg, vjp, g, None if self.objective is None else (F, s))
+        if u is None and self.warm_start is None:
+            cg = plain_cg(self.linear_solver, sol)
+            if cg is not None:
+                u = cg_vjp(self, cg, vjp, g, None if self.objective is None else (F, s))
         if u is None:
             operator = _Products(
                 lambda v: vjp(v), lambda V: vjp(V, batched=True), definite=self.minimum

@@ -58,6 +58,8 @@ def _ravel(b: Vec) -> Tensor:
 
 def _unravel(flat: Tensor, b: Vec) -> Vec:
     """``flat`` split into leaves shaped like ``b``'s, each in its own dtype."""
+    if len(b) == 1 and b[0].dim() == 1 and flat.dtype == b[0].dtype:
+        return [flat]  # the usual one-vector case: no slice or copy
     out, start = [], 0
     for leaf in b:
         k = leaf.numel()
