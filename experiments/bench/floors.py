@@ -53,26 +53,26 @@ def _evaluations(problem: implicit_small.Small, k: int) -> core.Impl:
     return core.Impl(f"floor: {k} evaluations", run, check=False, note="loss + gradient")
 
 
-def _cg_loop(problem: implicit_small.Small) -> core.Impl:
-    """``cg``'s loop on the ridge matrix, formed once outside the timing."""
+def _cg_loop(problem: implicit_small.Small) -> tuple[core.Impl, int]:
+    """``cg``'s loop on the ridge matrix, formed once outside the timing, and its iterations."""
     from bilevel import linalg
 
-    X, y = problem.train
+    X = problem.train[0]
     n, p = X.shape
     A = X.T @ X / n + problem.h.detach().exp() * torch.eye(p, dtype=X.dtype)
     w = problem.w_star.detach().clone().requires_grad_()
     b = -torch.autograd.grad(problem.outer(w), w)[0]  # the backward's right-hand side
     solver = linalg.cg(tol=TOL)
 
-    def run() -> Tensor:
-        x, _ = solver._solve(lambda v: [A @ v[0]], [b], None)
-        return x[0]
+    def product(v: list[Tensor]) -> list[Tensor]:
+        return [A @ v[0]]
 
-    run()
-    iterations = solver._solve(lambda v: [A @ v[0]], [b], None)[1].iterations
-    return core.Impl(
-        f"floor: cg loop, {iterations} it.", run, check=False, note="on the formed matrix"
-    )
+    def run() -> Tensor:
+        return solver._solve(product, [b], None)[0][0]
+
+    iterations = int(solver._solve(product, [b], None)[1].iterations)
+    name = f"floor: cg loop, {iterations} it."
+    return core.Impl(name, run, check=False, note="on the formed matrix"), iterations
 
 
 def _products(k: int) -> list[core.Impl]:
@@ -165,8 +165,8 @@ def _ridge(p: int, repeats: int) -> list[str]:
     cg_run()
     given = core.Impl("bilevel auto (solution given)", implicit_small.bilevel_impl(problem, None))
     evaluated = _evaluations(problem, evaluations)
-    loop = _cg_loop(problem)
-    if not loop.name.endswith(f" {cg.last_info.iterations} it."):  # type: ignore[union-attr]
+    loop, loop_iterations = _cg_loop(problem)
+    if loop_iterations != cg.last_info.iterations:  # type: ignore[union-attr]
         raise RuntimeError(f"{loop.name}: not the row's cg ({cg.last_info})")
     lbfgs_floor = _then(
         "floor: lbfgs", evaluated, given, "the evaluations, then the given-solution row"
