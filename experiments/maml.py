@@ -276,7 +276,11 @@ def _prox_loss(
 
 
 def imaml_adapt(
-    meta_params: dict[str, Tensor], x: Tensor, y: Tensor, cfg: dict[str, Any]
+    meta_params: dict[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+    cfg: dict[str, Any],
+    diagnostics: bilevel.implicit.ImplicitDiagnostics | None = None,
 ) -> dict[str, Tensor]:
     """argmin_w support loss + lam/2 ||w - w0||^2 by L-BFGS from w0; implicit gradient.
 
@@ -291,7 +295,8 @@ def imaml_adapt(
     (``activation="gelu"``): with ReLU the support loss is piecewise smooth, its
     minimisers sit on kinks where the gradient jumps, and no tolerance is reached.
     Under ``vmap`` the tasks' L-BFGS runs are solved as one stack, each task with its own
-    iterate, line search and stopping (as in a loop).
+    iterate, line search and stopping (as in a loop). ``diagnostics`` collects one task's
+    solves (outside ``vmap``).
     """
     solver = bilevel.solvers.lbfgs(tol=cfg["imaml_tol"], maxiter=cfg["imaml_steps"])
     linear_solver = bilevel.linalg.cg(tol=1e-5, maxiter=cfg["cg_steps"])
@@ -302,6 +307,7 @@ def imaml_adapt(
         data=(x, y),
         solver=solver,
         linear_solver=linear_solver,
+        diagnostics=diagnostics,
     )
 
 

@@ -57,3 +57,39 @@ def test_quick_run_prints_the_lbfgs_floor(capsys: pytest.CaptureFixture[str]) ->
 def test_repeats_must_be_positive() -> None:
     with pytest.raises(SystemExit):
         floors.main(["--repeats", "0"])
+
+
+def test_imaml_floor_makes_each_tasks_hessian_products() -> None:
+    """The iMAML floor's stacked products are each task's Hessian-vector product of its
+    proximal loss (against forward-over-reverse on one task), and the counts are the
+    slowest task's solves."""
+    from experiments import maml as experiment
+    from experiments.bench import maml as bench_maml
+
+    cfg, params, tasks = bench_maml.imaml_setup(3, torch.float64, torch.device("cpu"), 0)
+    k, j = floors._imaml_counts(cfg, params, tasks)
+    assert k > 1 and j > 1
+    impl = floors._imaml_floor(cfg, params, tasks, 2, 1)
+    out = impl.fn()
+    lam, act = cfg["imaml_lambda"], cfg["activation"]
+    names = list(params)
+    n = sum(v.numel() for v in params.values())
+    for i in range(3):
+
+        def grad(w, i=i):
+            loss = lambda w: experiment._prox_loss(lam, act, w, params, (tasks[0][i], tasks[1][i]))  # noqa: E731
+            return torch.func.grad(loss)(w)
+
+        w = {k_: v.detach() for k_, v in params.items()}
+        ones = {k_: torch.ones_like(v) for k_, v in w.items()}
+        _, hv = torch.func.jvp(grad, (w,), (ones,))
+        expected = torch.cat([hv[k_].reshape(-1) for k_ in names])
+        # the floor's output: the leaves' products one after the other, each (B, ...)
+        got = torch.cat(
+            [
+                part.reshape(3, -1)[i]
+                for part in torch.split(out, [3 * params[k_].numel() for k_ in names])
+            ]
+        )
+        assert got.shape == (n,)
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)

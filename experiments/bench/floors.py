@@ -1,4 +1,4 @@
-"""The eager floors under the small-problem targets that ``bench implicit`` misses.
+"""The eager floors under the targets that ``bench implicit`` and ``bench maml`` miss.
 
 ``python -m experiments.bench.floors [--repeats 9] [--quick]``
 
@@ -16,9 +16,16 @@ interleaved, medians), float64, one thread, and printed next to the row and its 
 * digits with ``cg`` (target <= 1x JAXopt): the two matrix products of one Hessian-vector
   product of the cross-entropy (``X V`` and ``X^T Z``, 898 x 64 x 10), as many times as
   ``cg`` iterates, in PyTorch, in JAX (jitted, one ``fori_loop``) and in NumPy: the part
-  of every product that no fusion of the element-wise work removes.
+  of every product that no fusion of the element-wise work removes;
+* iMAML as ``bench maml`` times it (float32, the ``maml`` experiment's defaults, meta-batch
+  25; target: the vmapped meta-gradient >= 5x the loop of separate calls): the vmapped
+  proximal loss's value and gradient as many times as the slowest task's L-BFGS evaluates
+  it, then its stacked first-order graph and as many Hessian-vector products through it as
+  the slowest task's backward ``cg`` makes (each task alone: the stack runs until its
+  slowest is done), written with torch alone.
 
-The ratios are to the problem's reference (the closed form, or JAXopt's whole solve). A
+The ratios are to the problem's reference (the closed form, JAXopt's whole solve, or
+the iMAML loop). A
 floor above its target says the target cannot be met by this route on this machine.
 """
 
@@ -220,6 +227,84 @@ def _digits(repeats: int) -> list[str]:
     return lines
 
 
+def _imaml_counts(
+    cfg: dict[str, Any], params: dict[str, Tensor], tasks: tuple[Tensor, ...]
+) -> tuple[int, int]:
+    """The most inner evaluations and backward cg iterations any task takes alone: the
+    passes of the vmapped stack (each task keeps its own solves; the stack runs until its
+    slowest is done)."""
+    import bilevel
+    from experiments import maml as experiment
+
+    evaluations, iterations = 0, 0
+    for i in range(len(tasks[0])):
+        xs, ys, xq, yq = (t[i] for t in tasks)
+        meta = {k: v.detach().requires_grad_() for k, v in params.items()}
+        diag = bilevel.implicit.ImplicitDiagnostics()
+        adapted = experiment.imaml_adapt(meta, xs, ys, cfg, diag)
+        experiment.mse(adapted, xq, yq, cfg["activation"]).backward()
+        evaluations = max(evaluations, int(diag.forward.evaluations))
+        iterations = max(iterations, int(diag.last_backward.iterations))
+    return evaluations, iterations
+
+
+def _imaml_floor(
+    cfg: dict[str, Any], params: dict[str, Tensor], tasks: tuple[Tensor, ...], k: int, j: int
+) -> core.Impl:
+    """``k`` stacked evaluations (value and gradient of the vmapped proximal loss) and a
+    stacked first-order graph with ``j`` Hessian-vector products through it: the user's
+    function work of the vmapped meta-gradient, written with torch alone."""
+    from experiments import maml as experiment
+
+    lam, activation = cfg["imaml_lambda"], cfg["activation"]
+    xs, ys = tasks[0], tasks[1]
+    B = len(xs)
+
+    def prox(w: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return experiment._prox_loss(lam, activation, w, params, (x, y))
+
+    values = torch.func.vmap(prox)
+    # an evaluation costs the same wherever it is made: at the meta-parameters
+    stack = {k_: v.detach().expand(B, *v.shape).contiguous() for k_, v in params.items()}
+
+    def run() -> Tensor:
+        for _ in range(k):
+            w = {k_: v.clone().requires_grad_() for k_, v in stack.items()}
+            torch.autograd.grad(values(w, xs, ys).sum(), list(w.values()))
+        w = {k_: v.clone().requires_grad_() for k_, v in stack.items()}
+        leaves = list(w.values())
+        grads = torch.autograd.grad(values(w, xs, ys).sum(), leaves, create_graph=True)
+        v = [torch.ones_like(x) for x in leaves]
+        for _ in range(j):
+            out = torch.autograd.grad(grads, leaves, v, retain_graph=True)
+        return torch.cat([o.reshape(-1) for o in out])
+
+    note = f"{k} stacked evaluations, the graph, {j} stacked HVPs"
+    return core.Impl("floor: evaluations + HVPs", run, check=False, note=note)
+
+
+def _imaml(repeats: int) -> list[str]:
+    from . import maml as bench_maml
+
+    dtype, device = torch.float32, torch.device("cpu")
+    batch = bench_maml.IMAML_BATCH
+    cfg, params, tasks = bench_maml.imaml_setup(batch, dtype, device, 0)
+    k, j = _imaml_counts(cfg, params, tasks)
+    vmapped, loop = bench_maml.imaml_impls(batch, dtype, device, 0)
+    impls = [loop, vmapped, _imaml_floor(cfg, params, tasks, k, j)]
+    results = core.measure(
+        impls, reference=loop.name, rtol=1e-4, repeats=repeats, warmup=1, device=device
+    )
+    lines = _table(f"== iMAML meta-gradient, meta-batch {batch}, float32 ==", results, loop.name)
+    median = {name: res.median or math.nan for name, res in results.items()}
+    budget = median[loop.name] / 5
+    lines.append(
+        f"iMAML: the 5x target needs the vmap row <= {core.fmt_time(budget)}; the floor is "
+        f"{median[impls[2].name] / budget:.0%} of that, the row {median[vmapped.name] / budget:.0%}"
+    )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m experiments.bench.floors", description=__doc__.split("\n")[0]
@@ -238,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("\n".join(_ridge(3, repeats)))
     if not args.quick:
-        for part in (_ridge(30, repeats), _digits(repeats)):
+        for part in (_ridge(30, repeats), _digits(repeats), _imaml(repeats)):
             print()
             print("\n".join(part))
     return 0

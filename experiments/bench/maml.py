@@ -246,8 +246,10 @@ IMAML_SUBJECT = "bilevel iMAML vmap"
 IMAML_LOOP = "bilevel iMAML loop"
 
 
-def imaml_impls(batch: int, dtype: torch.dtype, device: torch.device, seed: int) -> list[Impl]:
-    """iMAML's meta-gradient with the ``maml`` experiment's defaults: vmap and a loop."""
+def imaml_setup(
+    batch: int, dtype: torch.dtype, device: torch.device, seed: int
+) -> tuple[dict[str, Any], dict[str, Tensor], tuple[Tensor, ...]]:
+    """The ``maml`` experiment's iMAML settings, meta-parameters and ``batch`` tasks."""
     from experiments import maml as experiment
 
     cfg = {opt.name: opt.default for opt in experiment.OPTIONS}
@@ -258,6 +260,14 @@ def imaml_impls(batch: int, dtype: torch.dtype, device: torch.device, seed: int)
         t.to(device, dtype)
         for t in experiment.sample_tasks(gen, batch, cfg["shots"], cfg["queries"])
     )
+    return cfg, params, tasks
+
+
+def imaml_impls(batch: int, dtype: torch.dtype, device: torch.device, seed: int) -> list[Impl]:
+    """iMAML's meta-gradient with the ``maml`` experiment's defaults: vmap and a loop."""
+    from experiments import maml as experiment
+
+    cfg, params, tasks = imaml_setup(batch, dtype, device, seed)
     names = list(params)
 
     def vmapped() -> tuple[Tensor, ...]:
