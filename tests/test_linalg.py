@@ -565,3 +565,53 @@ def test_inner_products_under_vmap_are_row_sums_not_batched_matrix_products():
     # one side batched, the other shared
     shared = torch.func.vmap(_dot, in_dims=(0, None))(a, [y[0] for y in b])
     torch.testing.assert_close(shared[3], _dot([x[3] for x in a], [y[0] for y in b]))
+
+
+@pytest.mark.parametrize("shared_rhs", [False, True])
+def test_cg_under_vmap_runs_on_the_stacks_and_each_problem_is_its_own_solve(
+    shared_rhs, monkeypatch
+):
+    """A cold, unpreconditioned ``cg`` under ``vmap`` runs its loop on the stacks under
+    the batched tensors (row-wise scalars, no batching rule per operation): every problem
+    stops on its own (different iteration counts), its solution is its own solve's, and the
+    record is the batched summary (most iterations, converged when all did). A tree of two
+    leaves; a right-hand side shared by the problems (not batched: the stack's size is
+    unknown before the first product) keeps the loop under ``vmap``, with the same answers."""
+    import importlib
+
+    cg_module = importlib.import_module("bilevel.linalg.cg")
+    gen = torch.Generator().manual_seed(1)
+    B, n = 5, 8
+    Q = torch.randn(B, n, n, generator=gen, dtype=DT)
+    scale = torch.logspace(0, -3, B, dtype=DT)  # condition numbers ~1 .. 1e3: different counts
+    A = Q @ Q.mT / n + scale[:, None, None] * torch.eye(n, dtype=DT)
+    b = torch.randn(B, n, generator=gen, dtype=DT)
+    if shared_rhs:
+        b = b[:1].expand(B, n)
+    seen, infos = [], []
+    real = cg_module.rows_of
+    monkeypatch.setattr(cg_module, "rows_of", lambda v: seen.append(real(v)) or seen[-1])
+
+    def product(A_i, v):
+        y = A_i @ torch.cat([v["a"], v["b"]])
+        return {"a": y[:3], "b": y[3:]}
+
+    def one(A_i, b_i):
+        x, info = linalg.cg(tol=1e-12)(lambda v: product(A_i, v), {"a": b_i[:3], "b": b_i[3:]})
+        infos.append(info)
+        return torch.cat([x["a"], x["b"]])
+
+    xs = torch.func.vmap(one, in_dims=(0, None if shared_rhs else 0))(A, b[0] if shared_rhs else b)
+    if shared_rhs:
+        assert seen == [None]
+    else:
+        assert seen[0] is not None and seen[0].batch_size == B
+    counts = []
+    for i in range(B):
+        x_i, info_i = linalg.cg(tol=1e-12)(lambda v, i=i: A[i] @ v, b[i].clone())
+        torch.testing.assert_close(xs[i], x_i, rtol=1e-10, atol=1e-12)
+        counts.append(info_i.iterations)
+    assert len(set(counts)) > 1
+    (info,) = infos
+    assert info.converged and info.iterations == max(counts)
+    assert "under torch.func.vmap: 5 problems" in info.message

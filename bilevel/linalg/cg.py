@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bilevel.linalg._vec import Vec, _axpy, _dot, _norm
+from bilevel.linalg._rows import rows_of
+from bilevel.linalg._vec import Vec, _axpy, _dot
 from bilevel.linalg.base import _default_maxiter
 from bilevel.linalg.info import LinearSolveInfo
 from bilevel.linalg.preconditioner import Diagonal, _Preconditioned, resolve
@@ -37,6 +38,13 @@ class CG(_Preconditioned):
         maxiter = self.maxiter or _default_maxiter(sum(t.numel() for t in b))
         period = self._period(b)
         M, described = resolve(self.preconditioner, A, b, getattr(A, "memory", None))
+        # under vmap, a cold solve without a preconditioner runs on the stacks under the
+        # batched tensors: the same loop, without the batching rules' dispatch per operation
+        rows = rows_of(b) if M is None and x0 is None else None
+        dot, axpy = _dot, _axpy
+        if rows is not None:
+            A, b = rows.operator(A), rows.unbatch(b)
+            dot, axpy = rows.dot, rows.axpy
         x, r = warm_or_zero(A, b, x0)
         # Outside autograd and functorch the vectors are updated in place (one pass each,
         # no fresh allocation: at p = 1e6 an allocation's page faults cost as much as the
@@ -52,7 +60,7 @@ class CG(_Preconditioned):
         # a diagonal M^-1 writes z into one buffer per solve
         z_out = [torch.empty_like(t) for t in r] if inplace and isinstance(M, Diagonal) else None
         first = None
-        if inplace and period == 1 and b[0].device.type == "cpu":
+        if inplace and period == 1 and b[0].device.type == "cpu" and rows is None:
             first = A(p)
             if not _tracked(first):
                 # decided before any of the masked loop's 0-d state exists (on a 3-unknown
@@ -60,10 +68,10 @@ class CG(_Preconditioned):
                 start = _HostStart(x, r, p, z_out, first, M, cold=x0 is None)
                 return self._solve_on_host(start, A, b, maxiter, described)
             inplace, z_out = False, None  # an operator with a graph: nothing updated yet
-        bnorm = _norm(b)
+        bnorm = dot(b, b).sqrt()
         threshold = self._threshold(bnorm)
-        rs = _dot(r, r)
-        rz = rs if M is None else _dot(r, z)
+        rs = dot(r, r)
+        rz = rs if M is None else dot(r, z)
         # the Rayleigh quotients' denominator p^T M p (M: the preconditioner's matrix, the
         # inverse of z = M^-1 r; I without one) by the recurrence of p' = z' + beta p, where
         # r'^T p = 0 gives p'^T M p' = r'^T z' + beta^2 p^T M p: no vector pass for it. With
@@ -86,7 +94,7 @@ class CG(_Preconditioned):
             Ap = first if k == 0 and first is not None else A(p)
             if k == 0 and inplace and _tracked(Ap):
                 inplace, z_out = False, None  # an operator with a graph: nothing updated yet
-            pAp = _dot(p, Ap)
+            pAp = dot(p, Ap)
             # any vector's Rayleigh quotient lies in A's numerical range, so the quotients of
             # masked iterations (p = z) need no mask; fmin/fmax skip the 0/0 of p = 0
             q = pAp / pp
@@ -98,17 +106,17 @@ class CG(_Preconditioned):
             # Masking the scalars is enough: alpha = 0 leaves x and r as they are, and
             # beta = 0 restarts p from z, finite. No vector-sized where() per iteration.
             alpha = torch.where(active, rz / pAp, zero)
-            x = _axpy(alpha, p, x, out=x if inplace else None)
-            r = _axpy(-alpha, Ap, r, out=r if inplace else None)
-            rs_new = _dot(r, r)
+            x = axpy(alpha, p, x, out=x if inplace else None)
+            r = axpy(-alpha, Ap, r, out=r if inplace else None)
+            rs_new = dot(r, r)
             if M is None:
                 z, rz_new = r, rs_new
             else:
                 z = M(r) if z_out is None else M.into(r, z_out)  # type: ignore[attr-defined]
-                rz_new = _dot(r, z)
+                rz_new = dot(r, z)
             # the new residual (not the old one) builds the next direction: Betty's bug
             beta = torch.where(active, rz_new / rz, zero)
-            p = _axpy(beta, p, z, out=p if inplace else None)
+            p = axpy(beta, p, z, out=p if inplace else None)
             pp = rz_new + beta * beta * pp
             rs = torch.where(active, rs_new, rs)
             rz = rs if M is None else torch.where(active, rz_new, rz)
@@ -119,9 +127,15 @@ class CG(_Preconditioned):
             if self._should_stop(done, k + 1, maxiter, period):
                 break
 
+        rnorm = rs.sqrt()
+        if rows is not None:  # back under vmap: the caller's vectors, the batched record
+            x = rows.batch(x)
+            iterations, rnorm, threshold, negative, lo, hi = rows.batch(
+                [iterations.expand(rows.batch_size), rnorm, threshold, negative, lo, hi]
+            )
         info, _ = self._finish(
             iterations=iterations,
-            rnorm=rs.sqrt(),
+            rnorm=rnorm,
             threshold=threshold,
             negative_curvature=negative,
             maxiter=maxiter,
@@ -265,7 +279,11 @@ def cg(
     update and no allocation: at 10^6 unknowns an allocation's page faults cost about as much
     as the pass); ``b`` and ``x0`` are never written, but the vector given to ``matvec`` is
     overwritten by the next iteration, so ``matvec`` must not keep it. Under autograd or
-    ``vmap`` the same iterates are computed out of place.
+    functorch transforms the same iterates are computed out of place. Under ``vmap`` every
+    problem keeps its own scalars and stops on its own; a cold solve without a
+    preconditioner runs its loop on the stacks under the batched tensors (row-wise inner
+    products and updates; the products still see the batched tensors), which saves the
+    batching rules' dispatch of every vector and scalar operation.
 
     Args:
         tol: relative tolerance on the residual norm.
