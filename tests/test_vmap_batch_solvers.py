@@ -432,3 +432,31 @@ def test_projected_gradient_stack_of_one_projects_its_row():
     torch.testing.assert_close(W[0], w, rtol=1e-12, atol=1e-14)
     _same_record(info, single)
     assert abs(float(W.sum()) - 1) < 1e-12
+
+
+def test_vmapped_argmin_keeps_and_checks_each_problems_record():
+    """``vmap(argmin)`` with a stacked solver: a NotStationaryWarning for each problem its
+    truncated solver left unconverged and none for the others, the diagnostics' forward
+    record the last problem's (as a loop leaves it), and the solutions the loop's."""
+    A, b, h = _tasks()
+    maxiter = 11  # tasks need 6, 11, 12 and 13 iterations: two converge, two do not
+    solver = solvers.lbfgs(tol=1e-10, maxiter=maxiter)
+    diag = bilevel.implicit.ImplicitDiagnostics()
+
+    def layer(h, A, b):
+        w0 = torch.zeros(N, dtype=D)
+        return bilevel.argmin(_loss, w0, h, data=(A, b), solver=solver, diagnostics=diag)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        W = torch.func.vmap(layer)(h, A, b)
+    stationary = [w for w in caught if issubclass(w.category, solvers.NotStationaryWarning)]
+    singles = []
+    for i in range(B):
+        w_i, info_i = solver(lambda w, i=i: _loss(w, h[i], (A[i], b[i])), torch.zeros(N, dtype=D))
+        torch.testing.assert_close(W[i], w_i, rtol=1e-12, atol=1e-14)
+        singles.append(info_i)
+    assert [s.converged for s in singles] == [True, True, False, False]
+    assert len(stationary) == 2
+    assert all(f"maxiter={maxiter}" in str(w.message) for w in stationary)
+    _same_record(diag.forward, singles[-1])  # the record of the last problem is kept

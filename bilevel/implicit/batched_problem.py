@@ -229,11 +229,19 @@ class _BatchedProblem(_Problem):
         solve_batch = self._batch_solver()
         assert solve_batch is not None
         out, infos = solve_batch(self._stack_target(theta), tree_unflatten(list(init), spec))
+        if base.stationarity_tol is None:
+            # nothing to evaluate per problem: the stack is checked and taken as a whole,
+            # and each problem's record kept and checked (iMAML's 25 tasks: ~600 row
+            # selections, detaches and stacks saved)
+            sol = base._finish(out, list(init), None, None)
+            for info in infos:
+                base._report_forward(info)
+            return sol
         leaves = tree_flatten(out)[0]
         sols = []
         for i, info in enumerate(infos):
             th = [t[i] if d is not None else t for t, d in zip(theta, self.dims)]
-            target = base.target(th) if base.stationarity_tol is not None else None
+            target = base.target(th)
             sol_i = tree_unflatten([leaf[i] for leaf in leaves], spec)
             sols.append(base._finish(sol_i, [x[i] for x in init], target, info))
         return [torch.stack(col) for col in zip(*sols)]

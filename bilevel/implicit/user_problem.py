@@ -330,6 +330,12 @@ class _UserProblem(_Problem):
         self._check_solved(target, sol, info)
         return sol
 
+    def _report_forward(self, info: Any) -> None:
+        """A forward solve's record, kept and checked (one problem of a stack whose
+        solution is checked as a whole; no stationarity check of its own)."""
+        _record(self.diagnostics, "forward", info)
+        self._check_solved(None, [], info)
+
     def _check_solved(self, target: Any, sol: list[Tensor], info: Any) -> None:
         """Warn (raise when strict) if the forward solve is not what the theorem assumes."""
         from bilevel.solvers import NotStationaryError, NotStationaryWarning, check_stationarity
