@@ -567,11 +567,12 @@ def test_inner_products_under_vmap_are_row_sums_not_batched_matrix_products():
     torch.testing.assert_close(shared[3], _dot([x[3] for x in a], [y[0] for y in b]))
 
 
+@pytest.mark.parametrize("name", ["cg", "minres"])
 @pytest.mark.parametrize("shared_rhs", [False, True])
-def test_cg_under_vmap_runs_on_the_stacks_and_each_problem_is_its_own_solve(
-    shared_rhs, monkeypatch
+def test_krylov_under_vmap_runs_on_the_stacks_and_each_problem_is_its_own_solve(
+    name, shared_rhs, monkeypatch
 ):
-    """A cold, unpreconditioned ``cg`` under ``vmap`` runs its loop on the stacks under
+    """A cold, unpreconditioned ``cg`` or ``minres`` under ``vmap`` runs its loop on the stacks under
     the batched tensors (row-wise scalars, no batching rule per operation): every problem
     stops on its own (different iteration counts), its solution is its own solve's, and the
     record is the batched summary (most iterations, converged when all did). A tree of two
@@ -579,7 +580,8 @@ def test_cg_under_vmap_runs_on_the_stacks_and_each_problem_is_its_own_solve(
     unknown before the first product) keeps the loop under ``vmap``, with the same answers."""
     import importlib
 
-    cg_module = importlib.import_module("bilevel.linalg.cg")
+    cg_module = importlib.import_module(f"bilevel.linalg.{name}")
+    solver = getattr(linalg, name)
     gen = torch.Generator().manual_seed(1)
     B, n = 5, 8
     Q = torch.randn(B, n, n, generator=gen, dtype=DT)
@@ -597,7 +599,7 @@ def test_cg_under_vmap_runs_on_the_stacks_and_each_problem_is_its_own_solve(
         return {"a": y[:3], "b": y[3:]}
 
     def one(A_i, b_i):
-        x, info = linalg.cg(tol=1e-12)(lambda v: product(A_i, v), {"a": b_i[:3], "b": b_i[3:]})
+        x, info = solver(tol=1e-12)(lambda v: product(A_i, v), {"a": b_i[:3], "b": b_i[3:]})
         infos.append(info)
         return torch.cat([x["a"], x["b"]])
 
@@ -608,10 +610,11 @@ def test_cg_under_vmap_runs_on_the_stacks_and_each_problem_is_its_own_solve(
         assert seen[0] is not None and seen[0].batch_size == B
     counts = []
     for i in range(B):
-        x_i, info_i = linalg.cg(tol=1e-12)(lambda v, i=i: A[i] @ v, b[i].clone())
+        x_i, info_i = solver(tol=1e-12)(lambda v, i=i: A[i] @ v, b[i].clone())
         torch.testing.assert_close(xs[i], x_i, rtol=1e-10, atol=1e-12)
         counts.append(info_i.iterations)
     assert len(set(counts)) > 1
     (info,) = infos
     assert info.converged and info.iterations == max(counts)
     assert "under torch.func.vmap: 5 problems" in info.message
+    assert info.min_curvature > 0  # the Rayleigh quotients of an SPD stack

@@ -8,6 +8,9 @@ its stacks (problems in dimension 0), gives the loop row-wise inner products (``
 scalars) and updates, and wraps the operator so that its products still see the batched
 tensors of the ``vmap`` level. The loop's arithmetic is the batched one's: the same
 elementwise products and row sums, the same masks.
+
+Used by :func:`bilevel.linalg.cg` and :func:`bilevel.linalg.minres` for a cold solve
+without a preconditioner.
 """
 
 from __future__ import annotations
@@ -25,28 +28,40 @@ _fz = torch._C._functorch
 
 @dataclass(frozen=True)
 class _Rows:
-    """The stacks of one ``vmap`` level: ``B`` problems in dimension 0 of every leaf."""
+    """The stacks of one ``vmap`` level: ``B`` problems, each leaf a ``(B, numel)`` block.
+
+    A solver's loop runs on the blocks with its per-problem scalars of shape ``(B, 1)``,
+    so that its vector updates broadcast row by row as written; only its inner products
+    change (:meth:`dot`, row sums kept as a column).
+    """
 
     level: int
     batch_size: int
+    shapes: tuple[torch.Size, ...]  # the leaves' shapes as the caller sees them
 
     def unbatch(self, v: Sequence[Tensor]) -> Vec:
-        """The stacks under ``v``'s batched tensors (a leaf not batched at this level is
-        the same for every problem: expanded)."""
+        """The ``(B, numel)`` blocks under ``v``'s batched tensors (a leaf not batched at
+        this level is the same for every problem: expanded)."""
         out = []
         for t in v:
             if _fz.is_batchedtensor(t) and _fz.maybe_get_level(t) == self.level:
-                out.append(_fz.get_unwrapped(t).movedim(_fz.maybe_get_bdim(t), 0))
+                t = _fz.get_unwrapped(t).movedim(_fz.maybe_get_bdim(t), 0)
             else:
-                out.append(t.unsqueeze(0).expand(self.batch_size, *t.shape))
+                t = t.unsqueeze(0).expand(self.batch_size, *t.shape)
+            out.append(t.reshape(self.batch_size, -1))
         return out
 
     def batch(self, v: Sequence[Tensor]) -> Vec:
-        """Stacks as batched tensors of this level (what the caller's ``vmap`` returns)."""
-        return [_fz._add_batch_dim(t, 0, self.level) for t in v]
+        """Blocks as batched tensors of this level, shaped as the caller's leaves."""
+        B = self.batch_size
+        return [_fz._add_batch_dim(t.reshape(B, *s), 0, self.level) for t, s in zip(v, self.shapes)]
+
+    def scalars(self, v: Sequence[Tensor]) -> Vec:
+        """Per-problem ``(B, 1)`` scalars as 0-d batched tensors of this level."""
+        return [_fz._add_batch_dim(t.reshape(self.batch_size), 0, self.level) for t in v]
 
     def operator(self, A: Callable[[Vec], Vec]) -> Callable[[Vec], Vec]:
-        """``A`` on stacks: its products see this level's batched tensors."""
+        """``A`` on blocks: its products see this level's batched tensors."""
 
         def product(v: Vec) -> Vec:
             return self.unbatch(A(self.batch(v)))
@@ -54,27 +69,11 @@ class _Rows:
         return product
 
     def dot(self, a: Vec, b: Vec) -> Tensor:
-        """The problems' inner products ``(B,)``: each leaf's row sums, added leaf by leaf."""
-        total = None
-        for x, y in zip(a, b):
-            d = (x * y).sum(tuple(range(1, x.dim()))) if x.dim() > 1 else x * y
-            total = d if total is None else total + d
-        assert total is not None
+        """The problems' inner products ``(B, 1)``: row sums, added leaf by leaf."""
+        total = (a[0] * b[0]).sum(-1, keepdim=True)
+        for x, y in zip(a[1:], b[1:]):
+            total = total + (x * y).sum(-1, keepdim=True)
         return total
-
-    def axpy(self, alpha: Tensor, x: Vec, y: Vec, out: Vec | None = None) -> Vec:
-        """``y + alpha x`` row by row (``alpha`` of shape ``(B,)``), into ``out`` when given."""
-        scaled: dict[int, Tensor] = {}  # alpha shaped for each leaf rank, made once
-        results = []
-        for i, (xi, yi) in enumerate(zip(x, y)):
-            a = scaled.get(xi.dim())
-            if a is None:
-                a = scaled[xi.dim()] = alpha.reshape(-1, *([1] * (xi.dim() - 1)))
-            if out is None:
-                results.append(torch.addcmul(yi, xi, a))
-            else:
-                results.append(torch.addcmul(yi, xi, a, out=out[i]))
-        return results
 
 
 def rows_of(b: Sequence[Tensor]) -> _Rows | None:
@@ -86,5 +85,5 @@ def rows_of(b: Sequence[Tensor]) -> _Rows | None:
     if len(levels) != 1:
         return None
     t = b[0]
-    level = levels.pop()
-    return _Rows(level, _fz.get_unwrapped(t).shape[_fz.maybe_get_bdim(t)])
+    batch_size = _fz.get_unwrapped(t).shape[_fz.maybe_get_bdim(t)]
+    return _Rows(levels.pop(), batch_size, tuple(leaf.shape for leaf in b))

@@ -41,10 +41,9 @@ class CG(_Preconditioned):
         # under vmap, a cold solve without a preconditioner runs on the stacks under the
         # batched tensors: the same loop, without the batching rules' dispatch per operation
         rows = rows_of(b) if M is None and x0 is None else None
-        dot, axpy = _dot, _axpy
+        dot = _dot
         if rows is not None:
-            A, b = rows.operator(A), rows.unbatch(b)
-            dot, axpy = rows.dot, rows.axpy
+            A, b, dot = rows.operator(A), rows.unbatch(b), rows.dot
         x, r = warm_or_zero(A, b, x0)
         # Outside autograd and functorch the vectors are updated in place (one pass each,
         # no fresh allocation: at p = 1e6 an allocation's page faults cost as much as the
@@ -106,8 +105,8 @@ class CG(_Preconditioned):
             # Masking the scalars is enough: alpha = 0 leaves x and r as they are, and
             # beta = 0 restarts p from z, finite. No vector-sized where() per iteration.
             alpha = torch.where(active, rz / pAp, zero)
-            x = axpy(alpha, p, x, out=x if inplace else None)
-            r = axpy(-alpha, Ap, r, out=r if inplace else None)
+            x = _axpy(alpha, p, x, out=x if inplace else None)
+            r = _axpy(-alpha, Ap, r, out=r if inplace else None)
             rs_new = dot(r, r)
             if M is None:
                 z, rz_new = r, rs_new
@@ -116,7 +115,7 @@ class CG(_Preconditioned):
                 rz_new = dot(r, z)
             # the new residual (not the old one) builds the next direction: Betty's bug
             beta = torch.where(active, rz_new / rz, zero)
-            p = axpy(beta, p, z, out=p if inplace else None)
+            p = _axpy(beta, p, z, out=p if inplace else None)
             pp = rz_new + beta * beta * pp
             rs = torch.where(active, rs_new, rs)
             rz = rs if M is None else torch.where(active, rz_new, rz)
@@ -130,8 +129,8 @@ class CG(_Preconditioned):
         rnorm = rs.sqrt()
         if rows is not None:  # back under vmap: the caller's vectors, the batched record
             x = rows.batch(x)
-            iterations, rnorm, threshold, negative, lo, hi = rows.batch(
-                [iterations.expand(rows.batch_size), rnorm, threshold, negative, lo, hi]
+            iterations, rnorm, threshold, negative, lo, hi = rows.scalars(
+                [iterations.expand(rows.batch_size, 1), rnorm, threshold, negative, lo, hi]
             )
         info, _ = self._finish(
             iterations=iterations,
@@ -282,7 +281,8 @@ def cg(
     functorch transforms the same iterates are computed out of place. Under ``vmap`` every
     problem keeps its own scalars and stops on its own; a cold solve without a
     preconditioner runs its loop on the stacks under the batched tensors (row-wise inner
-    products and updates; the products still see the batched tensors), which saves the
+    products, per-problem scalars as columns; the products still see the batched tensors,
+    and the stacks are updated in place unless autograd tracks them), which saves the
     batching rules' dispatch of every vector and scalar operation.
 
     Args:

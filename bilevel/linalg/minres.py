@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bilevel.linalg._vec import Vec, _axpy, _div, _dot, _norm, _safe, _where, _zeros
+from bilevel.linalg._rows import rows_of
+from bilevel.linalg._vec import Vec, _axpy, _div, _dot, _safe, _where, _zeros
 from bilevel.linalg.base import _default_maxiter
 from bilevel.linalg.info import LinearSolveInfo
 from bilevel.linalg.preconditioner import _Preconditioned, resolve
@@ -33,13 +34,19 @@ class MINRES(_Preconditioned):
         maxiter = self.maxiter or _default_maxiter(sum(t.numel() for t in b))
         period = self._period(b)
         M, described = resolve(self.preconditioner, A, b, getattr(A, "memory", None))
+        # under vmap, a cold solve without a preconditioner runs on the stacks under the
+        # batched tensors (its ~50 scalar operations an iteration were each a batching rule)
+        rows = rows_of(b) if M is None and x0 is None else None
+        dot = _dot
+        if rows is not None:
+            A, b, dot = rows.operator(A), rows.unbatch(b), rows.dot
         x, r1 = warm_or_zero(A, b, x0, M)
         # preconditioned MINRES: the Lanczos process of M^-1/2 A M^-1/2; residuals are
         # measured in the norm sqrt(r^T M^-1 r), ||b|| too (z = M^-1 r alongside r)
         z1 = r1 if M is None else M(r1)
-        bnorm = _norm(b) if M is None else _dot(b, M(b)).sqrt()
+        bnorm = dot(b, b).sqrt() if M is None else dot(b, M(b)).sqrt()
         threshold = self._threshold(bnorm)
-        beta = _dot(r1, z1).sqrt()
+        beta = dot(r1, z1).sqrt()
         zero = torch.zeros_like(beta)
         # Lanczos vectors r1 (previous) and r2 (current, unnormalised); w, w2 the last
         # two search directions; (cs, sn) the last Givens rotation; phibar = ||r_k||.
@@ -70,7 +77,7 @@ class MINRES(_Preconditioned):
             # three-term Lanczos recurrence; oldb = 0 on the first step
             has_prev = oldb > 0
             y = _axpy(-torch.where(has_prev, beta / _safe(oldb, has_prev), zero), r1, y)
-            alfa = _dot(v, y)
+            alfa = dot(v, y)
             # v has unit norm and is orthogonal to r1, so alfa = v^T A v: a Rayleigh quotient;
             # beta (the norm that normalised v) is T_k's off-diagonal entry
             # a pivot at rounding level followed by a coupling beta > 0 means T_k is
@@ -83,7 +90,7 @@ class MINRES(_Preconditioned):
             hi = torch.where(active, torch.maximum(hi, alfa), hi)
             y = _axpy(-alfa / _safe(beta, active), r2, y)
             zy = y if M is None else M(y)
-            beta_new = _dot(y, zy).clamp_min(0).sqrt()
+            beta_new = dot(y, zy).clamp_min(0).sqrt()
             tnorm2_new = tnorm2 + alfa * alfa + beta * beta + beta_new * beta_new
             # previous rotation applied to the new column of the tridiagonal matrix
             oldeps = epsln
@@ -127,11 +134,18 @@ class MINRES(_Preconditioned):
             if self._should_stop(done, k + 1, maxiter, period):
                 break
 
+        rnorm, negative = phibar.abs(), torch.zeros_like(done)
+        if rows is not None:  # back under vmap: the caller's vectors, the batched record
+            x = rows.batch(x)
+            iterations = iterations.expand(rows.batch_size, 1)
+            iterations, rnorm, threshold, negative, singular, lo, hi = rows.scalars(
+                [iterations, rnorm, threshold, negative, singular, lo, hi]
+            )
         info, extra = self._finish(
             iterations=iterations,
-            rnorm=phibar.abs(),
+            rnorm=rnorm,
             threshold=threshold,
-            negative_curvature=torch.zeros_like(done),
+            negative_curvature=negative,
             maxiter=maxiter,
             extra=singular,
             curvature=(lo, hi),
@@ -173,7 +187,9 @@ def minres(
     preconditioned MINRES, the Lanczos process of ``M^-1/2 A M^-1/2``; the residual it
     minimises, reports and tests against ``max(tol ||b||, atol)`` is then measured in the
     norm ``sqrt(r^T M^-1 r)``, ``||b||`` too. A warm start ``x0`` whose residual (in that
-    norm) is larger than ``||b||`` is dropped for zero.
+    norm) is larger than ``||b||`` is dropped for zero. Under ``vmap`` every problem keeps
+    its own scalars and stops on its own; a cold solve without a preconditioner runs its
+    loop on the stacks under the batched tensors, as :func:`cg` does.
 
     Args: as :func:`cg`.
 
