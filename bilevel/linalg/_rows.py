@@ -4,10 +4,11 @@ Under ``vmap`` every vector operation of a solver's loop and every one of its pe
 scalars is a batched tensor: each operation pays the batching rule's dispatch on top of
 its kernel (a 0-d update about 14 us against 6 us for the same ``(B,)`` operation
 unwrapped, 25 problems on one CPU thread). :class:`_Rows` unwraps the right-hand side to
-its stacks (problems in dimension 0), gives the loop row-wise inner products (``(B,)``
-scalars) and updates, and wraps the operator so that its products still see the batched
-tensors of the ``vmap`` level. The loop's arithmetic is the batched one's: the same
-elementwise products and row sums, the same masks.
+``(B, numel)`` blocks (problems in dimension 0), gives the loop row-wise inner products
+as ``(B, 1)`` columns (so that its scalars, and its updates with them, broadcast row by
+row), and wraps the operator so that its products still see the batched tensors of the
+``vmap`` level. The loop's arithmetic is the batched one's: the same elementwise products
+and row sums, the same masks.
 
 Used by :func:`bilevel.linalg.cg` and :func:`bilevel.linalg.minres` for a cold solve
 without a preconditioner.
