@@ -580,7 +580,7 @@ def test_krylov_under_vmap_runs_on_the_stacks_and_each_problem_is_its_own_solve(
     unknown before the first product) keeps the loop under ``vmap``, with the same answers."""
     import importlib
 
-    cg_module = importlib.import_module(f"bilevel.linalg.{name}")
+    rows_module = importlib.import_module("bilevel.linalg._rows")
     solver = getattr(linalg, name)
     gen = torch.Generator().manual_seed(1)
     B, n = 5, 8
@@ -591,8 +591,8 @@ def test_krylov_under_vmap_runs_on_the_stacks_and_each_problem_is_its_own_solve(
     if shared_rhs:
         b = b[:1].expand(B, n)
     seen, infos = [], []
-    real = cg_module.rows_of
-    monkeypatch.setattr(cg_module, "rows_of", lambda v: seen.append(real(v)) or seen[-1])
+    real = rows_module.rows_of
+    monkeypatch.setattr(rows_module, "rows_of", lambda v: seen.append(real(v)) or seen[-1])
 
     def product(A_i, v):
         y = A_i @ torch.cat([v["a"], v["b"]])

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from bilevel.linalg._vec import Vec
+from bilevel.linalg._vec import Vec, _dot
 
 _fz = torch._C._functorch
 
@@ -58,8 +58,10 @@ class _Rows:
         return [_fz._add_batch_dim(t.reshape(B, *s), 0, self.level) for t, s in zip(v, self.shapes)]
 
     def scalars(self, v: Sequence[Tensor]) -> Vec:
-        """Per-problem ``(B, 1)`` scalars as 0-d batched tensors of this level."""
-        return [_fz._add_batch_dim(t.reshape(self.batch_size), 0, self.level) for t in v]
+        """Per-problem ``(B, 1)`` scalars (or one 0-d value for all) as 0-d batched tensors
+        of this level."""
+        B = self.batch_size
+        return [_fz._add_batch_dim(t.expand(B, 1).reshape(B), 0, self.level) for t in v]
 
     def operator(self, A: Callable[[Vec], Vec]) -> Callable[[Vec], Vec]:
         """``A`` on blocks: its products see this level's batched tensors."""
@@ -75,6 +77,19 @@ class _Rows:
         for x, y in zip(a[1:], b[1:]):
             total = total + (x * y).sum(-1, keepdim=True)
         return total
+
+
+def on_stacks(
+    A: Callable[[Vec], Vec], b: Vec, x0: Vec | None, M: object
+) -> tuple[_Rows | None, Callable[[Vec], Vec], Vec, Callable[[Vec, Vec], Tensor]]:
+    """What a Krylov loop runs on: under ``vmap``, for a cold solve (``x0`` None) without
+    a preconditioner (``M`` None), the stacks (their view, the operator on blocks, the
+    blocks of ``b``, row-wise inner products); otherwise ``None``, ``A``, ``b`` and
+    :func:`bilevel.linalg._vec._dot`."""
+    rows = rows_of(b) if M is None and x0 is None else None
+    if rows is None:
+        return None, A, b, _dot
+    return rows, rows.operator(A), rows.unbatch(b), rows.dot
 
 
 def rows_of(b: Sequence[Tensor]) -> _Rows | None:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bilevel.linalg._rows import rows_of
+from bilevel.linalg._rows import on_stacks
 from bilevel.linalg._vec import Vec, _axpy, _dot
 from bilevel.linalg.base import _default_maxiter
 from bilevel.linalg.info import LinearSolveInfo
@@ -40,10 +40,7 @@ class CG(_Preconditioned):
         M, described = resolve(self.preconditioner, A, b, getattr(A, "memory", None))
         # under vmap, a cold solve without a preconditioner runs on the stacks under the
         # batched tensors: the same loop, without the batching rules' dispatch per operation
-        rows = rows_of(b) if M is None and x0 is None else None
-        dot = _dot
-        if rows is not None:
-            A, b, dot = rows.operator(A), rows.unbatch(b), rows.dot
+        rows, A, b, dot = on_stacks(A, b, x0, M)
         x, r = warm_or_zero(A, b, x0)
         # Outside autograd and functorch the vectors are updated in place (one pass each,
         # no fresh allocation: at p = 1e6 an allocation's page faults cost as much as the
@@ -130,7 +127,7 @@ class CG(_Preconditioned):
         if rows is not None:  # back under vmap: the caller's vectors, the batched record
             x = rows.batch(x)
             iterations, rnorm, threshold, negative, lo, hi = rows.scalars(
-                [iterations.expand(rows.batch_size, 1), rnorm, threshold, negative, lo, hi]
+                [iterations, rnorm, threshold, negative, lo, hi]
             )
         info, _ = self._finish(
             iterations=iterations,

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bilevel.linalg._rows import rows_of
-from bilevel.linalg._vec import Vec, _axpy, _div, _dot, _safe, _where, _zeros
+from bilevel.linalg._rows import on_stacks
+from bilevel.linalg._vec import Vec, _axpy, _div, _safe, _where, _zeros
 from bilevel.linalg.base import _default_maxiter
 from bilevel.linalg.info import LinearSolveInfo
 from bilevel.linalg.preconditioner import _Preconditioned, resolve
@@ -36,10 +36,7 @@ class MINRES(_Preconditioned):
         M, described = resolve(self.preconditioner, A, b, getattr(A, "memory", None))
         # under vmap, a cold solve without a preconditioner runs on the stacks under the
         # batched tensors (its ~50 scalar operations an iteration were each a batching rule)
-        rows = rows_of(b) if M is None and x0 is None else None
-        dot = _dot
-        if rows is not None:
-            A, b, dot = rows.operator(A), rows.unbatch(b), rows.dot
+        rows, A, b, dot = on_stacks(A, b, x0, M)
         x, r1 = warm_or_zero(A, b, x0, M)
         # preconditioned MINRES: the Lanczos process of M^-1/2 A M^-1/2; residuals are
         # measured in the norm sqrt(r^T M^-1 r), ||b|| too (z = M^-1 r alongside r)
@@ -137,7 +134,6 @@ class MINRES(_Preconditioned):
         rnorm, negative = phibar.abs(), torch.zeros_like(done)
         if rows is not None:  # back under vmap: the caller's vectors, the batched record
             x = rows.batch(x)
-            iterations = iterations.expand(rows.batch_size, 1)
             iterations, rnorm, threshold, negative, singular, lo, hi = rows.scalars(
                 [iterations, rnorm, threshold, negative, singular, lo, hi]
             )

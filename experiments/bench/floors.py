@@ -4,7 +4,8 @@
 
 Each floor is work a bilevel row cannot skip, timed as ``bench implicit`` times its rows
 (:func:`experiments.bench.core.measure`: one call after ``gc.collect()``, the rows
-interleaved, medians), float64, one thread, and printed next to the row and its reference:
+interleaved, medians), float64 (iMAML float32), one thread, and printed next to the row
+and its reference:
 
 * ridge 10x3 and 100x30 with ``solvers.lbfgs`` (target <= 3x the closed form): the inner
   loss and its gradient evaluated as many times as that L-BFGS evaluates them (no
@@ -318,8 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     repeats = 3 if args.quick else args.repeats
     print(
-        "eager floors of the missed small-problem targets: float64, 1 thread, medians of "
-        f"{repeats} rounds of one call after gc.collect()"
+        "eager floors of the missed targets: 1 thread, float64 (iMAML: float32), medians "
+        f"of {repeats} rounds of one call after gc.collect()"
     )
     print("\n".join(_ridge(3, repeats)))
     if not args.quick:
